@@ -1,0 +1,37 @@
+"""hfprune: prune Hugging Face models during training from a YAML recipe."""
+
+from hfprune.errors import CompactionError, HfpruneError, PluginError, RecipeError, StateError
+from hfprune.hookspecs import hookimpl
+from hfprune.optimizer import PruneOptimizer
+from hfprune.pruner import Pruner
+from hfprune.recipe import Recipe, load_recipe
+from hfprune.strategy import StepContext, Strategy, StrategyConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompactionError",
+    "HfpruneError",
+    "PluginError",
+    "PruneCallback",
+    "PruneOptimizer",
+    "Pruner",
+    "Recipe",
+    "RecipeError",
+    "StateError",
+    "StepContext",
+    "Strategy",
+    "StrategyConfig",
+    "hookimpl",
+    "load_recipe",
+]
+
+
+def __getattr__(name: str):
+    # The Trainer callback imports transformers (seconds); plugins and the CLI's fast paths need not pay for it.
+    if name == "PruneCallback":
+        from hfprune.callback import PruneCallback
+
+        return PruneCallback
+    raise AttributeError(f"module 'hfprune' has no attribute {name!r}")
+

@@ -1,0 +1,113 @@
+"""The contract between the engine and a pruning strategy.
+
+A strategy is a class; the engine makes one instance per recipe entry and calls its
+methods around every real optimizer step. Everything a strategy needs to resume goes
+through ``state_dict``/``load_state_dict``; its config is declarative and never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from hfprune.schedule import Schedule
+
+StateValue = torch.Tensor | int | float | str | bool | None | list | dict
+
+
+class StrategyConfig(BaseModel):
+    """Base of every strategy's ``config:`` schema. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def planned_sparsity(self) -> float | None:
+        """The fraction of targeted weights this entry will zero, if known up front (for ``hfprune check``)."""
+        return None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a strategy may read about the optimizer step it is acting at.
+
+    ``step`` is the 0-based index of the current optimizer step. ``optimizer`` is the
+    optimizer the step ran with; learning rates are read from it after its step and
+    before any scheduler moves them.
+    """
+
+    step: int
+    optimizer: torch.optim.Optimizer
+    group_of: dict[int, int]
+    world_size: int = 1
+    rank: int = 0
+
+    def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
+        """The current learning rate of each parameter's optimizer group."""
+        groups = self.optimizer.param_groups
+        try:
+            return [groups[self.group_of[id(p)]]["lr"] for p in params]
+        except KeyError:
+            raise KeyError("a pruned parameter is not in any optimizer param group; add it to the optimizer") from None
+
+
+class Strategy:
+    """Base class of pruning strategies; override what your method needs.
+
+    Subclasses set ``Config`` to a :class:`StrategyConfig` subclass. The constructor
+    receives the validated config, the matched modules by name (model order), the
+    parameters it claimed via :meth:`select_parameters`, and the schedule in steps.
+    """
+
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(
+        self,
+        config: StrategyConfig,
+        targets: dict[str, nn.Module],
+        parameters: dict[str, nn.Parameter],
+        schedule: Schedule,
+    ):
+        self.config = config
+        self.targets = targets
+        self.parameters = parameters
+        self.schedule = schedule
+
+    @classmethod
+    def select_parameters(cls, targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+        """The parameters this strategy changes, by full name. Two entries may not share one.
+
+        Default: the ``weight`` of every matched module that has a matrix-or-larger weight.
+        """
+        selected = {}
+        for name, module in targets.items():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+                selected[f"{name}.weight"] = weight
+        return selected
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        """Gradients are final (accumulated, all-reduced, clipped): add penalty gradients, mask gradients."""
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        """The weights were just updated: proximal steps, clamps, re-applying masks."""
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        """Schedule work: recompute masks, reweight, fix the pattern."""
+
+    def metrics(self) -> dict[str, float]:
+        """Extra values for the training logs (sparsity is logged by the engine)."""
+        return {}
+
+    def compaction_plan(self) -> Any:
+        """What structure can be physically removed; None for unstructured sparsity."""
+        return None
+
+    def state_dict(self) -> dict[str, StateValue]:
+        """Everything needed to resume exactly: tensors and JSON-compatible values, flat string keys."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, StateValue]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,85 @@
+"""Tiny real models and data shared by the tests: random configs of width 32, built in milliseconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub: fail fast instead of waiting
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from hfprune.plugins import default_registry
+
+VOCAB = 100
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Deterministic random token sequences; label = parity of the first token (learnable, so loss moves)."""
+
+    def __init__(self, size: int = 64, length: int = 16, causal_lm: bool = False):
+        self.size, self.length, self.causal_lm = size, length, causal_lm
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        ids = torch.randint(0, VOCAB, (self.length,), generator=torch.Generator().manual_seed(index))
+        return {"input_ids": ids, "labels": ids.clone() if self.causal_lm else int(ids[0] % 2)}
+
+
+BERT_FFN_RECIPE = r"""
+version: 1
+pruners:
+  - strategy: magnitude
+    targets: ['re:.*encoder\.layer\.\d+\.(intermediate|output)\.dense']
+    schedule: {start: 0, end: 0.5, every: 2}
+    config: {sparsity: 0.75}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    """Each test sees the plugins installed at that moment (some tests install one)."""
+    default_registry.cache_clear()
+    yield
+    default_registry.cache_clear()
+
+
+def training_args(output_dir, **overrides):
+    """Small, deterministic, quiet TrainingArguments for CPU tests."""
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(output_dir), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-3,
+        logging_steps=4, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0, data_seed=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def make_trainer(output_dir, model, callbacks, dataset=None, **overrides):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=training_args(output_dir, **overrides), train_dataset=dataset or TokenDataset(), callbacks=list(callbacks))
+
+
+def ffn_weights(model) -> dict[str, torch.Tensor]:
+    """The FFN matrices BERT_FFN_RECIPE targets, by name."""
+    return {n: p for n, p in model.named_parameters() if n.endswith("dense.weight") and ("intermediate" in n or ".output.dense" in n and "attention" not in n)}
