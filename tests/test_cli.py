@@ -1,0 +1,69 @@
+"""The command line: check a recipe against a model, list plugins, fail with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import BERT_FFN_RECIPE, tiny_bert
+
+from hfprune.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tiny_bert().config.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(BERT_FFN_RECIPE)
+    return path
+
+
+def test_check_lists_matches_counts_and_planned_sparsity(recipe_file, model_dir, capsys):
+    assert main(["check", str(recipe_file), "--model", str(model_dir), "--total-steps", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "pruners[0] magnitude (hfprune 0.1.0)  schedule start 0, end 50, every 2" in out
+    assert "bert.encoder.layer.1.intermediate.dense.weight" in out and "bert.encoder.layer.0.output.dense.weight" in out
+    assert "4 parameters, 8,192 weights; will zero 75.0% (6,144 weights)" in out
+    assert "recipe OK: 1 entry targets 8,192 of" in out
+
+
+def test_check_of_a_bad_recipe_exits_1_with_file_line_and_key(tmp_path, model_dir, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BERT_FFN_RECIPE.replace("sparsity: 0.75", "sparsity: 1"))
+    assert main(["check", str(bad), "--model", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:7: pruners[0].config.sparsity: must be < 1.0")
+    assert "Traceback" not in err
+
+
+def test_check_of_a_target_missing_from_the_model_exits_1_with_a_hint(tmp_path, model_dir, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BERT_FFN_RECIPE.replace(r"re:.*encoder\.layer\.\d+\.(intermediate|output)\.dense", "intermediat.dense"))
+    assert main(["check", str(bad), "--model", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:5: pruners[0].targets[0]" in err and "matches no module" in err
+
+
+def test_check_defaults_to_the_built_in_minilm(recipe_file, capsys):
+    assert main(["check", str(recipe_file)]) == 0
+    out = capsys.readouterr().out
+    assert "bert.encoder.layer.5.intermediate.dense.weight" in out and "(1536, 384)" in out
+
+
+def test_plugins_lists_the_built_in_strategy(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["strategy", "plugin", "distribution", "version", "description"]
+    assert any(line.split()[:3] == ["magnitude", "magnitude", "hfprune"] for line in out.splitlines())
+
+
+def test_the_installed_command_runs_and_usage_errors_exit_2():
+    assert subprocess.run(["hfprune", "--help"], capture_output=True).returncode == 0
+    usage = subprocess.run([sys.executable, "-m", "hfprune.cli", "check"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "the following arguments are required: recipe" in usage.stderr
