@@ -48,7 +48,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="fine-tune and prune a model on WNUT-16 NER, then score and save it (the built-in offline job)",
         description="Fine-tune MODEL for named-entity recognition on WNUT-16 tweets (80/20 split, fixed seed) with a "
         "stock transformers Trainer while RECIPE prunes it; then score entity F1 on the test tweets and write the "
-        "pruned model, report.json and report.md to the output folder. Runs offline; about 6 minutes on 2 CPU cores.",
+        "pruned model, report.json and report.md to the output folder. Runs offline; about 7 minutes on 2 CPU cores.",
     )
     run.add_argument("recipe", nargs="?", help="path to a YAML recipe; default: recipes/default.yaml (50%% magnitude pruning of the encoder)")
     run.add_argument("--model", metavar="PATH", help=f"model folder with config.json, weights and tokenizer; default: {DEFAULT_MODEL_HINT}")
