@@ -28,6 +28,8 @@ def test_overhead_benchmark_quick(tmp_path):
         for key in ("median_ms", "stock_median_ms", "ratio_median", "ratio_mean", "memory_ratio", "peak_rss_mb"):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
         assert len(row["times_ms"]) == 4
+        engine_time = row["engine_ms_mean"]
+        assert engine_time > 0 if row["recipe"] else engine_time == 0, (row["name"], engine_time)
     assert "step-time ratio <= 1.03" in done.stdout
     for name in names:
         assert name in done.stdout
