@@ -69,6 +69,3 @@ class Schedule:
         if step <= self.start:
             return 0.0
         return (step - self.start) / (self.end - self.start)
-
-    def finished(self, step: int) -> bool:
-        return step >= self.end
