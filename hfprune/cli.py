@@ -66,7 +66,7 @@ def run_check(args: argparse.Namespace) -> int:
     for plan in plans:
         entry = pruner.recipe.pruners[plan.index]
         schedule = entry.schedule.resolve(args.total_steps) if args.total_steps or not entry.schedule.uses_fractions else entry.schedule
-        count = sum(p.numel() for p in plan.parameters.values())
+        count = plan.numel
         total_targeted += count
         print(f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  schedule {_schedule_text(schedule)}")
         width = max(len(n) for n in plan.parameters)

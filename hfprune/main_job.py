@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import hfprune
+from hfprune.data import wnut
 from hfprune.errors import CompactionError, HfpruneError
 from hfprune.models import DEFAULT_MODEL_HINT, default_model_path
 from hfprune.recipe import load_recipe
@@ -92,7 +93,6 @@ def run_main(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     from hfprune.callback import PruneCallback
-    from hfprune.data import wnut
 
     callback = PruneCallback(recipe)
     train, test, labels = _wnut_splits(args.seed, args.train_limit)
@@ -134,8 +134,6 @@ def run_main(args: argparse.Namespace) -> int:
 def _wnut_splits(seed: int, train_limit: int | None):
     """(train, test, labels): the seeded 80/20 split, train cut to ``train_limit``; labels from all tweets,
     so label ids do not depend on the limit and the test split does not depend on it either."""
-    from hfprune.data import wnut
-
     examples = wnut.read_wnut()
     train, test = wnut.split(examples, TEST_FRACTION, seed)
     train = train[:train_limit] if train_limit else train
@@ -215,7 +213,7 @@ def _sparsity(pruner) -> dict:
 def _parameter_counts(model, pruner) -> dict[str, int]:
     return {
         "total": sum(p.numel() for p in model.parameters()),
-        "targeted": sum(p.numel() for plan in pruner.plans for p in plan.parameters.values()),
+        "targeted": sum(plan.numel for plan in pruner.plans),
     }
 
 

@@ -35,6 +35,11 @@ class EntryPlan:
     modules: dict[str, nn.Module]
     parameters: dict[str, nn.Parameter]
 
+    @property
+    def numel(self) -> int:
+        """How many weights this entry targets."""
+        return sum(p.numel() for p in self.parameters.values())
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel/DataParallel wrappers, so names match the recipe."""
@@ -152,9 +157,8 @@ class Pruner:
         zeros: dict[str, torch.Tensor] = {}
         sizes: dict[str, int] = {}
         for plan in self.plans:
-            params = list(plan.parameters.values())
-            zeros[plan.label] = sum((p == 0).sum() for p in params)
-            sizes[plan.label] = sum(p.numel() for p in params)
+            zeros[plan.label] = sum((p == 0).sum() for p in plan.parameters.values())
+            sizes[plan.label] = plan.numel
         if not zeros:
             return {}
         counts = torch.stack([torch.as_tensor(z) for z in zeros.values()]).tolist()
