@@ -159,28 +159,16 @@ import json, sys
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hfprune_threshold
 from hfprune import PruneCallback
 
 recipe, out = sys.argv[1], Path(sys.argv[2])
-VOCAB = 100
+sys.path.insert(0, sys.argv[3])  # the tests folder: the same tiny model and data as in-process tests
+from conftest import TokenDataset, tiny_bert
 
-torch.manual_seed(0)
-model = BertForSequenceClassification(BertConfig(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
-))
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, index):
-        ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(index))
-        return {"input_ids": ids, "labels": int(ids[0] % 2)}
+model = tiny_bert()
 
 
 class ZerosOnlyGrow(TrainerCallback):
@@ -203,7 +191,7 @@ args = TrainingArguments(
     output_dir=str(out / "trainer"), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3,
     report_to="none", save_strategy="no", logging_steps=4, use_cpu=True, disable_tqdm=True, seed=0,
 )
-Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[prune, watch]).train()
+Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[prune, watch]).train()
 
 names = [name for plan in prune.pruner.plans for name in plan.parameters]
 params = dict(model.named_parameters())
@@ -223,7 +211,7 @@ print(json.dumps({
 def test_installed_plugin_prunes_in_a_stock_trainer(plugin_site, tmp_path):
     (tmp_path / "threshold.yaml").write_text(RECIPES["threshold"])
     (tmp_path / "train.py").write_text(TRAIN)
-    out = run([sys.executable, "train.py", "threshold.yaml", str(tmp_path)], plugin_site, tmp_path).stdout
+    out = run([sys.executable, "train.py", "threshold.yaml", str(tmp_path), str(Path(__file__).parent)], plugin_site, tmp_path).stdout
     report = json.loads(out.splitlines()[-1])
 
     assert report["strategy"] == "hfprune_threshold"
