@@ -64,6 +64,9 @@ ROWS: list[tuple[str, str | None]] = [
     ("magnitude, fixed masks", recipe("magnitude", "{start: 0, end: 0}", "{sparsity: 0.5}")),
     # Ramp over the whole run, masks recomputed every 10 steps; recomputation steps are timed too.
     ("magnitude, during ramp", recipe("magnitude", "{start: 0, end: 1.0, every: 10}", "{sparsity: 0.9}")),
+    # The proximal phase over the whole run: a soft threshold after every step, alpha reweighted every 10.
+    # (Once its pattern is fixed, rpp pays what "magnitude, fixed masks" pays.)
+    ("rpp, proximal phase", recipe("rpp", "{start: 0, end: 1.0}", "{sparsity: 0.5, reweight_every: 10}")),
 ]
 
 

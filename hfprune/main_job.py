@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import hfprune
-from hfprune.data import wnut
+from hfprune.data import split, wnut
 from hfprune.errors import CompactionError, HfpruneError
 from hfprune.models import DEFAULT_MODEL_HINT, default_model_path
 from hfprune.recipe import load_recipe
@@ -135,7 +135,7 @@ def _wnut_splits(seed: int, train_limit: int | None):
     """(train, test, labels): the seeded 80/20 split, train cut to ``train_limit``; labels from all tweets,
     so label ids do not depend on the limit and the test split does not depend on it either."""
     examples = wnut.read_wnut()
-    train, test = wnut.split(examples, TEST_FRACTION, seed)
+    train, test = split(examples, TEST_FRACTION, seed)
     train = train[:train_limit] if train_limit else train
     labels = wnut.label_list(examples)
     print(f"data: {len(train)} training and {len(test)} test tweets, {len(labels)} labels")

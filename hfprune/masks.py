@@ -7,6 +7,8 @@ zeroed where it bites, so no optimizer can regrow a pruned weight.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -92,6 +94,36 @@ class MaskSet:
                 )
             masks.append(mask.to(param.dtype))
         self.masks = masks
+
+
+@torch.no_grad()
+def largest_magnitude_masks(
+    params: list[torch.Tensor], sparsity: float, scope: Literal["layer", "global"] = "layer"
+) -> list[torch.Tensor]:
+    """Keep-masks (bool) that zero the ``sparsity`` fraction of smallest-magnitude weights.
+
+    ``scope="layer"`` prunes every tensor to the sparsity; ``"global"`` uses one threshold
+    across all of them. Weights tied with the threshold are pruned, so weights that are
+    already zero always go, even when there are more of them than ``sparsity`` asks for.
+    """
+    if scope == "global":
+        magnitudes = torch.cat([p.detach().abs().flatten().float() for p in params])
+        threshold = _kth_smallest(magnitudes, round(sparsity * magnitudes.numel()))
+        del magnitudes
+        return [p.detach().abs() > threshold for p in params]
+    # One tensor at a time, so at most one float copy of a weight exists at once.
+    return [_keep_largest(p.detach().abs().float(), sparsity) for p in params]
+
+
+def _keep_largest(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
+    return magnitude > _kth_smallest(magnitude.flatten(), round(sparsity * magnitude.numel()))
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
+    if k <= 0:
+        return values.new_tensor(-1.0)
+    return values.kthvalue(k).values
 
 
 class MaskingStrategy(Strategy):

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub: 
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from hfprune.plugins import default_registry
 
@@ -78,6 +78,17 @@ def make_trainer(output_dir, model, callbacks, dataset=None, **overrides):
     from transformers import Trainer
 
     return Trainer(model=model, args=training_args(output_dir, **overrides), train_dataset=dataset or TokenDataset(), callbacks=list(callbacks))
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interruption: training stops after ``step`` without a checkpoint there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 def ffn_weights(model) -> dict[str, torch.Tensor]:

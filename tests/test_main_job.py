@@ -59,15 +59,6 @@ def test_packaged_wnut_has_21_labels():
     assert len(wnut.label_list(examples)) == 21
 
 
-def test_split_is_deterministic_and_disjoint():
-    examples = [([str(i)], ["O"]) for i in range(100)]
-    train, test = wnut.split(examples, 0.2, seed=7)
-    assert (train, test) == wnut.split(examples, 0.2, seed=7)
-    assert len(test) == 20 and len(train) == 80
-    assert sorted(int(x[0][0]) for x in train + test) == list(range(100))
-    assert test != wnut.split(examples, 0.2, seed=8)[1]
-
-
 def test_first_sub_token_carries_the_label(tokenizer):
     examples = [(["Empire", "Statesmanship", "rocks"], ["B-facility", "I-facility", "O"])]
     label_to_id = {"B-facility": 0, "I-facility": 1, "O": 2}

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BERT_FFN_RECIPE, make_trainer, tiny_bert
-from transformers import TrainerCallback
+from conftest import BERT_FFN_RECIPE, StopAt, make_trainer, tiny_bert
 
 from hfprune import PruneCallback, StateError
 from hfprune.state import STATE_FILE
 
 STEPS = 12  # the ramp ends at 0.5 of the run (step 6); checkpoints every 4 steps
-
-
-class StopAt(TrainerCallback):
-    """Simulates an interruption: training stops after ``step`` without a checkpoint there."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def run(output_dir, *extra_callbacks, resume=None, prune_callback=None):

@@ -7,7 +7,6 @@ practice the "blank" lines hold a lone tab, so any whitespace-only line separate
 
 from __future__ import annotations
 
-import random
 from importlib import resources
 from pathlib import Path
 
@@ -48,16 +47,6 @@ def read_wnut(path: str | Path | None = None) -> list[Example]:
     if tokens:
         examples.append((tokens, tags))
     return examples
-
-
-def split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A shuffled (train, test) split; the same seed always gives the same split."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    test_size = round(len(examples) * test_fraction)
-    return [examples[i] for i in order[test_size:]], [examples[i] for i in order[:test_size]]
 
 
 def label_list(examples: list[Example]) -> list[str]:

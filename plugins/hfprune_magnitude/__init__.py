@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.masks import MaskingStrategy
+from hfprune.masks import MaskingStrategy, largest_magnitude_masks
 from hfprune.strategy import StepContext
 
 
@@ -53,29 +52,8 @@ class MagnitudeStrategy(MaskingStrategy):
 
     def on_step_end(self, ctx: StepContext) -> None:
         if self.schedule.is_update_step(ctx.step):
-            self.masks.set(self._magnitude_masks(self.target_sparsity(ctx.step)), ctx.optimizer)
-
-    @torch.no_grad()
-    def _magnitude_masks(self, sparsity: float) -> list[torch.Tensor]:
-        params = self.masks.params
-        if self.config.scope == "global":
-            magnitudes = torch.cat([p.detach().abs().flatten().float() for p in params])
-            threshold = _kth_smallest(magnitudes, round(sparsity * magnitudes.numel()))
-            del magnitudes
-            return [p.detach().abs() > threshold for p in params]
-        # One matrix at a time, so at most one float copy of a weight exists at once.
-        return [_keep_largest(p.detach().abs().float(), sparsity) for p in params]
-
-
-def _keep_largest(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
-    return magnitude > _kth_smallest(magnitude.flatten(), round(sparsity * magnitude.numel()))
-
-
-def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
-    if k <= 0:
-        return values.new_tensor(-1.0)
-    return values.kthvalue(k).values
+            masks = largest_magnitude_masks(self.masks.params, self.target_sparsity(ctx.step), self.config.scope)
+            self.masks.set(masks, ctx.optimizer)
 
 
 @hookimpl
