@@ -1,6 +1,6 @@
 """Per-step time and peak memory overhead of PruneCallback in a stock ``transformers.Trainer``.
 
-    python benchmarks/overhead.py            # real MiniLM, batch 32, length 64 (about 5 minutes on 2 cores)
+    python benchmarks/overhead.py            # real MiniLM, batch 32, length 64 (about 7 minutes on 2 cores)
     python benchmarks/overhead.py --quick    # tiny random BERT: a smoke test in seconds
 
 Every configuration (the stock Trainer, and one Trainer with PruneCallback per row of ``ROWS``)
