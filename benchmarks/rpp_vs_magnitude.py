@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from overhead import ENCODER_LINEARS, recipe
@@ -115,7 +115,7 @@ def run_row(args, data, tokenizer, method: str, sparsity: float, seed: int, work
     torch.manual_seed(seed)  # the new classifier head's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(str(args.model_path), num_labels=2)
     encoder_weights = [module.weight for module in match_targets(model, [ENCODER_LINEARS], []).modules.values()]
-    total_steps = int(np.ceil(len(train) / args.batch_size) * args.epochs)
+    total_steps = int(math.ceil(len(train) / args.batch_size) * args.epochs)
     lam = rpp_lam(encoder_weights, sparsity, lr_sum_over_window(args, total_steps)) if method == "rpp" else None
     callbacks = [] if method == "dense" else [PruneCallback(pruning_recipe(method, sparsity, lam))]
     trainer = Trainer(

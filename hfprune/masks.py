@@ -16,6 +16,7 @@ from hfprune.errors import StateError
 from hfprune.strategy import StepContext, Strategy
 
 MASK_PREFIX = "mask."
+Scope = Literal["layer", "global"]  # one threshold per tensor, or one across all of them
 
 
 class MaskSet:
@@ -98,7 +99,7 @@ class MaskSet:
 
 @torch.no_grad()
 def largest_magnitude_masks(
-    params: list[torch.Tensor], sparsity: float, scope: Literal["layer", "global"] = "layer"
+    params: list[torch.Tensor], sparsity: float, scope: Scope = "layer"
 ) -> list[torch.Tensor]:
     """Keep-masks (bool) that zero the ``sparsity`` fraction of smallest-magnitude weights.
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from hfprune.state import save_file_atomically
 
 BITMASK_SUFFIX = ".__bitmask__"
 VALUES_SUFFIX = ".__values__"
@@ -37,11 +38,13 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits[:numel].view(shape)
 
 
-def _worth_encoding(tensor: torch.Tensor) -> bool:
+def _nonzero_if_worth_encoding(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The non-zero mask of ``tensor`` if a bitmask plus values is smaller than it, else None."""
     if not tensor.is_floating_point() or tensor.numel() < 8:
-        return False
-    nonzero = int(tensor.count_nonzero())
-    return tensor.numel() / 8 + nonzero * tensor.element_size() < tensor.numel() * tensor.element_size()
+        return None
+    keep = tensor != 0
+    encoded_bytes = tensor.numel() / 8 + int(keep.sum()) * tensor.element_size()
+    return keep if encoded_bytes < tensor.numel() * tensor.element_size() else None
 
 
 def encode(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
@@ -61,8 +64,8 @@ def encode(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
             continue
         first_name[identity] = name
         tensor = tensor.detach().cpu().contiguous()
-        if _worth_encoding(tensor):
-            keep = tensor != 0
+        keep = _nonzero_if_worth_encoding(tensor)
+        if keep is not None:
             stored[name + BITMASK_SUFFIX] = pack_bits(keep)
             stored[name + VALUES_SUFFIX] = tensor[keep]
             shapes[name] = list(tensor.shape)
@@ -73,12 +76,8 @@ def encode(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 def save_sparse(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write ``state_dict`` in the sparse encoding, atomically; returns the path."""
-    path = Path(path)
     stored, shapes, aliases = encode(state_dict)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(stored, temporary, metadata={_SHAPES_KEY: json.dumps(shapes), _ALIASES_KEY: json.dumps(aliases)})
-    os.replace(temporary, path)
-    return path
+    return save_file_atomically(stored, Path(path), {_SHAPES_KEY: json.dumps(shapes), _ALIASES_KEY: json.dumps(aliases)})
 
 
 def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -30,11 +30,15 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / STATE_FILE
-    handle, temporary = tempfile.mkstemp(prefix=".hfprune_state.", suffix=".tmp", dir=directory)
+    return save_file_atomically(tensors, directory / STATE_FILE, {_METADATA_KEY: json.dumps(skeleton)})
+
+
+def save_file_atomically(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> Path:
+    """A safetensors file written beside ``target`` and moved over it: a failed write leaves the old file intact."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(skeleton)})
+        save_file(tensors, temporary, metadata=metadata)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -23,7 +23,6 @@ from hfprune.errors import HfpruneError
 PACKAGE = "python3-pattern"
 MEMBER = "usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
 CACHED_NAME = "polarity-pang-lee2.csv"
-LABELS = ("negative", "positive")  # label ids 0 and 1
 
 Example = tuple[str, int]
 

@@ -6,12 +6,10 @@ Shipped inside hfprune but found exactly as a third-party plugin is: through the
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.masks import MaskingStrategy, largest_magnitude_masks
+from hfprune.masks import MaskingStrategy, Scope, largest_magnitude_masks
 from hfprune.strategy import StepContext
 
 
@@ -20,7 +18,7 @@ class MagnitudeConfig(StrategyConfig):
 
     sparsity: float = Field(ge=0.0, lt=1.0, description="final fraction of weights set to zero")
     initial_sparsity: float = Field(default=0.0, ge=0.0, lt=1.0, description="sparsity at schedule start")
-    scope: Literal["layer", "global"] = Field(
+    scope: Scope = Field(
         default="layer",
         description="'layer': every matrix reaches the sparsity; 'global': one threshold across all targeted matrices",
     )

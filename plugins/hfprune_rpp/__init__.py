@@ -6,14 +6,12 @@ entry point in the ``hfprune`` group.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
 from hfprune import StrategyConfig, hookimpl
 from hfprune.errors import StateError
-from hfprune.masks import MaskingStrategy, largest_magnitude_masks
+from hfprune.masks import MaskingStrategy, Scope, largest_magnitude_masks
 from hfprune.strategy import StepContext
 
 ALPHA_PREFIX = "alpha."
@@ -29,7 +27,7 @@ class RPPConfig(StrategyConfig):
     )
     eps: float = Field(default=1e-3, gt=0.0, description="keeps alpha = 1 / (|w| + eps) finite for weights at zero")
     reweight_every: int = Field(default=10, ge=1, description="optimizer steps between recomputations of alpha")
-    scope: Literal["layer", "global"] = Field(
+    scope: Scope = Field(
         default="layer",
         description="how the pattern is fixed: 'layer' every matrix reaches the sparsity; 'global' one threshold across all",
     )
