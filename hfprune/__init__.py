@@ -23,15 +23,20 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "hookimpl",
+    "load_compacted",
     "load_recipe",
 ]
 
 
 def __getattr__(name: str):
-    # The Trainer callback imports transformers (seconds); plugins and the CLI's fast paths need not pay for it.
+    # The Trainer callback and the loader import transformers (seconds); plugins and the CLI's fast paths need not pay for it.
     if name == "PruneCallback":
         from hfprune.callback import PruneCallback
 
         return PruneCallback
+    if name == "load_compacted":
+        from hfprune.loading import load_compacted
+
+        return load_compacted
     raise AttributeError(f"module 'hfprune' has no attribute {name!r}")
 

@@ -1,4 +1,4 @@
-"""The ``hfprune`` command: run the main job, check a recipe against a model, list plugins.
+"""The ``hfprune`` command: run the main job, check a recipe, compact a checkpoint, list plugins.
 
 Failures print one line plus a hint, never a traceback. Exit codes: 0 success, 1 a
 problem with the recipe, a plugin, state or compaction, 2 a usage error.
@@ -7,13 +7,17 @@ problem with the recipe, a plugin, state or compaction, 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from hfprune.errors import HfpruneError
-from hfprune.models import TASKS, DEFAULT_MODEL_HINT, default_model_path, load_model_structure
+from hfprune.models import TASKS, DEFAULT_MODEL_HINT, default_model_path, load_model, load_model_structure
 from hfprune.plugins import DISABLE_AUTOLOAD_ENV, default_registry
 from hfprune.pruner import Pruner
 from hfprune.schedule import Schedule, ScheduleSpec
+
+TRAINER_STATE = "trainer_state.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,11 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--total-steps", type=int, help="resolve fractional schedules against this many optimizer steps")
     check.set_defaults(handler=run_check)
 
+    compact = commands.add_parser(
+        "compact",
+        help="turn a pruned Trainer checkpoint into a smaller model without its pruned heads and neurons",
+        description="Load the model in CHECKPOINT (a Trainer checkpoint folder holding hfprune_state.safetensors), remove "
+        "the heads and neurons RECIPE's structured strategies pruned, check the smaller model's outputs against the "
+        "pruned one's, and save it (with the tokenizer, if the checkpoint has one) to OUTPUT. Load the result with "
+        "hfprune.load_compacted(OUTPUT); when every layer kept the same sizes and the config can state them, plain "
+        "AutoModelFor*.from_pretrained(OUTPUT) loads it too.",
+    )
+    compact.add_argument("checkpoint", help="Trainer checkpoint folder (config.json, weights, hfprune_state.safetensors)")
+    compact.add_argument("--recipe", required=True, help="the recipe the run trained with")
+    compact.add_argument("--output", required=True, help="folder to write the compacted model to (must not exist or be empty)")
+    compact.add_argument("--task", choices=sorted(TASKS), default="sequence-classification", help="which head the checkpoint has")
+    compact.set_defaults(handler=run_compact)
+
     plugins = commands.add_parser(
         "plugins",
-        help="list installed strategies and the distributions that provide them",
-        description=f"List every strategy found through the 'hfprune' entry-point group, with its plugin, distribution "
-        f"and version, and any plugin that failed to load. {DISABLE_AUTOLOAD_ENV}=1 turns autoloading off.",
+        help="list installed strategies and architecture adapters and the distributions that provide them",
+        description=f"List every strategy and architecture adapter found through the 'hfprune' entry-point group, with "
+        f"its plugin, distribution and version, and any plugin that failed to load. {DISABLE_AUTOLOAD_ENV}=1 turns autoloading off.",
     )
     plugins.set_defaults(handler=run_plugins)
     return parser
@@ -80,6 +99,34 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compact(args: argparse.Namespace) -> int:
+    from hfprune.compaction import LAYOUT_KEY, save_compacted
+
+    checkpoint = Path(args.checkpoint)
+    pruner = Pruner(args.recipe)
+    model = load_model(checkpoint, args.task)
+    pruner.attach(model)
+    pruner.start(_max_steps(checkpoint))
+    pruner.load(checkpoint)
+    before = sum(p.numel() for p in model.parameters())
+    compacted = pruner.compact(model)
+    save_compacted(compacted, args.output, tokenizer_from=checkpoint)
+    after = sum(p.numel() for p in compacted.parameters())
+    print(f"compacted {before:,} -> {after:,} parameters ({before / after:.2f}x fewer); outputs checked on a probe batch")
+    if getattr(compacted.config, LAYOUT_KEY, None):
+        how = f"hfprune.load_compacted({str(args.output)!r}) (the config records per-block sizes a stock config cannot state)"
+    else:
+        how = f"plain {TASKS[args.task]}.from_pretrained({str(args.output)!r}) (stock config) or hfprune.load_compacted"
+    print(f"saved to {args.output}; load it with {how}")
+    return 0
+
+
+def _max_steps(checkpoint: Path) -> int | None:
+    """The run length the Trainer recorded, which fractional schedules resolve against."""
+    state = checkpoint / TRAINER_STATE
+    return json.loads(state.read_text()).get("max_steps") if state.is_file() else None
+
+
 def _schedule_text(schedule: Schedule | ScheduleSpec) -> str:
     text = f"start {schedule.start}, end {schedule.end}, every {schedule.every}"
     if isinstance(schedule, ScheduleSpec) and schedule.uses_fractions:
@@ -90,21 +137,31 @@ def _schedule_text(schedule: Schedule | ScheduleSpec) -> str:
 def run_plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
     rows = [(s.name, s.plugin.name, s.plugin.distribution, s.plugin.version, s.description) for s in registry.strategies.values()]
-    header = ("strategy", "plugin", "distribution", "version", "description")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) + "  " + row[4])
-    providers = {s.plugin.name for s in registry.strategies.values()}
+    _print_table(("strategy", "plugin", "distribution", "version", "description"), rows)
+    if registry.architectures:
+        print()
+        owners = registry.architecture_owners
+        rows = [(a.name, owners[a.name].name, owners[a.name].distribution, owners[a.name].version, (type(a).__doc__ or "").strip().splitlines()[0])
+                for a in registry.architectures]
+        _print_table(("architecture", "plugin", "distribution", "version", "recognizes"), rows)
+    providers = {s.plugin.name for s in registry.strategies.values()} | {p.name for p in registry.architecture_owners.values()}
     for plugin in registry.plugins:
         if plugin.error:
             print(f"failed: plugin {plugin.name!r} from {plugin.provenance}: {plugin.error}")
         elif plugin.name not in providers:
-            print(f"note: plugin {plugin.name!r} from {plugin.provenance} registered no strategy (is its hook marked @hfprune.hookimpl?)")
+            print(f"note: plugin {plugin.name!r} from {plugin.provenance} registered nothing (is its hook marked @hfprune.hookimpl?)")
     for message in registry.conflicts.values():
         print(f"conflict: {message}")
     if not registry.autoload:
         print(f"note: plugin autoloading is off ({DISABLE_AUTOLOAD_ENV})")
     return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    """Columns padded to their widest cell; the last column is free text."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) + "  " + str(row[-1]))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class RecipeError(HfpruneError, ValueError):
         super().__init__("\n".join(p.render(source) for p in problems))
 
 
+class TargetError(HfpruneError, ValueError):
+    """Raised by a strategy's ``select_parameters`` when matched modules do not suit it; becomes a recipe problem."""
+
+
 class PluginError(HfpruneError):
     """A strategy plugin that cannot be loaded or used; names its distribution."""
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from hfprune.architecture import ArchitectureAdapter
     from hfprune.strategy import Strategy
 
 PROJECT = "hfprune"
@@ -27,4 +28,16 @@ def hfprune_register_strategies(register: Callable[[str, type[Strategy]], None])
     ``register(name, StrategyClass)`` for each strategy; ``name`` is what a recipe's
     ``strategy:`` key says and should equal the plugin's entry-point name for its main
     strategy. Registering a name twice is an error that names both plugins. Returns nothing.
+    """
+
+
+@hookspec
+def hfprune_register_architectures(register: Callable[[ArchitectureAdapter], None]) -> None:
+    """Register adapters that teach hfprune a model family's attention and FFN blocks.
+
+    Called once per plugin manager, after every plugin is loaded. Call ``register(adapter)``
+    with an :class:`hfprune.architecture.ArchitectureAdapter` instance; strategies that
+    group weights by head or neuron, and compaction, ask adapters in registration order
+    which modules they recognize. Two adapters with one ``name`` is an error that names
+    both plugins. Returns nothing.
     """

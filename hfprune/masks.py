@@ -16,6 +16,7 @@ from hfprune.errors import StateError
 from hfprune.strategy import StepContext, Strategy
 
 MASK_PREFIX = "mask."
+ALPHA_PREFIX = "alpha."
 Scope = Literal["layer", "global"]  # one threshold per tensor, or one across all of them
 
 
@@ -109,7 +110,7 @@ def largest_magnitude_masks(
     """
     if scope == "global":
         magnitudes = torch.cat([p.detach().abs().flatten().float() for p in params])
-        threshold = _kth_smallest(magnitudes, round(sparsity * magnitudes.numel()))
+        threshold = kth_smallest(magnitudes, round(sparsity * magnitudes.numel()))
         del magnitudes
         return [p.detach().abs() > threshold for p in params]
     # One tensor at a time, so at most one float copy of a weight exists at once.
@@ -117,10 +118,10 @@ def largest_magnitude_masks(
 
 
 def _keep_largest(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
-    return magnitude > _kth_smallest(magnitude.flatten(), round(sparsity * magnitude.numel()))
+    return magnitude > kth_smallest(magnitude.flatten(), round(sparsity * magnitude.numel()))
 
 
-def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
     if k <= 0:
         return values.new_tensor(-1.0)
@@ -149,3 +150,63 @@ class MaskingStrategy(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state)
+
+
+class ReweightedPhaseStrategy(MaskingStrategy):
+    """Base for penalty methods: push weights toward zero in ``[start, end)``, then fix a mask.
+
+    During the phase a subclass applies its penalty in the step hooks, weighted by
+    ``self.alphas`` (one tensor per name in :meth:`alpha_names`), and :meth:`reweight`
+    refreshes them every ``config.reweight_every`` steps; at ``end`` :meth:`fix_pattern`
+    installs the mask and sets ``self.alphas`` to None, and training goes on masked (which
+    :class:`MaskingStrategy` does). The state is the alphas during the phase, the masks after.
+    """
+
+    alphas: list[torch.Tensor] | None
+
+    def in_phase(self, step: int) -> bool:
+        return self.schedule.start <= step < self.schedule.end
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        if self.masks.active:
+            return
+        if ctx.step >= self.schedule.end:
+            self.fix_pattern(ctx.optimizer)
+        elif self.in_phase(ctx.step) and (ctx.step - self.schedule.start + 1) % self.config.reweight_every == 0:
+            self.reweight()
+
+    def reweight(self) -> None:
+        raise NotImplementedError
+
+    def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
+        raise NotImplementedError
+
+    def alpha_names(self) -> list[str]:
+        """The state key (after ``alpha.``) of each tensor in ``self.alphas``."""
+        raise NotImplementedError
+
+    def new_alphas(self) -> list[torch.Tensor]:
+        """Tensors shaped like ``self.alphas``, for restoring a state saved during the phase."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        if self.alphas is None:
+            return self.masks.state_dict()
+        return {ALPHA_PREFIX + name: alpha.cpu() for name, alpha in zip(self.alpha_names(), self.alphas)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.load_state_dict(state)
+        if self.masks.active:
+            self.alphas = None
+            return
+        found = {key[len(ALPHA_PREFIX):]: value for key, value in state.items() if key.startswith(ALPHA_PREFIX)}
+        names = self.alpha_names()
+        if sorted(found) != sorted(names):
+            raise StateError(f"saved {type(self).__name__} state has neither masks nor an alpha for every one of {len(names)} alpha tensors")
+        if self.alphas is None:
+            self.alphas = self.new_alphas()
+        for name, alpha in zip(names, self.alphas):
+            if found[name].shape != alpha.shape:
+                raise StateError(f"saved alpha for {name} has shape {tuple(found[name].shape)}, expected {tuple(alpha.shape)}")
+            alpha.copy_(found[name])

@@ -38,3 +38,13 @@ def load_model_structure(path: str | Path, task: str) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise HfpruneError(f"cannot read a model config from {path}: {exc}") from None
     return getattr(transformers, TASKS[task]).from_config(config)
+
+
+def load_model(path: str | Path, task: str) -> nn.Module:
+    """The model saved in ``path`` with the head ``task`` names; a one-line error when it cannot be read."""
+    import transformers
+
+    try:
+        return getattr(transformers, TASKS[task]).from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise HfpruneError(f"cannot load a model from {path}: {exc}") from None

@@ -1,8 +1,9 @@
-"""Finding strategies: the plugin manager, entry points and the strategy registry.
+"""Finding plugins: the plugin manager, entry points, and the registry of what they provide.
 
-Every strategy, built-in or third-party, arrives the same way: a distribution declares a
-module in the ``hfprune`` entry-point group, the module implements
-``hfprune_register_strategies``, and the registry records who provided what.
+Every strategy and architecture adapter, built-in or third-party, arrives the same way: a
+distribution declares a module in the ``hfprune`` entry-point group, the module implements
+``hfprune_register_strategies`` and/or ``hfprune_register_architectures``, and the
+registry records who provided what.
 
 ``HFPRUNE_DISABLE_PLUGIN_AUTOLOAD=1`` stops entry points from loading;
 ``HFPRUNE_PLUGINS=name,name`` then loads just those entry points.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 import pluggy
 
 from hfprune import hookspecs
+from hfprune.architecture import ArchitectureAdapter
 from hfprune.errors import PluginError
 from hfprune.strategy import Strategy
 
@@ -57,15 +59,25 @@ class StrategyInfo:
 
 
 class Registry:
-    """The strategies available in this process, looked up by recipe name.
+    """The strategies (looked up by recipe name) and architecture adapters available in this process.
 
     Faults (a plugin that failed to load, two plugins claiming one name) are kept, not
     raised, so one broken package blocks only the recipes that ask for what it touches.
     """
 
-    def __init__(self, plugins: list[PluginInfo], strategies: dict[str, StrategyInfo], conflicts: dict[str, str], autoload: bool):
+    def __init__(
+        self,
+        plugins: list[PluginInfo],
+        strategies: dict[str, StrategyInfo],
+        conflicts: dict[str, str],
+        autoload: bool,
+        architectures: list[ArchitectureAdapter] | None = None,
+        architecture_owners: dict[str, PluginInfo] | None = None,
+    ):
         self.plugins = plugins
         self.strategies = strategies
+        self.architectures = architectures or []
+        self.architecture_owners = architecture_owners or {}  # adapter name -> the plugin that registered it
         self.conflicts = conflicts
         self.autoload = autoload
 
@@ -115,6 +127,8 @@ class _Loader:
         self.modules: dict[str, object] = {}
         self.strategies: dict[str, StrategyInfo] = {}
         self.conflicts: dict[str, str] = {}
+        self.architectures: list[ArchitectureAdapter] = []
+        self.architecture_owners: dict[str, PluginInfo] = {}
 
     def fail(self, name: str, error: str) -> None:
         self.infos[name] = replace(self.infos[name], error=error)
@@ -139,17 +153,44 @@ class _Loader:
         else:
             self.modules[name] = plugin
 
-    def collect_strategies(self) -> None:
+    def collect(self) -> None:
+        """Ask each loaded plugin alone what it registers, so a fault is pinned on the plugin that caused it."""
         for name, plugin in self.modules.items():
-            found: dict[str, type[Strategy]] = {}
-            caller = self.manager.subset_hook_caller("hfprune_register_strategies", remove_plugins=[p for p in self.modules.values() if p is not plugin])
-            try:
-                caller(register=lambda strategy_name, cls, found=found: found.__setitem__(strategy_name, cls))
-            except Exception as exc:  # noqa: BLE001 - a failing plugin must not take the others down
-                self.fail(name, f"hfprune_register_strategies raised {type(exc).__name__}: {exc}")
+            strategies = self._registrations("hfprune_register_strategies", name, plugin)
+            adapters = self._registrations("hfprune_register_architectures", name, plugin)
+            if strategies is None or adapters is None:
                 continue
-            for strategy_name, cls in found.items():
+            for strategy_name, cls in strategies:
                 self.register(self.infos[name], strategy_name, cls)
+            for (adapter,) in adapters:
+                self.register_architecture(self.infos[name], adapter)
+
+    def _registrations(self, hook: str, name: str, plugin: object) -> list[tuple] | None:
+        """The argument tuples ``plugin`` passed to ``register`` in ``hook``; None (plugin marked failed) if it raised."""
+        calls: list[tuple] = []
+        caller = self.manager.subset_hook_caller(hook, remove_plugins=[p for p in self.modules.values() if p is not plugin])
+        try:
+            caller(register=lambda *args: calls.append(args))
+        except Exception as exc:  # noqa: BLE001 - a failing plugin must not take the others down
+            self.fail(name, f"{hook} raised {type(exc).__name__}: {exc}")
+            return None
+        return calls
+
+    def register_architecture(self, plugin: PluginInfo, adapter: ArchitectureAdapter) -> None:
+        if not isinstance(adapter, ArchitectureAdapter):
+            self.conflicts[f"architecture {adapter!r}"] = (
+                f"plugin {plugin.name!r} ({plugin.provenance}) registered {adapter!r}, not an ArchitectureAdapter instance"
+            )
+            return
+        owner = self.architecture_owners.get(adapter.name)
+        if owner is not None:
+            self.conflicts[f"architecture {adapter.name}"] = (
+                f"architecture adapter {adapter.name!r} is registered by both {owner.name!r} ({owner.provenance}) "
+                f"and {plugin.name!r} ({plugin.provenance}); the first is used"
+            )
+            return
+        self.architecture_owners[adapter.name] = plugin
+        self.architectures.append(adapter)
 
     def register(self, plugin: PluginInfo, name: str, cls: type[Strategy]) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
@@ -165,7 +206,7 @@ class _Loader:
 
 
 def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
-    """Load plugins from entry points (as the environment allows) plus ``extra_plugins``; collect strategies.
+    """Load plugins from entry points (as the environment allows) plus ``extra_plugins``; collect what they register.
 
     ``extra_plugins`` maps a plugin name to a module or object with hook implementations,
     registered in code (for tests and embedding) beside the installed ones.
@@ -183,8 +224,8 @@ def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
         loader.infos[name] = PluginInfo(name, f"({PLUGINS_ENV})", "", error=f"no installed distribution has an entry point {name!r} in group {ENTRY_POINT_GROUP!r}")
     for name, plugin in (extra_plugins or {}).items():
         loader.add(name, PluginInfo(name, NOT_DISTRIBUTED, ""), lambda plugin=plugin: plugin)
-    loader.collect_strategies()
-    return Registry(list(loader.infos.values()), loader.strategies, loader.conflicts, autoload)
+    loader.collect()
+    return Registry(list(loader.infos.values()), loader.strategies, loader.conflicts, autoload, loader.architectures, loader.architecture_owners)
 
 
 @functools.cache

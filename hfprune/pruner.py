@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfprune.errors import CompactionError, Problem, StateError
+from hfprune.compaction import compact_model
+from hfprune.errors import CompactionError, Problem, StateError, TargetError
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe import Recipe, RecipeSource, load_recipe
 from hfprune.state import load_state, save_state
@@ -78,7 +79,12 @@ class Pruner:
                     f"{target!r} matches no module" + (" that is not excluded" if entry.exclude else ""),
                     hint=f"did you mean: {', '.join(close)}" if close else "run 'hfprune check' to list module names",
                 ))
-            parameters = info.cls.select_parameters(match.modules)
+            config = self.recipe.strategy_config(index)
+            try:
+                parameters = info.cls.select_parameters(match.modules, config) if match.modules else {}
+            except TargetError as exc:
+                problems.append(self.recipe.problem(("pruners", index, "targets"), str(exc)))
+                continue
             if match.modules and not parameters:
                 problems.append(self.recipe.problem(
                     ("pruners", index, "targets"),
@@ -92,7 +98,7 @@ class Pruner:
                     ))
                     break
                 claimed[name] = index
-            plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, self.recipe.strategy_config(index), match.modules, parameters))
+            plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, match.modules, parameters))
         if problems:
             raise self.recipe.error(problems)
         self.plans = plans
@@ -203,13 +209,20 @@ class Pruner:
         self.load_state_dict(load_state(directory))
 
     # --- compaction -----------------------------------------------------------------------
-    def compact(self, model: nn.Module) -> nn.Module:
-        """A physically smaller copy of ``model``; the model passed in is never changed."""
-        plans = [s.compaction_plan() for s in self.strategies]
-        if not any(plan is not None for plan in plans):
-            kinds = ", ".join(sorted({p.strategy.name for p in self.plans}))
+    def compact(self, model: nn.Module, probe: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A physically smaller copy of ``model`` without its pruned heads and neurons; ``model`` is never changed.
+
+        The copy's outputs are checked against ``model``'s on ``probe`` (default: a seeded
+        random batch); CompactionError when they differ or when nothing can be removed.
+        """
+        pruned: dict[str, torch.Tensor] = {}
+        for strategy in self.strategies:
+            pruned.update(strategy.compaction_plan() or {})
+        if not pruned:
+            kinds = ", ".join(sorted({p.strategy.name for p in self.plans})) or "none"
             raise CompactionError(
-                f"nothing to compact: this recipe's strategies ({kinds}) zero individual weights, which stay "
-                "in dense matrices; compaction removes whole heads, neurons and layers from structured strategies"
+                f"nothing to compact: this recipe's strategies ({kinds}) have no fixed structured pattern. Unstructured "
+                "strategies zero individual weights, which stay in dense matrices; structured ones (block-lasso) fix "
+                "theirs at the end of their schedule"
             )
-        raise CompactionError("structured compaction is not available in this version of hfprune")
+        return compact_model(unwrap_model(model), pruned, self.registry.architectures, probe)

@@ -8,7 +8,7 @@ through ``state_dict``/``load_state_dict``; its config is declarative and never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -76,10 +76,12 @@ class Strategy:
         self.schedule = schedule
 
     @classmethod
-    def select_parameters(cls, targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    def select_parameters(cls, targets: dict[str, nn.Module], config: StrategyConfig) -> dict[str, nn.Parameter]:
         """The parameters this strategy changes, by full name. Two entries may not share one.
 
         Default: the ``weight`` of every matched module that has a matrix-or-larger weight.
+        Raise :class:`hfprune.errors.TargetError` when the matched modules do not suit the
+        config; the engine reports it against the entry's ``targets`` key, before training.
         """
         selected = {}
         for name, module in targets.items():
@@ -101,8 +103,9 @@ class Strategy:
         """Extra values for the training logs (sparsity is logged by the engine)."""
         return {}
 
-    def compaction_plan(self) -> Any:
-        """What structure can be physically removed; None for unstructured sparsity."""
+    def compaction_plan(self) -> dict[str, torch.Tensor] | None:
+        """Keep-masks (bool, by parameter name) fixed for good, whose all-False head and neuron slices
+        compaction may remove; None for unstructured sparsity or a pattern still changing."""
         return None
 
     def state_dict(self) -> dict[str, StateValue]:

@@ -8,7 +8,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub: 
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    TrainerCallback,
+)
 
 from hfprune.plugins import default_registry
 
@@ -28,6 +40,34 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
+
+
+def tiny_roberta(seed: int = 0) -> RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64, pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def tiny_distilbert(seed: int = 0) -> DistilBertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0, max_position_embeddings=64)
+    return DistilBertForSequenceClassification(config)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Grouped-query attention: 4 query heads share 2 key/value heads."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+TINY_MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
 class TokenDataset(torch.utils.data.Dataset):

@@ -56,11 +56,15 @@ def test_check_defaults_to_the_built_in_minilm(recipe_file, capsys):
     assert "bert.encoder.layer.5.intermediate.dense.weight" in out and "(1536, 384)" in out
 
 
-def test_plugins_lists_the_built_in_strategy(capsys):
+def test_plugins_lists_the_built_in_strategies_and_architecture_adapters(capsys):
     assert main(["plugins"]) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["strategy", "plugin", "distribution", "version", "description"]
-    assert any(line.split()[:3] == ["magnitude", "magnitude", "hfprune"] for line in out.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["strategy", "plugin", "distribution", "version", "description"]
+    assert any(line.split()[:3] == ["magnitude", "magnitude", "hfprune"] for line in lines)
+    assert any(line.split()[:3] == ["block-lasso", "block-lasso", "hfprune"] for line in lines)
+    assert any(line.split()[:5] == ["architecture", "plugin", "distribution", "version", "recognizes"] for line in lines)
+    assert any(line.split()[:3] == ["llama", "architectures", "hfprune"] for line in lines)
+    assert not any(line.startswith("note: plugin") for line in lines)
 
 
 def test_the_installed_command_runs_and_usage_errors_exit_2():

@@ -10,12 +10,8 @@ import torch
 from pydantic import Field
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.errors import StateError
-from hfprune.masks import MaskingStrategy, Scope, largest_magnitude_masks
+from hfprune.masks import ReweightedPhaseStrategy, Scope, largest_magnitude_masks
 from hfprune.strategy import StepContext
-
-ALPHA_PREFIX = "alpha."
-
 
 class RPPConfig(StrategyConfig):
     """``config:`` of the rpp strategy."""
@@ -36,7 +32,7 @@ class RPPConfig(StrategyConfig):
         return self.sparsity
 
 
-class RPPStrategy(MaskingStrategy):
+class RPPStrategy(ReweightedPhaseStrategy):
     """Reweighted proximal pruning: a reweighted L1 penalty applied as a proximal step.
 
     Minimises ``loss + lam * sum(alpha * |w|)`` over the targeted weights. The penalty is
@@ -73,13 +69,10 @@ class RPPStrategy(MaskingStrategy):
         self.alphas: list[torch.Tensor] | None = [torch.ones_like(p, requires_grad=False) for p in self.masks.params]
         self.proximal_sparsity: float | None = None
 
-    def in_proximal_phase(self, step: int) -> bool:
-        return self.schedule.start <= step < self.schedule.end
-
     def after_optimizer_step(self, ctx: StepContext) -> None:
         if self.masks.active:
             self.masks.apply_to_weights()
-        elif self.in_proximal_phase(ctx.step):
+        elif self.in_phase(ctx.step):
             self.proximal_step(ctx.learning_rates(self.masks.params))
             if ctx.step == self.schedule.end - 1:
                 self.proximal_sparsity = self._zero_fraction()
@@ -97,14 +90,6 @@ class RPPStrategy(MaskingStrategy):
         torch._foreach_neg_(thresholds)
         torch._foreach_maximum_(clamped, thresholds)
         torch._foreach_sub_(weights, clamped)
-
-    def on_step_end(self, ctx: StepContext) -> None:
-        if self.masks.active:
-            return
-        if ctx.step >= self.schedule.end:
-            self.fix_pattern(ctx.optimizer)
-        elif self.in_proximal_phase(ctx.step) and (ctx.step - self.schedule.start + 1) % self.config.reweight_every == 0:
-            self.reweight()
 
     @torch.no_grad()
     def reweight(self) -> None:
@@ -127,28 +112,18 @@ class RPPStrategy(MaskingStrategy):
     def metrics(self) -> dict[str, float]:
         return {} if self.proximal_sparsity is None else {"proximal_sparsity": self.proximal_sparsity}
 
-    def state_dict(self) -> dict:
-        state = {"proximal_sparsity": self.proximal_sparsity}
-        if self.alphas is None:
-            return state | self.masks.state_dict()
-        return state | {ALPHA_PREFIX + name: alpha.cpu() for name, alpha in zip(self.masks.names, self.alphas)}
+    def alpha_names(self) -> list[str]:
+        return self.masks.names
 
-    @torch.no_grad()
+    def new_alphas(self) -> list[torch.Tensor]:
+        return [torch.empty_like(p) for p in self.masks.params]
+
+    def state_dict(self) -> dict:
+        return {"proximal_sparsity": self.proximal_sparsity} | super().state_dict()
+
     def load_state_dict(self, state: dict) -> None:
         self.proximal_sparsity = state.get("proximal_sparsity")
-        self.masks.load_state_dict(state)
-        if self.masks.active:
-            self.alphas = None
-            return
-        alphas = {key[len(ALPHA_PREFIX):]: value for key, value in state.items() if key.startswith(ALPHA_PREFIX)}
-        if sorted(alphas) != sorted(self.masks.names):
-            raise StateError("saved rpp state has neither masks nor an alpha for every targeted weight")
-        if self.alphas is None:
-            self.alphas = [torch.empty_like(p) for p in self.masks.params]
-        for name, alpha, param in zip(self.masks.names, self.alphas, self.masks.params):
-            if alphas[name].shape != param.shape:
-                raise StateError(f"saved alpha for {name} has shape {tuple(alphas[name].shape)}, the parameter {tuple(param.shape)}")
-            alpha.copy_(alphas[name])
+        super().load_state_dict(state)
 
 
 @hookimpl

@@ -1,0 +1,135 @@
+"""Blocks as views: every group of weights is one slot of a reshaped view of its matrices.
+
+A :class:`BlockSet` is the blocks that compete with each other: the heads of one attention
+block, the neurons of one FFN, or the tiles of one matrix. Each of its matrices is seen
+through a view whose group axes enumerate the blocks and whose other axes run over a
+block's weights, so a norm over those axes gives every block's norm at once, and a
+per-block factor broadcasts back over it. The hot path is one reduction and one in-place
+multiply per matrix, whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hfprune.architecture import ArchitectureAdapter, Member, find_units, weight_dim
+from hfprune.errors import TargetError
+
+
+@dataclass(frozen=True)
+class BlockedMatrix:
+    """One parameter seen with its blocks on ``group_axes`` (tiles: a 4-D view; units: one axis)."""
+
+    name: str
+    param: nn.Parameter
+    member: Member | None = None  # set for a unit's matrix: blocks are its groups
+    count: int = 0
+    tile: tuple[int, int] | None = None  # set for tiles: (rows, cols) in nn.Linear orientation
+    out_dim: int = 0  # the weight axis of output features: 1 for Conv1D, which stores (in, out)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the weight, its gradient or a mask, all shaped like ``param``) with blocks as axes."""
+        if self.member is not None:
+            return self.member.blocked(tensor, self.count)
+        rows, cols = self.tile
+        matrix = tensor if self.out_dim == 0 else tensor.t()  # tiles are stated as for nn.Linear; .t() is a view
+        return matrix.unflatten(0, (matrix.shape[0] // rows, rows)).unflatten(2, (matrix.shape[1] // cols, cols))
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        if self.member is not None:
+            return tuple(axis for axis in range(self.param.dim() + 1) if axis != self.member.dim)
+        return (1, 3)
+
+    def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
+        """Shape that broadcasts a per-block tensor of shape ``grid`` over :meth:`view`."""
+        if self.member is not None:
+            shape = [1] * (self.param.dim() + 1)
+            shape[self.member.dim] = grid[0]
+            return tuple(shape)
+        return (grid[0], 1, grid[1], 1)
+
+    def norms_squared(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.view(tensor), dim=self.reduce_axes).square()
+
+
+@dataclass(frozen=True)
+class BlockSet:
+    """Blocks that are measured and pruned together: one unit's groups, or one matrix's tiles."""
+
+    name: str
+    matrices: tuple[BlockedMatrix, ...]
+
+    @torch.no_grad()
+    def norms(self) -> torch.Tensor:
+        """Each block's L2 norm across all its matrices (shape: the block grid)."""
+        total = self.matrices[0].norms_squared(self.matrices[0].param)
+        for matrix in self.matrices[1:]:
+            total += matrix.norms_squared(matrix.param)
+        return total.sqrt_()
+
+    @torch.no_grad()
+    def scale_weights(self, factor: torch.Tensor) -> None:
+        """Multiply every block by its factor, in place."""
+        for matrix in self.matrices:
+            matrix.view(matrix.param).mul_(factor.view(matrix.scale_shape(factor.shape)))
+
+    @torch.no_grad()
+    def add_to_grads(self, coefficient: torch.Tensor) -> None:
+        """``grad += coefficient_b * W_b`` for every block b (the penalty's gradient), in place."""
+        for matrix in self.matrices:
+            if matrix.param.grad is not None:
+                shaped = coefficient.view(matrix.scale_shape(coefficient.shape))
+                matrix.view(matrix.param.grad).addcmul_(matrix.view(matrix.param), shaped)
+
+    def keep_masks(self, keep: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
+        """Write the per-block keep vector into each matrix's boolean mask (masks start all True)."""
+        for matrix in self.matrices:
+            matrix.view(masks[matrix.name]).logical_and_(keep.view(matrix.scale_shape(keep.shape)))
+
+
+def build_block_sets(targets: dict[str, nn.Module], group: str, tile: tuple[int, int] | None, adapters: list[ArchitectureAdapter]) -> list[BlockSet]:
+    """The block sets for ``group`` ("tile", "row", "column", "head" or "neuron") in the matched modules."""
+    if group in ("head", "neuron"):
+        return list(_unit_sets(targets, group, adapters))
+    return [_tile_set(name, module, group, tile) for name, module in targets.items() if _is_matrix(module)]
+
+
+def _is_matrix(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def _unit_sets(targets: dict[str, nn.Module], kind: str, adapters: list[ArchitectureAdapter]) -> Iterator[BlockSet]:
+    seen: set[int] = set()
+    for target_name, target in targets.items():
+        found = [u for u in find_units(target, kind, adapters, prefix=target_name) if id(u.module) not in seen]
+        if not found and not any(id(m) in seen for m in target.modules()):
+            known = ", ".join(a.name for a in adapters) or "none"
+            raise TargetError(
+                f"{target_name} ({type(target).__name__}) contains no {'attention' if kind == 'head' else 'feed-forward'} block "
+                f"an architecture adapter recognizes (installed adapters: {known}); target the layers or their "
+                f"{'attention' if kind == 'head' else 'MLP'} modules, or install an adapter for this model"
+            )
+        for unit in found:
+            seen.add(id(unit.module))
+            names = {id(module): name for name, module in unit.module.named_modules(prefix=unit.name)}
+            yield BlockSet(unit.name, tuple(
+                BlockedMatrix(f"{names[id(m.module)]}.weight", m.module.weight, member=m, count=unit.count) for m in unit.members
+            ))
+
+
+def _tile_set(name: str, module: nn.Module, group: str, tile: tuple[int, int] | None) -> BlockSet:
+    try:
+        out_dim = weight_dim(module, "out")
+    except TypeError as exc:
+        raise TargetError(f"{name}: {exc}") from None
+    out_features, in_features = module.weight.shape[out_dim], module.weight.shape[1 - out_dim]
+    rows, cols = {"row": (1, in_features), "column": (out_features, 1)}.get(group, tile)
+    if out_features % rows or in_features % cols:
+        raise TargetError(f"{name}: a {out_features}x{in_features} matrix cannot be tiled into {rows}x{cols} blocks")
+    return BlockSet(name, (BlockedMatrix(f"{name}.weight", module.weight, tile=(rows, cols), out_dim=out_dim),))

@@ -1,0 +1,191 @@
+"""Compaction: pruned heads and neurons leave the model for real, outputs stay equal, loading takes one call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import TINY_MODELS, TokenDataset, tiny_bert, tiny_llama
+from hfprune import CompactionError, Pruner
+from hfprune.compaction import LAYOUT_KEY, compact_model, probe_batch
+from hfprune.loading import load_compacted
+from hfprune.plugins import default_registry
+
+UNITS = {  # (attention class, FFN class) per tiny model
+    "bert": ("BertAttention", "BertLayer"),
+    "roberta": ("RobertaAttention", "RobertaLayer"),
+    "distilbert": ("DistilBertSelfAttention", "FFN"),
+    "gpt2": ("GPT2Attention", "GPT2MLP"),
+    "llama": ("LlamaAttention", "LlamaMLP"),
+}
+
+
+def structured_recipe(attention: str | None, ffn: str | None, ratio: float = 0.5, end: int = 1) -> str:
+    entries = [
+        f"  - strategy: block-lasso\n    targets: [{target}]\n    schedule: {{start: 0, end: {end}}}\n"
+        f"    config: {{group: {group}, ratio: {ratio}, lam: 0.01}}\n"
+        for group, target in (("head", attention), ("neuron", ffn)) if target
+    ]
+    return "version: 1\npruners:\n" + "".join(entries)
+
+
+def pruned(model, text: str, steps: int = 3) -> Pruner:
+    """Train ``steps`` real SGD steps with the recipe, so the pattern is fixed by the end."""
+    pruner = Pruner(text)
+    pruner.attach(model)
+    pruner.start(steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = TokenDataset(size=4)
+    ids = torch.stack([data[i]["input_ids"] for i in range(4)])
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids if isinstance(model, transformers.GenerationMixin) else ids[:, 0] % 2).loss.backward()
+        pruner.before_optimizer_step(optimizer)
+        optimizer.step()
+        pruner.after_optimizer_step(optimizer)
+        optimizer.zero_grad()
+    return pruner
+
+
+def counts(model, kind: str) -> list[int]:
+    from hfprune.architecture import find_units
+
+    return [u.count for u in find_units(model, kind, default_registry().architectures)]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_compaction_removes_half_the_heads_and_neurons_with_equal_outputs(family):
+    model = TINY_MODELS[family]()
+    pruner = pruned(model, structured_recipe(*UNITS[family]))
+    heads, neurons = counts(model, "head"), counts(model, "neuron")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    compacted = pruner.compact(model)
+
+    assert counts(compacted, "head") == [h // 2 for h in heads]
+    assert counts(compacted, "neuron") == [n // 2 for n in neurons]
+    assert sum(p.numel() for p in compacted.parameters()) < sum(before[n].numel() for n in before)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the trained model is untouched
+    probe = probe_batch(model)
+    model.eval(), compacted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compacted(**probe).logits, model(**probe).logits, atol=1e-4, rtol=0)
+
+
+def test_uniform_neurons_save_a_stock_config_that_plain_transformers_loads(tmp_path):
+    model = tiny_bert()
+    compacted = pruned(model, structured_recipe(None, "BertLayer")).compact(model)
+    compacted.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert loaded.config.intermediate_size == 32 and not hasattr(loaded.config, LAYOUT_KEY)
+    _assert_same_outputs(model, loaded)
+
+
+def test_llama_heads_are_stock_too_because_its_config_states_the_head_size(tmp_path):
+    model = tiny_llama()
+    compacted = pruned(model, structured_recipe("LlamaAttention", "LlamaMLP")).compact(model)
+    assert (compacted.config.num_attention_heads, compacted.config.num_key_value_heads, compacted.config.head_dim) == (2, 1, 8)
+    compacted.save_pretrained(tmp_path)
+    _assert_same_outputs(model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_bert_heads_need_the_one_call_loader(tmp_path):
+    model = tiny_bert()
+    compacted = pruned(model, structured_recipe("BertAttention", "BertLayer")).compact(model)
+    compacted.save_pretrained(tmp_path)
+    assert getattr(compacted.config, LAYOUT_KEY) == {"head": {"bert.encoder.layer.0.attention": 1, "bert.encoder.layer.1.attention": 1}}
+    with pytest.raises(Exception, match="size mismatch|mismatch"):
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)  # the stock path refuses loudly
+    _assert_same_outputs(model, load_compacted(tmp_path))
+
+
+def test_layers_that_differ_record_their_sizes_and_load_in_one_call(tmp_path):
+    model = tiny_bert()
+    pruner = pruned(model, structured_recipe(None, "BertLayer"))
+    masks = pruner.strategies[0].masks  # layer 0 up, layer 0 down, layer 1 up, layer 1 down
+    masks.set([torch.ones_like(m) for m in masks.masks], None)  # forget the pattern, then prune 8 neurons of layer 0 only
+    masks.masks[0][:8] = 0
+    masks.masks[1][:, :8] = 0
+    masks.apply_to_weights()
+    compacted = pruner.compact(model)
+    compacted.save_pretrained(tmp_path)
+    assert getattr(compacted.config, LAYOUT_KEY) == {"neuron": {"bert.encoder.layer.0": 56, "bert.encoder.layer.1": 64}}
+    _assert_same_outputs(model, load_compacted(tmp_path))
+
+
+def test_pruned_up_rows_are_removed_by_folding_their_constant_into_the_bias():
+    model = tiny_bert()
+    text = "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [intermediate.dense]\n    schedule: {start: 0, end: 1}\n    config: {group: row, ratio: 0.25, lam: 0.01}\n"
+    pruner = pruned(model, text)
+    for layer in model.bert.encoder.layer:  # the rows are gone but their biases are not: each outputs gelu(bias)
+        assert layer.intermediate.dense.bias.abs().sum() > 0
+    compacted = pruner.compact(model)
+    assert counts(compacted, "neuron") == [48, 48]
+    _assert_same_outputs(model, compacted)
+
+
+def test_a_compaction_that_would_change_outputs_raises_and_changes_nothing():
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    name = "bert.encoder.layer.0.output.dense.weight"
+    lie = {name: torch.zeros_like(model.get_parameter(name), dtype=torch.bool)}  # claims pruned; the weights are not zero
+    with pytest.raises(CompactionError, match="differ from the pruned model's"):
+        compact_model(model, lie, default_registry().architectures)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.config.intermediate_size == 64
+
+
+def test_compaction_before_the_pattern_is_fixed_says_so():
+    model = tiny_bert()
+    pruner = Pruner(structured_recipe("BertAttention", None, end=8))
+    pruner.attach(model)
+    pruner.start(10)
+    with pytest.raises(CompactionError, match="no fixed structured pattern"):
+        pruner.compact(model)
+
+
+def test_third_party_adapters_arrive_through_the_plugin_hook():
+    from hfprune.architecture import ArchitectureAdapter
+    from hfprune.hookspecs import hookimpl
+    from hfprune.plugins import build_registry
+
+    class Toy(ArchitectureAdapter):
+        name = "toy"
+
+    class Plugin:
+        @hookimpl
+        def hfprune_register_architectures(self, register):
+            register(Toy())
+
+    registry = build_registry({"toy-plugin": Plugin()})
+    assert "toy" in [a.name for a in registry.architectures]
+    clash = build_registry({"toy-plugin": Plugin(), "toy-again": Plugin()})
+    assert any("registered by both" in message for message in clash.conflicts.values())
+
+
+def _assert_same_outputs(reference, other):
+    probe = probe_batch(reference)
+    reference.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other(**probe).logits, reference(**probe).logits, atol=1e-4, rtol=0)
+
+
+def test_compact_command_turns_a_trainer_checkpoint_into_a_loadable_smaller_model(tmp_path, capsys):
+    from conftest import make_trainer
+    from hfprune.callback import PruneCallback
+    from hfprune.cli import main
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(structured_recipe("BertAttention", "BertLayer", end=0.5))
+    model = tiny_bert()
+    make_trainer(tmp_path / "run", model, [PruneCallback(str(recipe_file))], save_strategy="steps", save_steps=12).train()
+    checkpoint = tmp_path / "run" / "checkpoint-12"
+
+    assert main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")]) == 0
+    assert "parameters" in capsys.readouterr().out
+    loaded = load_compacted(tmp_path / "small")
+    assert counts(loaded, "head") == [1, 1] and counts(loaded, "neuron") == [32, 32]
+    _assert_same_outputs(model, loaded)
+
+    assert main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
