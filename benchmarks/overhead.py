@@ -1,6 +1,6 @@
 """Per-step time and peak memory overhead of PruneCallback in a stock ``transformers.Trainer``.
 
-    python benchmarks/overhead.py            # real MiniLM, batch 32, length 64 (about 7 minutes on 2 cores)
+    python benchmarks/overhead.py            # real MiniLM, batch 32, length 64 (about 9 minutes on 2 cores)
     python benchmarks/overhead.py --quick    # tiny random BERT: a smoke test in seconds
 
 Every configuration (the stock Trainer, and one Trainer with PruneCallback per row of ``ROWS``)
@@ -50,9 +50,16 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "overhead.json"
 ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
 
-def recipe(strategy: str, schedule: str, config: str, targets: str = ENCODER_LINEARS) -> str:
-    """A one-entry recipe as YAML text (schedule and config in YAML flow style)."""
-    return f"version: 1\npruners:\n  - strategy: {strategy}\n    targets: ['{targets}']\n    schedule: {schedule}\n    config: {config}\n"
+ENCODER_LAYERS = r"re:.*encoder\.layer\.\d+"  # whole layers: block-lasso finds heads and FFN neurons inside
+
+
+def entry(strategy: str, schedule: str, config: str, targets: str = ENCODER_LINEARS) -> str:
+    """One ``pruners:`` item as YAML text (schedule and config in YAML flow style)."""
+    return f"  - strategy: {strategy}\n    targets: ['{targets}']\n    schedule: {schedule}\n    config: {config}\n"
+
+
+def recipe(*entries: str) -> str:
+    return "version: 1\npruners:\n" + "".join(entries)
 
 
 # (row name, recipe YAML or None for no callback). Schedules count optimizer steps of the run (warm-up included).
@@ -61,12 +68,18 @@ ROWS: list[tuple[str, str | None]] = [
     # round-to-round variation), the yardstick for reading the rows below.
     ("stock again (A/A control)", None),
     # Masks set at step 0 (a warm-up step), then only applied: the cost every masked step pays.
-    ("magnitude, fixed masks", recipe("magnitude", "{start: 0, end: 0}", "{sparsity: 0.5}")),
+    ("magnitude, fixed masks", recipe(entry("magnitude", "{start: 0, end: 0}", "{sparsity: 0.5}"))),
     # Ramp over the whole run, masks recomputed every 10 steps; recomputation steps are timed too.
-    ("magnitude, during ramp", recipe("magnitude", "{start: 0, end: 1.0, every: 10}", "{sparsity: 0.9}")),
+    ("magnitude, during ramp", recipe(entry("magnitude", "{start: 0, end: 1.0, every: 10}", "{sparsity: 0.9}"))),
     # The proximal phase over the whole run: a soft threshold after every step, alpha reweighted every 10.
     # (Once its pattern is fixed, rpp pays what "magnitude, fixed masks" pays.)
-    ("rpp, proximal phase", recipe("rpp", "{start: 0, end: 1.0}", "{sparsity: 0.5, reweight_every: 10}")),
+    ("rpp, proximal phase", recipe(entry("rpp", "{start: 0, end: 1.0}", "{sparsity: 0.5, reweight_every: 10}"))),
+    # Heads and neurons of every layer in the lasso phase over the whole run: a block soft
+    # threshold after every step, alpha reweighted every 10. (Once pruned, it pays what fixed masks pay.)
+    ("block-lasso, lasso phase", recipe(
+        entry("block-lasso", "{start: 0, end: 1.0}", "{group: head, ratio: 0.5, lam: 1500}", ENCODER_LAYERS),
+        entry("block-lasso", "{start: 0, end: 1.0}", "{group: neuron, ratio: 0.5, lam: 30}", ENCODER_LAYERS),
+    )),
 ]
 
 

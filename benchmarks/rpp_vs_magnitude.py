@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from overhead import ENCODER_LINEARS, recipe
+from overhead import ENCODER_LINEARS, entry, recipe
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -90,9 +90,9 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
     )
 
 
-def lr_sum_over_window(args, total_steps: int) -> float:
+def lr_sum_over_window(args, total_steps: int, window: tuple[float, float] = WINDOW) -> float:
     """Sum of the Trainer's default (linear decay, no warm-up) learning rate over the pruning window."""
-    start, end = (round(f * total_steps) for f in WINDOW)
+    start, end = (round(f * total_steps) for f in window)
     return sum(args.lr * (1 - step / total_steps) for step in range(start, end))
 
 
@@ -107,7 +107,7 @@ def rpp_lam(encoder_weights: list[torch.Tensor], sparsity: float, lr_sum: float)
 def pruning_recipe(method: str, sparsity: float, lam: float | None) -> str:
     schedule = f"{{start: {WINDOW[0]}, end: {WINDOW[1]}, every: 10}}" if method == "magnitude" else f"{{start: {WINDOW[0]}, end: {WINDOW[1]}}}"
     config = f"{{sparsity: {sparsity}}}" if method == "magnitude" else f"{{sparsity: {sparsity}, lam: {lam:.6g}, reweight_every: 10}}"
-    return recipe(method, schedule, config)
+    return recipe(entry(method, schedule, config))
 
 
 def run_row(args, data, tokenizer, method: str, sparsity: float, seed: int, workdir: Path) -> dict:
@@ -226,14 +226,18 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rows": rows, "summary": summary, "verdicts": verdicts(summary),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print()
-    print(table(summary))
-    print()
-    print("\n".join(result["verdicts"]))
-    print(f"\nwrote {args.output}")
+    report(result, args.output, table(summary), "\n".join(result["verdicts"]))
     return 0
+
+
+def report(result: dict, output: Path, *sections: str) -> None:
+    """Write the JSON, then print each section (a table, the verdicts) and where the JSON went."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    for section in sections:
+        print()
+        print(section)
+    print(f"\nwrote {output}")
 
 
 if __name__ == "__main__":

