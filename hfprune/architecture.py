@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -48,8 +49,9 @@ class Member:
     offset: int
     size: int
 
-    @property
+    @cached_property
     def dim(self) -> int:
+        # Cached: the step hooks read it for every matrix on every step.
         return weight_dim(self.module, self.side)
 
     def blocked(self, tensor: torch.Tensor, count: int) -> torch.Tensor:

@@ -169,10 +169,11 @@ def _update_config(model: nn.Module, units: dict[str, list[Unit]], kept: dict[in
         return
     layout: dict[str, dict[str, int]] = {}
     for kind, found in units.items():
-        sizes = {unit.name: kept.get(id(unit.module), unit.count) for unit in found}
-        if not found or all(size == unit.count for size, unit in zip(sizes.values(), found)):
+        if not any(id(unit.module) in kept for unit in found):
             continue
-        updates = found[0].adapter.config_updates(config, kind, found[0], next(iter(sizes.values()))) if len(set(sizes.values())) == 1 else None
+        sizes = {unit.name: kept.get(id(unit.module), unit.count) for unit in found}
+        uniform = len(set(sizes.values())) == 1
+        updates = found[0].adapter.config_updates(config, kind, found[0], sizes[found[0].name]) if uniform else None
         if updates is None:
             layout[kind] = sizes
         else:

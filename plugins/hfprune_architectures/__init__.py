@@ -18,6 +18,17 @@ def _linears(*modules) -> bool:
     return all(isinstance(m, nn.Linear) for m in modules)
 
 
+def _head_unit(adapter: ArchitectureAdapter, module, q, k, v, output, size: int) -> Unit:
+    """Multi-head attention with separate Q, K, V projections, each head ``size`` wide."""
+    members = (Member(q, "out", 0, size), Member(k, "out", 0, size), Member(v, "out", 0, size), Member(output, "in", 0, size))
+    return Unit("head", module, features(q, "out") // size, members, adapter)
+
+
+def _neuron_unit(adapter: ArchitectureAdapter, module, up, down, activation) -> Unit:
+    """An ungated FFN: ``down(activation(up(x)))``."""
+    return Unit("neuron", module, features(up, "out"), (Member(up, "out", 0, 1), Member(down, "in", 0, 1)), adapter, activation=activation)
+
+
 class BertFamily(ArchitectureAdapter):
     """BERT, RoBERTa, ELECTRA, MiniLM: attention.self.{query,key,value} + attention.output.dense; intermediate + output."""
 
@@ -30,18 +41,14 @@ class BertFamily(ArchitectureAdapter):
         q, k, v = (getattr(inner, n, None) for n in ("query", "key", "value"))
         if not _linears(q, k, v, output):
             return None
-        size = inner.attention_head_size
-        heads = features(q, "out") // size
-        members = (Member(q, "out", 0, size), Member(k, "out", 0, size), Member(v, "out", 0, size), Member(output, "in", 0, size))
-        return Unit("head", module, heads, members, self)
+        return _head_unit(self, module, q, k, v, output, inner.attention_head_size)
 
     def feed_forward(self, module):
         intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
         up, down = getattr(intermediate, "dense", None), getattr(output, "dense", None)
         if not _linears(up, down) or not hasattr(intermediate, "intermediate_act_fn"):
             return None
-        return Unit("neuron", module, features(up, "out"), (Member(up, "out", 0, 1), Member(down, "in", 0, 1)), self,
-                    activation=intermediate.intermediate_act_fn)
+        return _neuron_unit(self, module, up, down, intermediate.intermediate_act_fn)
 
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
@@ -63,16 +70,13 @@ class DistilBert(ArchitectureAdapter):
         q, k, v, out = (getattr(module, n, None) for n in ("q_lin", "k_lin", "v_lin", "out_lin"))
         if not _linears(q, k, v, out) or not hasattr(module, "n_heads"):
             return None
-        size = module.attention_head_size
-        members = (Member(q, "out", 0, size), Member(k, "out", 0, size), Member(v, "out", 0, size), Member(out, "in", 0, size))
-        return Unit("head", module, features(q, "out") // size, members, self)
+        return _head_unit(self, module, q, k, v, out, module.attention_head_size)
 
     def feed_forward(self, module):
         up, down = getattr(module, "lin1", None), getattr(module, "lin2", None)
         if not _linears(up, down) or not hasattr(module, "activation"):
             return None
-        return Unit("neuron", module, features(up, "out"), (Member(up, "out", 0, 1), Member(down, "in", 0, 1)), self,
-                    activation=module.activation)
+        return _neuron_unit(self, module, up, down, module.activation)
 
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
@@ -99,8 +103,7 @@ class GPT2(ArchitectureAdapter):
         up, down = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
         if up is None or down is None or not hasattr(module, "act"):
             return None
-        return Unit("neuron", module, features(up, "out"), (Member(up, "out", 0, 1), Member(down, "in", 0, 1)), self,
-                    activation=module.act)
+        return _neuron_unit(self, module, up, down, module.act)
 
     def resize(self, unit, kept_groups):
         if unit.kind == "head":

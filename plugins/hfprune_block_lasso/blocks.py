@@ -20,41 +20,57 @@ from hfprune.architecture import ArchitectureAdapter, Member, find_units, weight
 from hfprune.errors import TargetError
 
 
-@dataclass(frozen=True)
 class BlockedMatrix:
-    """One parameter seen with its blocks on ``group_axes`` (tiles: a 4-D view; units: one axis)."""
+    """One parameter seen through a view whose group axes enumerate its blocks."""
 
     name: str
     param: nn.Parameter
-    member: Member | None = None  # set for a unit's matrix: blocks are its groups
-    count: int = 0
-    tile: tuple[int, int] | None = None  # set for tiles: (rows, cols) in nn.Linear orientation
-    out_dim: int = 0  # the weight axis of output features: 1 for Conv1D, which stores (in, out)
+    reduce_axes: tuple[int, ...]  # the view's axes that run over one block's weights
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the weight, its gradient or a mask, all shaped like ``param``) with blocks as axes."""
-        if self.member is not None:
-            return self.member.blocked(tensor, self.count)
-        rows, cols = self.tile
-        matrix = tensor if self.out_dim == 0 else tensor.t()  # tiles are stated as for nn.Linear; .t() is a view
-        return matrix.unflatten(0, (matrix.shape[0] // rows, rows)).unflatten(2, (matrix.shape[1] // cols, cols))
-
-    @property
-    def reduce_axes(self) -> tuple[int, ...]:
-        if self.member is not None:
-            return tuple(axis for axis in range(self.param.dim() + 1) if axis != self.member.dim)
-        return (1, 3)
+        raise NotImplementedError
 
     def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
         """Shape that broadcasts a per-block tensor of shape ``grid`` over :meth:`view`."""
-        if self.member is not None:
-            shape = [1] * (self.param.dim() + 1)
-            shape[self.member.dim] = grid[0]
-            return tuple(shape)
-        return (grid[0], 1, grid[1], 1)
+        raise NotImplementedError
 
     def norms_squared(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(self.view(tensor), dim=self.reduce_axes).square()
+
+
+class GroupedMatrix(BlockedMatrix):
+    """A unit's matrix: its slice of every group (head, neuron) on one axis, as the adapter's member says."""
+
+    def __init__(self, name: str, member: Member, count: int):
+        self.name, self.param, self.member, self.count = name, member.module.weight, member, count
+        self.reduce_axes = tuple(axis for axis in range(self.param.dim() + 1) if axis != member.dim)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.member.blocked(tensor, self.count)
+
+    def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
+        shape = [1] * (self.param.dim() + 1)
+        shape[self.member.dim] = grid[0]
+        return tuple(shape)
+
+
+class TiledMatrix(BlockedMatrix):
+    """A matrix cut into (rows, cols) tiles, stated in nn.Linear orientation: a 4-D view (R, rows, C, cols)."""
+
+    reduce_axes = (1, 3)
+
+    def __init__(self, name: str, param: nn.Parameter, tile: tuple[int, int], out_dim: int):
+        self.name, self.param, self.tile = name, param, tile
+        self.out_dim = out_dim  # the weight axis of output features: 1 for Conv1D, which stores (in, out)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.tile
+        matrix = tensor if self.out_dim == 0 else tensor.t()  # .t() is a view
+        return matrix.unflatten(0, (matrix.shape[0] // rows, rows)).unflatten(2, (matrix.shape[1] // cols, cols))
+
+    def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
+        return (grid[0], 1, grid[1], 1)
 
 
 @dataclass(frozen=True)
@@ -118,9 +134,7 @@ def _unit_sets(targets: dict[str, nn.Module], kind: str, adapters: list[Architec
         for unit in found:
             seen.add(id(unit.module))
             names = {id(module): name for name, module in unit.module.named_modules(prefix=unit.name)}
-            yield BlockSet(unit.name, tuple(
-                BlockedMatrix(f"{names[id(m.module)]}.weight", m.module.weight, member=m, count=unit.count) for m in unit.members
-            ))
+            yield BlockSet(unit.name, tuple(GroupedMatrix(f"{names[id(m.module)]}.weight", m, unit.count) for m in unit.members))
 
 
 def _tile_set(name: str, module: nn.Module, group: str, tile: tuple[int, int] | None) -> BlockSet:
@@ -132,4 +146,4 @@ def _tile_set(name: str, module: nn.Module, group: str, tile: tuple[int, int] | 
     rows, cols = {"row": (1, in_features), "column": (out_features, 1)}.get(group, tile)
     if out_features % rows or in_features % cols:
         raise TargetError(f"{name}: a {out_features}x{in_features} matrix cannot be tiled into {rows}x{cols} blocks")
-    return BlockSet(name, (BlockedMatrix(f"{name}.weight", module.weight, tile=(rows, cols), out_dim=out_dim),))
+    return BlockSet(name, (TiledMatrix(f"{name}.weight", module.weight, (rows, cols), out_dim),))
