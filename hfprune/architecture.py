@@ -94,11 +94,11 @@ class Unit:
 
 
 class ArchitectureAdapter:
-    """Knows one family's modules: which are attention and FFN units, and how to shrink them.
+    """Knows one family's modules: which are attention and FFN units and layer stacks, and how to shrink them.
 
-    Subclasses implement :meth:`attention` and :meth:`feed_forward` by recognizing a
-    module's structure (attribute names), so every model built from the same blocks is
-    covered; :meth:`resize` updates the bookkeeping attributes a forward pass reads after
+    Subclasses implement :meth:`attention`, :meth:`feed_forward` and :meth:`layer_stack` by
+    recognizing a module's structure (attribute names), so every model built from the same
+    blocks is covered; :meth:`resize` updates the bookkeeping attributes a forward pass reads after
     compaction has sliced the matrices; :meth:`config_updates` says how a config states
     uniform sizes, or that it cannot.
     """
@@ -111,6 +111,10 @@ class ArchitectureAdapter:
 
     def feed_forward(self, module: nn.Module) -> Unit | None:
         """The neuron unit ``module`` is, or None."""
+        return None
+
+    def layer_stack(self, module: nn.Module) -> nn.ModuleList | None:
+        """The residual layer stack ``module`` holds as a direct attribute (BERT's encoder: ``layer``), or None."""
         return None
 
     def resize(self, unit: Unit, kept_groups: int) -> None:
@@ -136,6 +140,20 @@ def find_units(root: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapt
         unit = unit_of(module, kind, adapters)
         if unit is not None:
             yield replace(unit, name=name)
+
+
+def find_layer_stacks(root: nn.Module, adapters: list[ArchitectureAdapter]) -> list[nn.ModuleList]:
+    """The layer stacks adapters recognize in ``root`` and below (``root`` itself if it is one), in module order."""
+    if isinstance(root, nn.ModuleList):
+        return [root]
+    stacks: dict[int, nn.ModuleList] = {}
+    for module in root.modules():
+        for adapter in adapters:
+            stack = adapter.layer_stack(module)
+            if stack is not None:
+                stacks.setdefault(id(stack), stack)
+                break
+    return list(stacks.values())
 
 
 def installed_adapters() -> list[ArchitectureAdapter]:

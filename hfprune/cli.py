@@ -88,14 +88,21 @@ def run_check(args: argparse.Namespace) -> int:
         count = plan.numel
         total_targeted += count
         print(f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  schedule {_schedule_text(schedule)}")
+        if not plan.parameters:
+            for line in plan.strategy.cls.describe(plan.modules, plan.config):
+                print(f"  {line}")
+            continue
         width = max(len(n) for n in plan.parameters)
         for name, param in plan.parameters.items():
             print(f"  {name:<{width}}  {type(model.get_submodule(name.rsplit('.', 1)[0])).__name__:<10} {tuple(param.shape)!s:<14} {param.numel():>10,}")
         planned = plan.config.planned_sparsity()
         reach = f"will zero {planned:.1%} ({round(planned * count):,} weights)" if planned is not None else "sparsity set by training"
         print(f"  {len(plan.parameters)} parameters, {count:,} weights; {reach}")
-    entries = "1 entry targets" if len(plans) == 1 else f"{len(plans)} entries target"
-    print(f"recipe OK: {entries} {total_targeted:,} of {total_model:,} model weights ({total_targeted / total_model:.1%})")
+    if total_targeted:
+        entries = "1 entry targets" if len(plans) == 1 else f"{len(plans)} entries target"
+        print(f"recipe OK: {entries} {total_targeted:,} of {total_model:,} model weights ({total_targeted / total_model:.1%})")
+    else:
+        print(f"recipe OK: {len(plans)} {'entry' if len(plans) == 1 else 'entries'}, acting on what is listed above")
     return 0
 
 

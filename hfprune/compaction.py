@@ -1,6 +1,7 @@
-"""Compaction: remove pruned heads and neurons so the model is physically smaller.
+"""Compaction: remove pruned layers, heads and neurons so the model is physically smaller.
 
-Works on a deep copy; the model passed in is never changed. A group (a head, a key/value
+Works on a deep copy; the model passed in is never changed. A layer is deleted when its
+strategy says so (a layer gate fixed at 0 makes it the identity). A group (a head, a key/value
 group, a neuron) is removed when its slices are pruned for good in every matrix that
 consumes it (output-projection columns, down-projection columns): it then contributes
 exactly nothing. A neuron is also removed when every matrix that produces it is pruned:
@@ -23,8 +24,10 @@ from torch import nn
 
 from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, find_units
 from hfprune.errors import CompactionError
+from hfprune.hooks import strip_model_hooks
 
 LAYOUT_KEY = "hfprune_layout"  # config.json key: per-unit group counts when layers differ
+PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per layer, shortened with the stack
 TOLERANCE = 1e-4  # max abs difference between masked and compacted outputs, in float32
 KINDS: tuple[UnitKind, ...] = ("head", "neuron")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
@@ -45,31 +48,83 @@ def compact_model(
     adapters: list[ArchitectureAdapter],
     probe: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """A smaller copy of ``model`` without the groups whose slices ``pruned`` marks (keep-mask False).
+    """A smaller copy of ``model`` without the layers, heads and neurons that ``pruned`` marks (keep-mask False).
 
-    ``pruned`` maps parameter names to keep-masks of the parameter's shape, fixed for good.
-    Raises CompactionError, with ``model`` unchanged, when nothing is removable or when the
+    ``pruned`` maps parameter names to keep-masks of the parameter's shape, and layer stacks
+    (the name of an ``nn.ModuleList``) to one bool per layer, all fixed for good. Raises
+    CompactionError, with ``model`` unchanged, when nothing is removable or when the
     compacted copy's outputs on ``probe`` (default: a seeded random batch) differ from the
     model's by more than 1e-4.
     """
     compacted = copy.deepcopy(model)
+    strip_model_hooks(compacted)
+    modules = dict(compacted.named_modules())
+    names = {id(module): name for name, module in modules.items()}  # before layers go: the names plans use
+    stacks = {name: keep for name, keep in pruned.items() if isinstance(modules.get(name), nn.ModuleList)}
+    hidden_states = delete_layers(compacted, stacks) if stacks else None  # None: no layer deleted
     units = {kind: list(find_units(compacted, kind, adapters)) for kind in KINDS}
-    if not any(units.values()):
-        known = ", ".join(a.name for a in adapters) or "none"
-        raise CompactionError(f"no installed architecture adapter recognizes a block of {type(model).__name__} (adapters: {known})")
-    names = {id(module): name for name, module in compacted.named_modules()}
     removals = [r for kind in KINDS for r in (_plan(unit, pruned, names) for unit in units[kind]) if r is not None]
-    if not removals:
+    if hidden_states is None and not removals:
+        if not any(units.values()):
+            known = ", ".join(a.name for a in adapters) or "none"
+            raise CompactionError(f"no installed architecture adapter recognizes a block of {type(model).__name__} (adapters: {known})")
         raise CompactionError(
-            "no whole head or neuron is pruned: compaction removes a head when its output-projection columns are "
+            "no whole layer, head or neuron is pruned: compaction removes a head when its output-projection columns are "
             "pruned and a neuron when its down-projection column (or every row producing it) is pruned"
         )
     with torch.no_grad():
         for removal in removals:
             _remove(removal)
-    _update_config(compacted, units, {id(r.unit.module): int(r.keep.sum()) for r in removals})
-    verify(model, compacted, probe)
+    _update_config(compacted, adapters, changed={r.unit.kind for r in removals}, relabelled=hidden_states is not None)
+    verify(model, compacted, probe, hidden_states)
     return compacted
+
+
+def delete_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
+    """Delete, in place, the layers whose keep flag is False; the original's hidden-state indices the result still has.
+
+    None when every layer stays.
+
+    Only the model's own stack can shrink: its length is ``config.num_hidden_layers``
+    (``n_layer``, ``n_layers`` through the config's aliases), which is updated, together
+    with per-layer config lists such as ``layer_types``. Layers that index a cache by
+    position (``layer_idx``) are renumbered.
+    """
+    config = getattr(model, "config", None)
+    if len(stacks) > 1:
+        raise CompactionError(f"layers can be deleted from one stack per model; the plan names {len(stacks)}: {', '.join(stacks)}")
+    (name, keep), = stacks.items()
+    stack = model.get_submodule(name)
+    depth = len(stack)
+    if keep.shape != (depth,) or not keep.any():
+        raise CompactionError(f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}")
+    if config is None or getattr(config, "num_hidden_layers", None) != depth:
+        raise CompactionError(
+            f"{name} has {depth} layers, but the model's config states {getattr(config, 'num_hidden_layers', None)} "
+            "(num_hidden_layers): only the stack the config describes can lose layers and still load"
+        )
+    if keep.all():
+        return None
+    kept = keep.nonzero().flatten().tolist()
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
+        raise CompactionError(
+            "this model scales attention by 1 / (layer position + 1) (scale_attn_by_inverse_layer_idx): a layer that moves "
+            "down would be scaled differently once the smaller model is loaded; only the top layers can be deleted"
+        )
+    for index in reversed(range(depth)):
+        if index not in kept:
+            del stack[index]
+    for position, layer in enumerate(stack):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    config.num_hidden_layers = len(kept)
+    for field in PER_LAYER_CONFIG:
+        values = getattr(config, field, None)
+        if isinstance(values, list) and len(values) == depth:
+            setattr(config, field, [values[i] for i in kept])
+    # The last hidden state may be taken after a final norm (GPT-2, Llama): it stays the last one.
+    return [0] + [i + 1 for i in kept[:-1]] + [depth]
 
 
 def _plan(unit: Unit, pruned: dict[str, torch.Tensor], names: dict[int, str]) -> Removal | None:
@@ -162,26 +217,32 @@ def _update_features(module: nn.Module, side: str, size: int) -> None:
         module.nx = size
 
 
-def _update_config(model: nn.Module, units: dict[str, list[Unit]], kept: dict[int, int]) -> None:
-    """State uniform sizes in the stock config fields; record per-unit sizes under ``hfprune_layout`` otherwise."""
+def _update_config(model: nn.Module, adapters: list[ArchitectureAdapter], changed: set[str], relabelled: bool) -> None:
+    """State uniform sizes in the stock config fields; record per-unit sizes under ``hfprune_layout`` otherwise.
+
+    A kind is recorded when its groups changed now or when the layout already lists it
+    (a model compacted before); after layers were deleted the layout is renamed to the
+    surviving layers' new numbers, so it is rebuilt from the model as it now is.
+    """
     config = getattr(model, "config", None)
     if config is None:
         return
-    layout: dict[str, dict[str, int]] = {}
-    for kind, found in units.items():
-        if not any(id(unit.module) in kept for unit in found):
+    layout = dict(getattr(config, LAYOUT_KEY, None) or {})
+    for kind in KINDS:
+        if kind not in changed and not (relabelled and kind in layout):
             continue
-        sizes = {unit.name: kept.get(id(unit.module), unit.count) for unit in found}
+        found = list(find_units(model, kind, adapters))
+        sizes = {unit.name: unit.count for unit in found}
         uniform = len(set(sizes.values())) == 1
-        updates = found[0].adapter.config_updates(config, kind, found[0], sizes[found[0].name]) if uniform else None
+        updates = found[0].adapter.config_updates(config, kind, found[0], found[0].count) if uniform else None
         if updates is None:
             layout[kind] = sizes
         else:
+            layout.pop(kind, None)
             for key, value in updates.items():
                 setattr(config, key, value)
-    previous = getattr(config, LAYOUT_KEY, None) or {}
-    if layout or previous:
-        setattr(config, LAYOUT_KEY, previous | layout)
+    if layout or getattr(config, LAYOUT_KEY, None):
+        setattr(config, LAYOUT_KEY, layout or None)
 
 
 def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None) -> Path:
@@ -221,23 +282,36 @@ def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict
 
 
 @torch.no_grad()
-def verify(reference: nn.Module, compacted: nn.Module, probe: dict[str, torch.Tensor] | None = None) -> float:
-    """Max abs difference of every output and hidden state on a probe batch; CompactionError above 1e-4."""
+def verify(
+    reference: nn.Module,
+    compacted: nn.Module,
+    probe: dict[str, torch.Tensor] | None = None,
+    hidden_states: list[int] | None = None,
+) -> float:
+    """Max abs difference of every output and hidden state on a probe batch; CompactionError above 1e-4.
+
+    ``hidden_states`` picks the reference's hidden states the compacted model still has
+    when layers were deleted (a deleted layer's gate was 0: its output equals its input).
+    """
     probe = probe or probe_batch(reference)
     if any(p.dtype != torch.float32 for p in reference.parameters()):
         reference, compacted = copy.deepcopy(reference).float(), copy.deepcopy(compacted).float()
-    ours, theirs = _outputs(reference, probe), _outputs(compacted, probe)
+    ours, theirs = _outputs(reference, probe, hidden_states), _outputs(compacted, probe)
     worst = max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
     if not worst <= TOLERANCE:
         raise CompactionError(
             f"the compacted model's outputs differ from the pruned model's by {worst:.3g} (tolerance {TOLERANCE}) on a probe "
-            "batch; the model was left as it was. Are the removed heads and neurons exactly zero in the weights?"
+            "batch; the model was left as it was. Are the removed heads and neurons exactly zero in the weights, and the "
+            "deleted layers' gates exactly 0?"
         )
     return worst
 
 
-def _outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Every floating-point tensor the model returns for ``probe``, in float32, in eval mode (its mode is restored)."""
+def _outputs(model: nn.Module, probe: dict[str, torch.Tensor], hidden_states: list[int] | None = None) -> list[torch.Tensor]:
+    """Every floating-point tensor the model returns for ``probe`` (of its hidden states, those picked), in float32.
+
+    Runs in eval mode; the model's mode is restored.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -245,8 +319,11 @@ def _outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> list[torch.Ten
         result = model(**{k: v.to(device) for k, v in probe.items()}, output_hidden_states=True)
     finally:
         model.train(was_training)
+    values = dict(result) if hasattr(result, "keys") else dict(enumerate(result))
+    if hidden_states is not None and "hidden_states" in values:
+        values["hidden_states"] = tuple(values["hidden_states"][i] for i in hidden_states)
     tensors = []
-    for value in result.values() if hasattr(result, "values") else result:
+    for value in values.values():
         for tensor in value if isinstance(value, tuple) else (value,):
             if torch.is_tensor(tensor) and tensor.is_floating_point():
                 tensors.append(tensor.float())

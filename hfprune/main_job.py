@@ -104,7 +104,7 @@ def run_main(args: argparse.Namespace) -> int:
 
     trainer = _trainer(args, output_dir, model, tokenizer, train_set, callback)
     trainer.train()
-    metrics = _evaluate(trainer, test_set, test, dict(enumerate(labels)))
+    metrics = score_entities(trainer.predict(test_set), test_set, test, dict(enumerate(labels)))
     model_dir = output_dir / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -187,11 +187,10 @@ def _trainer(args: argparse.Namespace, output_dir: Path, model, tokenizer, train
     )
 
 
-def _evaluate(trainer, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:
-    """seqeval entity-level precision, recall and F1 of the trained (pruned) model on the test tweets."""
+def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:
+    """seqeval entity-level precision, recall and F1 of ``Trainer.predict`` output on the test tweets."""
     from seqeval.metrics import f1_score, precision_score, recall_score
 
-    output = trainer.predict(test_set)
     predicted = test_set.word_tags(output.predictions.argmax(-1), id_to_label)
     gold = [tags for _, tags in test_examples]
     return {

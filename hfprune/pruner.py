@@ -85,11 +85,6 @@ class Pruner:
             except TargetError as exc:
                 problems.append(self.recipe.problem(("pruners", index, "targets"), str(exc)))
                 continue
-            if match.modules and not parameters:
-                problems.append(self.recipe.problem(
-                    ("pruners", index, "targets"),
-                    f"matched {len(match.modules)} modules, but strategy {entry.strategy!r} prunes none of their parameters",
-                ))
             for name in parameters:
                 if name in claimed:
                     problems.append(self.recipe.problem(
@@ -117,11 +112,18 @@ class Pruner:
                 problems.append(self.recipe.problem(("pruners", plan.index, "schedule"), str(exc)))
         if problems:
             raise self.recipe.error(problems)
+        self.close()
         self.strategies = [
             plan.strategy.cls(plan.config, plan.modules, plan.parameters, schedule)
             for plan, schedule in zip(self.plans, schedules)
         ]
         self.step = 0
+
+    def close(self) -> None:
+        """Take the strategies off the model (their hooks); training with this pruner needs ``start`` again."""
+        for strategy in self.strategies:
+            strategy.close()
+        self.strategies = []
 
     # --- the hot path ---------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -163,6 +165,8 @@ class Pruner:
         zeros: dict[str, torch.Tensor] = {}
         sizes: dict[str, int] = {}
         for plan in self.plans:
+            if not plan.parameters:  # layer gates change no weights
+                continue
             zeros[plan.label] = sum((p == 0).sum() for p in plan.parameters.values())
             sizes[plan.label] = plan.numel
         if not zeros:
@@ -210,7 +214,7 @@ class Pruner:
 
     # --- compaction -----------------------------------------------------------------------
     def compact(self, model: nn.Module, probe: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """A physically smaller copy of ``model`` without its pruned heads and neurons; ``model`` is never changed.
+        """A physically smaller copy of ``model`` without its pruned layers, heads and neurons; ``model`` is never changed.
 
         The copy's outputs are checked against ``model``'s on ``probe`` (default: a seeded
         random batch); CompactionError when they differ or when nothing can be removed.
@@ -223,6 +227,6 @@ class Pruner:
             raise CompactionError(
                 f"nothing to compact: this recipe's strategies ({kinds}) have no fixed structured pattern. Unstructured "
                 "strategies zero individual weights, which stay in dense matrices; structured ones (block-lasso) fix "
-                "theirs at the end of their schedule"
+                "theirs at the end of their schedule (block-lasso its heads and neurons, layer-lasso its layers)"
             )
         return compact_model(unwrap_model(model), pruned, self.registry.architectures, probe)

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from hfprune.errors import TargetError
 from hfprune.schedule import Schedule
 
 StateValue = torch.Tensor | int | float | str | bool | None | list | dict
@@ -82,13 +83,21 @@ class Strategy:
         Default: the ``weight`` of every matched module that has a matrix-or-larger weight.
         Raise :class:`hfprune.errors.TargetError` when the matched modules do not suit the
         config; the engine reports it against the entry's ``targets`` key, before training.
+        A strategy that changes no weights (layer gates) returns an empty dict.
         """
         selected = {}
         for name, module in targets.items():
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
                 selected[f"{name}.weight"] = weight
+        if not selected:
+            raise TargetError(f"matched {len(targets)} modules, but none of them has a weight matrix to prune")
         return selected
+
+    @classmethod
+    def describe(cls, targets: dict[str, nn.Module], config: StrategyConfig) -> list[str]:
+        """What ``hfprune check`` prints for an entry that changes no weights: what it acts on instead."""
+        return []
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         """Gradients are final (accumulated, all-reduced, clipped): add penalty gradients, mask gradients."""
@@ -104,9 +113,15 @@ class Strategy:
         return {}
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
-        """Keep-masks (bool, by parameter name) fixed for good, whose all-False head and neuron slices
-        compaction may remove; None for unstructured sparsity or a pattern still changing."""
+        """What compaction may remove, fixed for good; None for unstructured sparsity or a pattern still changing.
+
+        Keep-masks (bool) by parameter name, whose all-False head and neuron slices go, and
+        by layer-stack name (an ``nn.ModuleList``): one bool per layer, False deletes it.
+        """
         return None
+
+    def close(self) -> None:
+        """Undo what the constructor did to the model (forward hooks); the engine calls it before replacing a strategy."""
 
     def state_dict(self) -> dict[str, StateValue]:
         """Everything needed to resume exactly: tensors and JSON-compatible values, flat string keys."""

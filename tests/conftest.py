@@ -27,10 +27,10 @@ from hfprune.plugins import default_registry
 VOCAB = 100
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, layers: int = 2) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
         num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
     )
     return BertForSequenceClassification(config)

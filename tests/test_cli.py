@@ -56,12 +56,23 @@ def test_check_defaults_to_the_built_in_minilm(recipe_file, capsys):
     assert "bert.encoder.layer.5.intermediate.dense.weight" in out and "(1536, 384)" in out
 
 
+def test_check_describes_a_layer_selection_entry_by_its_stack(capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "layer-lasso.yaml"
+    assert main(["check", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "bert.encoder.layer: 6 layers (BertLayer), residual" in out
+    assert "keeps 3 of 6 layers; compaction deletes the other 3" in out and "recipe OK: 1 entry" in out
+
+
 def test_plugins_lists_the_built_in_strategies_and_architecture_adapters(capsys):
     assert main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["strategy", "plugin", "distribution", "version", "description"]
     assert any(line.split()[:3] == ["magnitude", "magnitude", "hfprune"] for line in lines)
     assert any(line.split()[:3] == ["block-lasso", "block-lasso", "hfprune"] for line in lines)
+    assert any(line.split()[:3] == ["layer-lasso", "layer-lasso", "hfprune"] for line in lines)
     assert any(line.split()[:5] == ["architecture", "plugin", "distribution", "version", "recognizes"] for line in lines)
     assert any(line.split()[:3] == ["llama", "architectures", "hfprune"] for line in lines)
     assert not any(line.startswith("note: plugin") for line in lines)

@@ -29,6 +29,14 @@ def _neuron_unit(adapter: ArchitectureAdapter, module, up, down, activation) -> 
     return Unit("neuron", module, features(up, "out"), (Member(up, "out", 0, 1), Member(down, "in", 0, 1)), adapter, activation=activation)
 
 
+def _stack(module, attribute: str, *block_parts: str) -> nn.ModuleList | None:
+    """``module.<attribute>`` if it is a non-empty ModuleList of blocks that each have ``block_parts``."""
+    stack = getattr(module, attribute, None)
+    if isinstance(stack, nn.ModuleList) and len(stack) and all(hasattr(b, p) for b in stack for p in block_parts):
+        return stack
+    return None
+
+
 class BertFamily(ArchitectureAdapter):
     """BERT, RoBERTa, ELECTRA, MiniLM: attention.self.{query,key,value} + attention.output.dense; intermediate + output."""
 
@@ -49,6 +57,9 @@ class BertFamily(ArchitectureAdapter):
         if not _linears(up, down) or not hasattr(intermediate, "intermediate_act_fn"):
             return None
         return _neuron_unit(self, module, up, down, intermediate.intermediate_act_fn)
+
+    def layer_stack(self, module):
+        return _stack(module, "layer", "attention", "intermediate")
 
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
@@ -78,6 +89,9 @@ class DistilBert(ArchitectureAdapter):
             return None
         return _neuron_unit(self, module, up, down, module.activation)
 
+    def layer_stack(self, module):
+        return _stack(module, "layer", "attention", "ffn")
+
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
             unit.module.n_heads = kept_groups
@@ -104,6 +118,9 @@ class GPT2(ArchitectureAdapter):
         if up is None or down is None or not hasattr(module, "act"):
             return None
         return _neuron_unit(self, module, up, down, module.act)
+
+    def layer_stack(self, module):
+        return _stack(module, "h", "attn", "mlp")
 
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
@@ -140,6 +157,9 @@ class LlamaFamily(ArchitectureAdapter):
             return None
         members = (Member(gate, "out", 0, 1), Member(up, "out", 0, 1), Member(down, "in", 0, 1))
         return Unit("neuron", module, features(up, "out"), members, self, activation=module.act_fn, gated=True)
+
+    def layer_stack(self, module):
+        return _stack(module, "layers", "self_attn", "mlp")
 
     def config_updates(self, config, kind, unit, kept_groups):
         if kind == "neuron":

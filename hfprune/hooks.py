@@ -1,0 +1,35 @@
+"""Forward hooks a strategy puts on the model, and removing them from copies.
+
+A strategy that changes what a module computes (layer gates, layer-wise dropout) does it
+with a forward hook rather than by wrapping or renaming the module, so parameter names,
+``save_pretrained`` and optimizers see the model they expect. Hooks made from
+:class:`ModelHook` are shared, not duplicated, when the model is deep-copied, and
+:func:`strip_model_hooks` takes them off a copy (compaction returns a plain model).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class ModelHook:
+    """Base of hfprune's forward hooks: callable, and not copied along with the model it hooks."""
+
+    def __deepcopy__(self, memo: dict) -> ModelHook:
+        # Copying the hook would copy the strategy it belongs to; a copy of the model gets the same
+        # hook, which strip_model_hooks then removes.
+        return self
+
+
+def strip_model_hooks(model: nn.Module) -> int:
+    """Remove every :class:`ModelHook` from ``model`` and its submodules; how many were removed."""
+    removed = 0
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [key for key, hook in hooks.items() if isinstance(hook, ModelHook)]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+                removed += 1
+    return removed
