@@ -60,19 +60,38 @@ def parse_args(argv=None):
     parser.add_argument("--lam-scale", type=float, default=LAM_SCALE, help="multiply the rule's lam by this")
     parser.add_argument("--window", type=float, nargs=2, default=list(LASSO_WINDOW), metavar=("START", "END"), help="lasso phase, fractions of training")
     parser.add_argument("--scope", choices=["layer", "global"], default="layer", help="block-lasso scope of the hard prune")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", type=Path, help="the polarity CSV (default: downloaded once and cached)")
+    add_run_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 sentences, ratio 0.5, 2 timing repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ratios = [0.5]
+    return quick_limits(args)
+
+
+def minilm_tokenizer(args: argparse.Namespace):
+    """The built-in MiniLM's tokenizer; sets ``args.model_path`` and quiets transformers' per-run messages."""
+    transformers.logging.set_verbosity_error()
+    args.model_path = default_model_path()
+    return AutoTokenizer.from_pretrained(str(args.model_path))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output: Path, quick_help: str) -> None:
+    """The flags every compact-and-time benchmark takes: seed, timing repeats, data limits, output, --quick."""
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-repeats", type=int, nargs=2, default=[40, 6], metavar=("BATCH1", "BATCH32"))
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--test-limit", type=int)
-    parser.add_argument("--data", type=Path, help="the polarity CSV (default: downloaded once and cached)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64/32 sentences, ratio 0.5, 2 timing repeats")
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=output)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def quick_limits(args: argparse.Namespace) -> argparse.Namespace:
+    """Under --quick: 64 training and 32 test examples (unless given), 2 and 1 timing repeats."""
     if args.quick:
-        args.ratios, args.latency_repeats = [0.5], [2, 1]
+        args.latency_repeats = [2, 1]
         args.train_limit, args.test_limit = args.train_limit or 64, args.test_limit or 32
     return args
 
@@ -175,9 +194,7 @@ def run_row(args, data, tokenizer, kind: str, ratio: float, workdir: Path) -> tu
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()
-    args.model_path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))
+    tokenizer = minilm_tokenizer(args)
     train, test = split(read_polarity(args.data), TEST_FRACTION, SPLIT_SEED)
     train, test = train[: args.train_limit], test[: args.test_limit]
     data = (encode(train, tokenizer), encode(test, tokenizer))
@@ -219,14 +236,21 @@ def table(rows: list[dict]) -> str:
     ]
     for row in rows:
         name = row["kind"] if row["kind"] == "dense" else f"{row['kind']} {row['ratio']:.0%}"
-        speed = [
-            f"{m['speedup']:.2f}x ({m['speedup_over_flop_reduction']:.2f})" if (m := row.get("latency", {}).get(b)) else "" for b in ("1", "32")
-        ]
-        vs = "" if row["kind"] == "dense" else f"{row['vs_dense_points']:+.1f} pt"
+        speed = speedup_cells(row, lambda m: f" ({m['speedup_over_flop_reduction']:.2f})")
+        vs = vs_dense_cell(row)
         reduction = f"{row['parameter_reduction']:.2f}x" if row["kind"] != "tile 16x16" else "(zeroed, not removed)"
         lines.append(f"| {name} | {row['accuracy']:.1%} | {vs} | {row['encoder_parameters']:,} | {reduction} | "
                      f"{row['flop_reduction']:.2f}x | {speed[0]} | {speed[1]} |")
     return "\n".join(lines)
+
+
+def speedup_cells(row: dict, note=lambda measured: "") -> list[str]:
+    """Table cells for the batch-1 and batch-32 speed-ups of a row ('' where it was not timed)."""
+    return [f"{m['speedup']:.2f}x{note(m)}" if (m := row.get("latency", {}).get(b)) else "" for b in ("1", "32")]
+
+
+def vs_dense_cell(row: dict) -> str:
+    return "" if row["kind"] == "dense" else f"{row['vs_dense_points']:+.1f} pt"
 
 
 def verdicts(rows: list[dict]) -> list[str]:

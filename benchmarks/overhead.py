@@ -80,6 +80,9 @@ ROWS: list[tuple[str, str | None]] = [
         entry("block-lasso", "{start: 0, end: 1.0}", "{group: head, ratio: 0.5, lam: 1500}", ENCODER_LAYERS),
         entry("block-lasso", "{start: 0, end: 1.0}", "{group: neuron, ratio: 0.5, lam: 30}", ENCODER_LAYERS),
     )),
+    # Gates on all 6 layers learning over the whole run: the gated residual in every forward
+    # pass, the gates' gradient in every backward, one Adam step on 6 numbers after each step.
+    ("layer-lasso, gates learning", recipe(entry("layer-lasso", "{start: 0, end: 1.0}", "{keep: 1}", "encoder.layer"))),
 ]
 
 

