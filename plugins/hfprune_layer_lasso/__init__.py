@@ -200,22 +200,22 @@ class LayerLassoStrategy(Strategy):
     def settle(self) -> None:
         """Fix every gate at 0 or 1 for good, keeping at most ``keep`` layers and at least one per stack."""
         values = self.gates.detach().float().cpu()
-        order = values.argsort(descending=True, stable=True)
-        chosen = values >= 0.5 if self.config.settle == "round" else torch.ones_like(values, dtype=torch.bool)  # "top"
-        keep = torch.zeros_like(chosen)
-        keep[order[: self.config.keep]] = True
-        keep &= chosen
+        keep = torch.zeros_like(values, dtype=torch.bool)
+        keep[values.argsort(descending=True, stable=True)[: self.config.keep]] = True
+        if self.config.settle == "round":
+            keep &= values >= 0.5
         start = 0
         for stack in self.stacks.values():
             span = slice(start, start + len(stack))
             if not keep[span].any():
                 keep[start + int(values[span].argmax())] = True
             start += len(stack)
-        self._report_settling(values, keep.float())
+        self.settle_shift = self._report_settling(values, keep.float())
         self.gates.copy_(keep.float())
         self.settled = keep.float().tolist()
 
-    def _report_settling(self, values: torch.Tensor, settled: torch.Tensor) -> None:
+    def _report_settling(self, values: torch.Tensor, settled: torch.Tensor) -> float:
+        """Log each gate that moves and the layers kept; the largest relative output shift (last training batch)."""
         moved = (settled - values).abs()
         shift = moved * self._branch_ratio.cpu()
         for i in moved.nonzero().flatten().tolist():
@@ -225,7 +225,7 @@ class LayerLassoStrategy(Strategy):
             )
         kept = [name for name, s in zip(self.layer_names, settled.tolist()) if s]
         logger.info("layer-lasso: keeping %d of %d layers: %s", len(kept), len(self.layer_names), ", ".join(kept))
-        self.settle_shift = float(shift.max())
+        return float(shift.max())
 
     # --- reporting, compaction, state ----------------------------------------------------------
     def metrics(self) -> dict[str, float]:
