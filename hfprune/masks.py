@@ -164,15 +164,12 @@ class ReweightedPhaseStrategy(MaskingStrategy):
 
     alphas: list[torch.Tensor] | None
 
-    def in_phase(self, step: int) -> bool:
-        return self.schedule.start <= step < self.schedule.end
-
     def on_step_end(self, ctx: StepContext) -> None:
         if self.masks.active:
             return
         if ctx.step >= self.schedule.end:
             self.fix_pattern(ctx.optimizer)
-        elif self.in_phase(ctx.step) and (ctx.step - self.schedule.start + 1) % self.config.reweight_every == 0:
+        elif self.schedule.in_phase(ctx.step) and (ctx.step - self.schedule.start + 1) % self.config.reweight_every == 0:
             self.reweight()
 
     def reweight(self) -> None:

@@ -226,7 +226,7 @@ class Pruner:
             kinds = ", ".join(sorted({p.strategy.name for p in self.plans})) or "none"
             raise CompactionError(
                 f"nothing to compact: this recipe's strategies ({kinds}) have no fixed structured pattern. Unstructured "
-                "strategies zero individual weights, which stay in dense matrices; structured ones (block-lasso) fix "
-                "theirs at the end of their schedule (block-lasso its heads and neurons, layer-lasso its layers)"
+                "strategies zero individual weights, which stay in dense matrices; structured ones fix theirs at the end "
+                "of their schedule (block-lasso its heads and neurons, layer-lasso its layers)"
             )
         return compact_model(unwrap_model(model), pruned, self.registry.architectures, probe)

@@ -62,6 +62,10 @@ class Schedule:
             return False
         return (step - self.start) % self.every == 0 or step == self.end
 
+    def in_phase(self, step: int) -> bool:
+        """True for steps in ``[start, end)``: where penalty and gate strategies act before fixing their result."""
+        return self.start <= step < self.end
+
     def progress(self, step: int) -> float:
         """Fraction of the way from start to end at ``step``, clipped to [0, 1]."""
         if step >= self.end:

@@ -119,11 +119,11 @@ def test_settling_fixes_gates_at_zero_or_one(settle, gates, kept):
 
 def test_a_gate_settled_from_between_zero_and_one_is_logged_with_how_far_the_output_moves(caplog):
     model = tiny_bert(layers=4)
-    pruner = started(model, lasso_recipe(keep=3))
+    pruner = started(model, lasso_recipe(keep=3, end=1))  # step 0 is the last one before the gates settle
     with torch.no_grad():
         pruner.strategies[0].gates.copy_(torch.tensor([1.0, 0.7, 0.0, 1.0]))
     model.train()
-    model(**probe_batch(model))  # the hooks measure each layer's branch while gates learn
+    model(**probe_batch(model))  # on the last step's batch the hooks measure each layer's branch
     with caplog.at_level(logging.WARNING, logger="hfprune.layer_lasso"):
         pruner.strategies[0].settle()
     assert "bert.encoder.layer.1 settled from 0.700 to 1" in caplog.text and "% of its norm" in caplog.text

@@ -129,7 +129,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
 
     def _lasso_acts(self, ctx: StepContext, form: str) -> bool:
         """Whether the lasso in ``form`` acts at this step; at the phase's first step, alpha is set first."""
-        if self.config.form != form or not self.in_phase(ctx.step):
+        if self.config.form != form or not self.schedule.in_phase(ctx.step):
             return False
         if ctx.step == self.schedule.start:
             self.reweight()

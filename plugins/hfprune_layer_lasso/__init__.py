@@ -150,7 +150,7 @@ class LayerLassoStrategy(Strategy):
     def gate_for(self, index: int, training: bool):
         if self.settled is not None:
             return self.settled[index]
-        if not self.schedule.start <= self.next_step < self.schedule.end:
+        if not self.schedule.in_phase(self.next_step):
             return None
         dropped = training and self.config.dropout > 0 and torch.rand(()).item() < self.config.dropout
         if self.config.keep is None:
@@ -160,6 +160,8 @@ class LayerLassoStrategy(Strategy):
 
     @torch.no_grad()
     def observe_branch(self, index: int, branch: torch.Tensor, output: torch.Tensor) -> None:
+        if self.next_step + 1 != self.schedule.end:  # only the settling report reads it: the last step's batch
+            return
         self._branch_ratio[index] = branch.float().norm() / output.float().norm().clamp_min(1e-12)
 
     # --- the hot path ------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class LayerLassoStrategy(Strategy):
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
-        if self.config.keep is None or self.settled is not None or not self.schedule.start <= ctx.step < self.schedule.end:
+        if self.config.keep is None or self.settled is not None or not self.schedule.in_phase(ctx.step):
             return
         gates, l0 = self.gates, self.config.l0
         grad = self._grad if self._grad is not None else torch.zeros_like(gates)

@@ -27,7 +27,8 @@ class GateSource(Protocol):
         """Layer ``index``'s factor now: a tensor (learned gate), 0.0 or 1.0 (fixed), or None (leave the layer alone)."""
 
     def observe_branch(self, index: int, branch: torch.Tensor, output: torch.Tensor) -> None:
-        """Called with the layer's residual branch ``f(x) - x`` (or ``f(x)``) and its gated output while gates learn."""
+        """Called with the layer's residual branch ``f(x) - x`` (or ``f(x)``) and its gated output while gates learn
+        (the strategy keeps what it needs: the last step's, for its settling report)."""
 
 
 class LayerGateHook(ModelHook):

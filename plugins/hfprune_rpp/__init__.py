@@ -72,7 +72,7 @@ class RPPStrategy(ReweightedPhaseStrategy):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         if self.masks.active:
             self.masks.apply_to_weights()
-        elif self.in_phase(ctx.step):
+        elif self.schedule.in_phase(ctx.step):
             self.proximal_step(ctx.learning_rates(self.masks.params))
             if ctx.step == self.schedule.end - 1:
                 self.proximal_sparsity = self._zero_fraction()
