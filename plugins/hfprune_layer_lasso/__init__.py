@@ -254,7 +254,7 @@ class LayerLassoStrategy(Strategy):
         if self.config.keep is not None:
             state.update(
                 gates=self.gates.detach().cpu(), exp_avg=self.exp_avg.cpu(), exp_avg_sq=self.exp_avg_sq.cpu(),
-                adam_steps=self.adam_steps, settled=self.settled is not None,
+                adam_steps=self.adam_steps, settled=self.settled is not None, settle_shift=self.settle_shift,
             )
         return state
 
@@ -269,6 +269,7 @@ class LayerLassoStrategy(Strategy):
                 raise StateError(f"saved {name} has {saved.numel()} layers, the targeted stacks {self.gates.numel()}")
             getattr(self, name).copy_(saved)
         self.adam_steps = int(state["adam_steps"])
+        self.settle_shift = float(state.get("settle_shift", 0.0))  # absent from states saved before it was kept
         self.settled = self.gates.detach().tolist() if state["settled"] else None
 
 
