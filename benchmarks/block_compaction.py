@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from overhead import ENCODER_LAYERS, entry, recipe
 from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, encode, lr_sum_over_window, report, training_arguments
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
-from hfprune import PruneCallback, Pruner
+from hfprune import PruneCallback, Pruner, latency
 from hfprune.architecture import find_units
 from hfprune.data import split
 from hfprune.data.polarity import read_polarity
@@ -137,22 +136,10 @@ def encoder_parameters(model) -> int:
 
 @torch.no_grad()
 def interleaved_latency(dense, compacted, batch: int, repeats: int, vocab: int) -> dict:
-    """Median seconds per forward of each model, alternating which runs first, after one warm-up each."""
-    generator = torch.Generator().manual_seed(batch)
-    inputs = {"input_ids": torch.randint(0, vocab, (batch, LATENCY_SEQ), generator=generator),
-              "attention_mask": torch.ones(batch, LATENCY_SEQ, dtype=torch.long)}
-    times = {"dense": [], "compacted": []}
-    models = {"dense": dense.eval(), "compacted": compacted.eval()}
-    for name in models:
-        models[name](**inputs)
-    for repeat in range(repeats):
-        order = ["dense", "compacted"] if repeat % 2 == 0 else ["compacted", "dense"]
-        for name in order:
-            started = time.perf_counter()
-            models[name](**inputs)
-            times[name].append(time.perf_counter() - started)
-    dense_s, compacted_s = statistics.median(times["dense"]), statistics.median(times["compacted"])
-    return {"dense_ms": 1000 * dense_s, "compacted_ms": 1000 * compacted_s, "speedup": dense_s / compacted_s}
+    """Median milliseconds per forward of the dense and the compacted model on the same inputs, timed alternately."""
+    inputs = latency.random_inputs(vocab, batch, LATENCY_SEQ, seed=batch)
+    times = latency.interleaved_latency({"dense": dense, "compacted": compacted}, inputs, repeats)
+    return {"dense_ms": times["dense"], "compacted_ms": times["compacted"], "speedup": times["dense"] / times["compacted"]}
 
 
 def evaluate(model, test, tokenizer, workdir: Path, args) -> float:

@@ -48,11 +48,13 @@ from hfprune import PruneCallback
 from hfprune.compaction import delete_layers
 from hfprune.data import split, wnut
 from hfprune.data.polarity import read_polarity
-from hfprune.main_job import MAX_LENGTH, score_entities
+from hfprune.run_config import DataSection
+from hfprune.tasks import score_entities
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_selection.json"
 STACK = "encoder.layer"
-SELECTION_WINDOW = (0.05, 0.5)  # gates learn from 5% to 50% of training (as recipes/layer-lasso.yaml); the kept layers train on after
+MAX_LENGTH = DataSection().max_length  # sub-tokens, as hfprune run
+SELECTION_WINDOW = (0.05, 0.5)  # gates learn from 5% to 50% of training (as hfprune/recipes/layer-lasso.yaml); the kept layers train on after
 TASKS = {
     # task: (epochs, batch size, learning rate); about 200-360 optimizer steps each
     "wnut": (3.0, 16, 5e-5),

@@ -58,6 +58,10 @@ class Member:
         """``tensor`` (the weight, its gradient or a mask) viewed with the groups on axis ``dim``."""
         return tensor.narrow(self.dim, self.offset, count * self.size).unflatten(self.dim, (count, self.size))
 
+    def nonzero_groups(self, tensor: torch.Tensor, count: int) -> torch.Tensor:
+        """One flag per group (on the CPU): does ``tensor`` (a weight or a keep-mask) hold anything non-zero in it?"""
+        return self.blocked(tensor, count).movedim(self.dim, 0).reshape(count, -1).any(dim=1).cpu()
+
     def indices(self, groups: torch.Tensor) -> torch.Tensor:
         """The weight indices along ``dim`` owned by ``groups`` (a 1-D tensor of group numbers)."""
         within = torch.arange(self.size, device=groups.device)

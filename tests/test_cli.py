@@ -9,6 +9,7 @@ import pytest
 from conftest import BERT_FFN_RECIPE, tiny_bert
 
 from hfprune.cli import main
+from hfprune.recipes import builtin_names
 
 
 @pytest.fixture
@@ -57,10 +58,7 @@ def test_check_defaults_to_the_built_in_minilm(recipe_file, capsys):
 
 
 def test_check_describes_a_layer_selection_entry_by_its_stack(capsys):
-    from pathlib import Path
-
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "layer-lasso.yaml"
-    assert main(["check", str(recipe)]) == 0
+    assert main(["check", "layer-lasso"]) == 0  # a built-in recipe, by name
     out = capsys.readouterr().out
     assert "bert.encoder.layer: 6 layers (BertLayer), residual" in out
     assert "keeps 3 of 6 layers; compaction deletes the other 3" in out and "recipe OK: 1 entry" in out
@@ -82,3 +80,15 @@ def test_the_installed_command_runs_and_usage_errors_exit_2():
     assert subprocess.run(["hfprune", "--help"], capture_output=True).returncode == 0
     usage = subprocess.run([sys.executable, "-m", "hfprune.cli", "check"], capture_output=True, text=True)
     assert usage.returncode == 2 and "the following arguments are required: recipe" in usage.stderr
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_every_built_in_recipe_checks_against_minilm(name, capsys):
+    assert main(["check", name, "--task", "token-classification"]) == 0
+    assert "recipe OK" in capsys.readouterr().out
+
+
+def test_a_recipe_that_is_neither_a_file_nor_a_built_in_name_is_one_line(capsys):
+    assert main(["check", "no-such-recipe"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no built-in recipe 'no-such-recipe'") and "default" in err and "\n" not in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -189,3 +191,29 @@ def test_compact_command_turns_a_trainer_checkpoint_into_a_loadable_smaller_mode
 
     assert main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_save_compacted_replaces_a_folder_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+    from hfprune.compaction import save_compacted
+
+    output = tmp_path / "model"
+    save_compacted(tiny_bert(seed=0), output)
+    first = (output / "model.safetensors").read_bytes()
+    with pytest.raises(CompactionError, match="exists and is not empty"):
+        save_compacted(tiny_bert(seed=1), output)
+
+    failing = tiny_bert(seed=1)
+
+    def disk_full(folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(failing, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_compacted(failing, output, replace=True)
+    assert (output / "model.safetensors").read_bytes() == first  # the last good model is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left behind
+
+    save_compacted(tiny_bert(seed=1), output, replace=True)
+    assert (output / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

