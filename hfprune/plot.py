@@ -101,7 +101,7 @@ def _draw_metrics(axes, metrics: Mapping[str, tuple[float, float]], compared: tu
         for slot, (value, label, color) in enumerate(zip(pair, compared, ("silver", "tab:purple"))):
             x = position + (slot - 0.5) * bar
             axes.bar(x, value / scale, bar, color=color, label=label if position == 0 else None)
-            axes.text(x, value / scale + 0.02, f"{value:.3g}", ha="center", va="bottom", fontsize="small")
+            axes.text(x, value / scale + 0.02, f"{value:.3g}", ha="center", va="bottom", fontsize="x-small")
     axes.set_xticks(range(len(metrics)), [textwrap.fill(name, 14) for name in metrics], fontsize="small")
     axes.set_ylabel("scaled to the larger value")
     axes.set_ylim(0, 1.25)

@@ -23,3 +23,28 @@ def test_ci_runs_the_readme_test_command_verbatim():
     _, test = setup_commands()
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci_lines
+
+
+def python_block(section: str) -> str:
+    """The first ```python block under the README heading ``section``."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(rf"## {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Trainer example, verbatim but for the model folder, on a tiny BERT: it trains, prunes and compacts."""
+    from conftest import TokenDataset, tiny_bert
+
+    import hfprune
+
+    model_dir = tmp_path / "my-bert"
+    tiny_bert().save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)  # "out" and "small" land here
+    code = python_block("With your Trainer")
+    assert '"my-bert"' in code and 'PruneCallback("block-lasso")' in code
+    namespace = {"train": TokenDataset(size=64)}
+    exec(compile(code, "README.md", "exec"), namespace)
+    small = hfprune.load_compacted(tmp_path / "small")
+    full = sum(p.numel() for p in namespace["model"].parameters())
+    assert sum(p.numel() for p in small.parameters()) < full
+    assert small.config.hfprune_layout  # half the heads of a BERT: per-block sizes, as the example's comment says
