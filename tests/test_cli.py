@@ -82,6 +82,11 @@ def test_the_installed_command_runs_and_usage_errors_exit_2():
     assert usage.returncode == 2 and "the following arguments are required: recipe" in usage.stderr
 
 
+def test_check_says_a_rounding_selection_keeps_at_most_keep_layers(capsys):
+    assert main(["check", "default", "--task", "token-classification"]) == 0
+    assert "keeps at most 4 of 6 layers (settle: round); compaction deletes the others" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", builtin_names())
 def test_every_built_in_recipe_checks_against_minilm(name, capsys):
     assert main(["check", name, "--task", "token-classification"]) == 0

@@ -136,7 +136,10 @@ class LayerLassoStrategy(Strategy):
         lines = [f"{name}: {len(stack)} layers ({type(stack[0]).__name__}), {config.stack}" for name, stack in stacks.items()]
         depth = sum(len(stack) for stack in stacks.values())
         if config.keep is not None:
-            lines.append(f"keeps {config.keep} of {depth} layers; compaction deletes the other {depth - config.keep}")
+            if config.settle == "round":  # gates that fell below 0.5 stay off, so fewer than keep may survive
+                lines.append(f"keeps at most {config.keep} of {depth} layers (settle: round); compaction deletes the others")
+            else:
+                lines.append(f"keeps {config.keep} of {depth} layers; compaction deletes the other {depth - config.keep}")
         if config.dropout:
             lines.append(f"layer-wise dropout {config.dropout:g} during the schedule")
         return lines
