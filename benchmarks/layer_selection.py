@@ -34,26 +34,17 @@ from block_compaction import (
     vs_dense_cell,
 )
 from overhead import entry, recipe
-from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, encode, report
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    DataCollatorForTokenClassification,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-)
+from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, report
+from transformers import Trainer, TrainingArguments
 
 from hfprune import PruneCallback
 from hfprune.compaction import delete_layers
-from hfprune.data import split, wnut
 from hfprune.data.polarity import read_polarity
 from hfprune.run_config import DataSection
-from hfprune.tasks import score_entities
+from hfprune.tasks import load_task
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_selection.json"
 STACK = "encoder.layer"
-MAX_LENGTH = DataSection().max_length  # sub-tokens, as hfprune run
 SELECTION_WINDOW = (0.05, 0.5)  # gates learn from 5% to 50% of training (as hfprune/recipes/layer-lasso.yaml); the kept layers train on after
 TASKS = {
     # task: (epochs, batch size, learning rate); about 200-360 optimizer steps each
@@ -99,31 +90,20 @@ def truncate(model, layers: list[int]):
 
 
 class Task:
-    """One dataset: its splits, its model head, and its score."""
+    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.tasks`: split, encoding, head, score), with this
+    benchmark's split seed and training settings."""
 
     def __init__(self, name: str, args, tokenizer):
-        self.name, self.tokenizer = name, tokenizer
+        self.name = name
         self.epochs, self.batch_size, self.lr = TASKS[name]
-        if name == "wnut":
-            examples = wnut.read_wnut()
-            train, test = split(examples, TEST_FRACTION, SPLIT_SEED)
-            train, self.test_examples = train[: args.train_limit], test[: args.test_limit]
-            self.labels = wnut.label_list(examples)
-            to_id = {label: i for i, label in enumerate(self.labels)}
-            self.train = wnut.tokenize_and_align(train, tokenizer, to_id, MAX_LENGTH)
-            self.test = wnut.tokenize_and_align(self.test_examples, tokenizer, to_id, MAX_LENGTH)
-            self.collator, self.metric = DataCollatorForTokenClassification(tokenizer), "entity F1"
-        else:
-            train, test = split(read_polarity(args.polarity_data), TEST_FRACTION, SPLIT_SEED)
-            self.train, self.test = encode(train[: args.train_limit], tokenizer), encode(test[: args.test_limit], tokenizer)
-            self.collator, self.metric = DataCollatorWithPadding(tokenizer), "accuracy"
+        data = DataSection(dataset=name, test_fraction=TEST_FRACTION, train_limit=args.train_limit, test_limit=args.test_limit)
+        examples = read_polarity(args.polarity_data) if name == "polarity" else None
+        self.task = load_task(data, tokenizer, SPLIT_SEED, examples)
+        self.train, self.test = self.task.train_set, self.task.test_set
+        self.collator, self.metric = self.task.collator(), self.task.metric
 
     def model(self, path: str):
-        if self.name == "wnut":
-            return AutoModelForTokenClassification.from_pretrained(
-                path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)), label2id={l: i for i, l in enumerate(self.labels)}
-            )
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        return self.task.model(path)
 
     def arguments(self, output_dir: str, seed: int) -> TrainingArguments:
         return TrainingArguments(
@@ -137,10 +117,7 @@ class Task:
 
     def score(self, model, output_dir: str, seed: int) -> float:
         trainer = Trainer(model=model, args=self.arguments(output_dir, seed), data_collator=self.collator)
-        predictions = trainer.predict(self.test)
-        if self.name == "wnut":
-            return score_entities(predictions, self.test, self.test_examples, dict(enumerate(self.labels)))["f1"]
-        return float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+        return self.task.score(trainer.predict(self.test))[self.task.headline]
 
 
 def run_row(task: Task, args, kind: str, keep: int, workdir: Path) -> tuple[dict, torch.nn.Module]:

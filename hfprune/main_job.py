@@ -130,8 +130,8 @@ def run_main(args: argparse.Namespace) -> int:
     _save_model(final, settings)
     report["loader"] = _loader(final)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    _write_results(settings.output_dir, report)
-    print(_summary(report))
+    _write_results(settings.output_dir, report, task.headline)
+    print(_summary(report, task.headline))
     print(f"results: {settings.output_dir / REPORT_MD}, {settings.output_dir / REPORT_JSON}, {settings.output_dir / PICTURE}; "
           f"model: {settings.output_dir / MODEL_FOLDER}/")
     return 0
@@ -139,6 +139,8 @@ def run_main(args: argparse.Namespace) -> int:
 
 def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: dict | None) -> dict:
     """Everything report.json says about the trained model (``trainer.model``) and its compacted copy, if any."""
+    from hfprune.structure import model_structure
+
     model = trainer.model
     structure = _structure(model, pruner)
     compacted_score = task.score(_predict(compacted, task, settings)) if compacted is not None else None
@@ -160,7 +162,7 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
             "targeted": sum(plan.numel for plan in pruner.plans),
             "compacted": _count(compacted) if compacted is not None else None,
             "layers_full_size": _layer_parameters(structure),
-            "layers_compacted": _layer_parameters(_structure(compacted, pruner)) if compacted is not None else None,
+            "layers_compacted": _layer_parameters(model_structure(compacted)) if compacted is not None else None,
         },
         "latency": _latency(model, compacted, settings.data.max_length),
         "structure": structure,
@@ -260,15 +262,14 @@ def _latency(model, compacted, sequence: int) -> list[dict]:
 
 
 def _structure(model, pruner) -> dict:
-    """What is left of each layer of ``model``: deleted layers (those the pruner's plan drops from a stack
-    ``model`` still holds in full), live heads and neurons, sparsity."""
+    """What is left of each layer of the trained full-size model: deleted layers (the stacks in the pruner's plan),
+    live heads and neurons, sparsity."""
     from torch import nn
 
     from hfprune.structure import model_structure
 
     modules = dict(model.named_modules())
-    layer_keep = {name: keep for name, keep in pruner.compaction_plan().items()
-                  if isinstance(modules.get(name), nn.ModuleList) and len(modules[name]) == len(keep)}
+    layer_keep = {name: keep for name, keep in pruner.compaction_plan().items() if isinstance(modules.get(name), nn.ModuleList)}
     return model_structure(model, layer_keep)
 
 
@@ -292,14 +293,14 @@ def _loader(model) -> str:
     return f"transformers.{type(model).__name__}.from_pretrained"
 
 
-def _write_results(output_dir: Path, report: dict) -> None:
-    """The picture, then both reports, each written beside its final name and renamed into place."""
+def _write_results(output_dir: Path, report: dict, headline: str) -> None:
+    """Both reports, each written beside its final name and renamed into place, then the picture."""
     from hfprune.plot import plot_pruning
 
     output_dir.mkdir(parents=True, exist_ok=True)
     _replace(output_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     _replace(output_dir / REPORT_MD, _markdown(report))
-    pairs, compared = _comparison(report)
+    pairs, compared = _comparison(report, headline)
     plot_pruning(report["structure"], output_dir / PICTURE, pairs, title=f"{Path(report['recipe']).name}: {report['task']}", compared=compared)
 
 
@@ -309,11 +310,10 @@ def _replace(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-def _comparison(report: dict) -> tuple[dict[str, tuple[float, float]] | None, tuple[str, str]]:
+def _comparison(report: dict, headline: str) -> tuple[dict[str, tuple[float, float]] | None, tuple[str, str]]:
     """The picture's pairs and what they compare: the dense baseline (when run) or the full-size pruned model,
     against the compacted one; latency is the full-size architecture's either way. None when there is nothing to compare."""
     scores, metric = report["scores"], report["metric"]
-    headline = _headline(scores)
     after = scores["compacted"] or scores["pruned"]
     if scores["baseline"]:
         before, compared = scores["baseline"], ("dense", "pruned")
@@ -327,13 +327,9 @@ def _comparison(report: dict) -> tuple[dict[str, tuple[float, float]] | None, tu
     return pairs, compared
 
 
-def _headline(scores: dict) -> str:
-    return "f1" if "f1" in scores["pruned"] else "accuracy"
-
-
-def _summary(report: dict) -> str:
+def _summary(report: dict, headline: str) -> str:
+    """The line printed at the end: the headline score (``headline`` is its key in the scores), size and speed-up."""
     scores, metric = report["scores"], report["metric"]
-    headline = _headline(scores)
     final = scores["compacted"] or scores["pruned"]
     text = f"done in {report['seconds']:.0f} s: {metric} {final[headline]:.3f}"
     if scores["baseline"]:

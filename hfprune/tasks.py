@@ -24,9 +24,10 @@ class Task(ABC):
     auto_class: str  # the transformers Auto class for the head
     labels: list[str]
 
-    def __init__(self, data: DataSection, tokenizer, seed: int):
+    def __init__(self, data: DataSection, tokenizer, seed: int, examples: list | None = None):
+        """``examples`` replaces what :meth:`read` would return (the same dataset from another file)."""
         self.data, self.tokenizer = data, tokenizer
-        examples = self.read()
+        examples = self.read() if examples is None else examples
         train, test = split(examples, data.test_fraction, seed)
         self.train_examples, self.test_examples = train[: data.train_limit], test[: data.test_limit]
         self.labels = self.label_names(examples)  # from all examples: ids do not depend on the limits
@@ -119,8 +120,8 @@ class PolarityTask(Task):
 TASKS: dict[str, type[Task]] = {"wnut": EntityTask, "polarity": PolarityTask}
 
 
-def load_task(data: DataSection, tokenizer, seed: int) -> Task:
-    return TASKS[data.dataset](data, tokenizer, seed)
+def load_task(data: DataSection, tokenizer, seed: int, examples: list | None = None) -> Task:
+    return TASKS[data.dataset](data, tokenizer, seed, examples)
 
 
 def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:
