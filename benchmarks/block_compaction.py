@@ -179,12 +179,16 @@ def run_row(args, data, tokenizer, kind: str, ratio: float, workdir: Path) -> tu
     return row, final
 
 
+def polarity_data(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
+    """The polarity split of the RPP table, cut to ``--train-limit``/``--test-limit``, encoded: (train, test)."""
+    train, test = split(read_polarity(args.data), TEST_FRACTION, SPLIT_SEED)
+    return encode(train[: args.train_limit], tokenizer), encode(test[: args.test_limit], tokenizer)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     tokenizer = minilm_tokenizer(args)
-    train, test = split(read_polarity(args.data), TEST_FRACTION, SPLIT_SEED)
-    train, test = train[: args.train_limit], test[: args.test_limit]
-    data = (encode(train, tokenizer), encode(test, tokenizer))
+    data = train, test = polarity_data(args, tokenizer)
     plan = [("dense", 0.0)] + [("heads+neurons", r) for r in args.ratios] + ([("tile 16x16", args.tile_ratio)] if args.tile_ratio else [])
     print(f"{len(train)} train / {len(test)} test sentences; {len(plan)} runs")
     rows, dense_model = [], None

@@ -2,6 +2,7 @@
 
 from hfprune.errors import CompactionError, HfpruneError, PluginError, RecipeError, StateError
 from hfprune.hookspecs import hookimpl
+from hfprune.lora import keep_sparse, merge_lora
 from hfprune.optimizer import PruneOptimizer
 from hfprune.pruner import Pruner
 from hfprune.recipe import Recipe, load_recipe
@@ -23,8 +24,10 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "hookimpl",
+    "keep_sparse",
     "load_compacted",
     "load_recipe",
+    "merge_lora",
 ]
 
 

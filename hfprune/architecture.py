@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from hfprune.peft_names import is_adapter_layer, named_modules
+
 Side = Literal["out", "in"]  # "out": the matrix produces the group's activations; "in": it consumes them
 UnitKind = Literal["head", "neuron"]
 
@@ -129,6 +131,16 @@ class ArchitectureAdapter:
         return None
 
 
+def layer(parent: nn.Module | None, name: str) -> nn.Module | None:
+    """``parent.<name>``, or None; for a layer peft wrapped, the layer it wraps.
+
+    Adapters fetch matrices with it, so a unit holds the layers whose weights are pruned
+    (a LoRA-wrapped layer's base weight), in a plain model and in a PeftModel alike.
+    """
+    module = getattr(parent, name, None)
+    return module.get_base_layer() if module is not None and is_adapter_layer(module) else module
+
+
 def unit_of(module: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapter]) -> Unit | None:
     """What the first adapter that recognizes ``module`` makes of it."""
     for adapter in adapters:
@@ -140,7 +152,7 @@ def unit_of(module: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapte
 
 def find_units(root: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapter], prefix: str = "") -> Iterator[Unit]:
     """Every unit of ``kind`` in ``root`` and below, in module order, named by qualified name."""
-    for name, module in root.named_modules(prefix=prefix):
+    for name, module in named_modules(root, prefix):
         unit = unit_of(module, kind, adapters)
         if unit is not None:
             yield replace(unit, name=name)

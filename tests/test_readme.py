@@ -48,3 +48,21 @@ def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
     full = sum(p.numel() for p in namespace["model"].parameters())
     assert sum(p.numel() for p in small.parameters()) < full
     assert small.config.hfprune_layout  # half the heads of a BERT: per-block sizes, as the example's comment says
+
+
+def test_the_peft_example_runs_as_written(tmp_path):
+    """The README's LoRA example on a tiny BERT: the merged model keeps the pruned zeros, and compacts."""
+    from conftest import TokenDataset, tiny_bert
+    from transformers import TrainingArguments
+
+    code = python_block("With peft (LoRA)")
+    # A small learning rate: the built-in lam, made for MiniLM, would shrink all of a tiny model's frozen weights to zero.
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-5,
+                             save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
+    namespace = {"base": tiny_bert(), "args": args, "train": TokenDataset(size=64)}
+    exec(compile(code, "README.md", "exec"), namespace)
+    merged, small = namespace["merged"], namespace["small"]
+    assert type(merged).__name__ == "BertForSequenceClassification"
+    query = merged.bert.encoder.layer[0].attention.self.query.weight
+    assert (query == 0).all(dim=1).sum() == 16  # half of the rows: one of two heads, still exactly zero after the merge
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in merged.parameters())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from hfprune import hookimpl
-from hfprune.architecture import ArchitectureAdapter, Member, Unit, features
+from hfprune.architecture import ArchitectureAdapter, Member, Unit, features, layer
 
 
 def _linears(*modules) -> bool:
@@ -43,17 +43,17 @@ class BertFamily(ArchitectureAdapter):
     name = "bert"
 
     def attention(self, module):
-        inner, output = getattr(module, "self", None), getattr(getattr(module, "output", None), "dense", None)
+        inner, output = getattr(module, "self", None), layer(getattr(module, "output", None), "dense")
         if inner is None or not hasattr(inner, "attention_head_size"):
             return None
-        q, k, v = (getattr(inner, n, None) for n in ("query", "key", "value"))
+        q, k, v = (layer(inner, n) for n in ("query", "key", "value"))
         if not _linears(q, k, v, output):
             return None
         return _head_unit(self, module, q, k, v, output, inner.attention_head_size)
 
     def feed_forward(self, module):
         intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
-        up, down = getattr(intermediate, "dense", None), getattr(output, "dense", None)
+        up, down = layer(intermediate, "dense"), layer(output, "dense")
         if not _linears(up, down) or not hasattr(intermediate, "intermediate_act_fn"):
             return None
         return _neuron_unit(self, module, up, down, intermediate.intermediate_act_fn)
@@ -78,13 +78,13 @@ class DistilBert(ArchitectureAdapter):
     name = "distilbert"
 
     def attention(self, module):
-        q, k, v, out = (getattr(module, n, None) for n in ("q_lin", "k_lin", "v_lin", "out_lin"))
+        q, k, v, out = (layer(module, n) for n in ("q_lin", "k_lin", "v_lin", "out_lin"))
         if not _linears(q, k, v, out) or not hasattr(module, "n_heads"):
             return None
         return _head_unit(self, module, q, k, v, out, module.attention_head_size)
 
     def feed_forward(self, module):
-        up, down = getattr(module, "lin1", None), getattr(module, "lin2", None)
+        up, down = layer(module, "lin1"), layer(module, "lin2")
         if not _linears(up, down) or not hasattr(module, "activation"):
             return None
         return _neuron_unit(self, module, up, down, module.activation)
@@ -106,7 +106,7 @@ class GPT2(ArchitectureAdapter):
     name = "gpt2"
 
     def attention(self, module):
-        fused, output = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+        fused, output = layer(module, "c_attn"), layer(module, "c_proj")
         if fused is None or output is None or not hasattr(module, "split_size") or getattr(module, "is_cross_attention", False):
             return None
         size, width = module.head_dim, module.split_size
@@ -114,7 +114,7 @@ class GPT2(ArchitectureAdapter):
         return Unit("head", module, width // size, members, self)
 
     def feed_forward(self, module):
-        up, down = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
+        up, down = layer(module, "c_fc"), layer(module, "c_proj")
         if up is None or down is None or not hasattr(module, "act"):
             return None
         return _neuron_unit(self, module, up, down, module.act)
@@ -143,7 +143,7 @@ class LlamaFamily(ArchitectureAdapter):
     name = "llama"
 
     def attention(self, module):
-        q, k, v, o = (getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        q, k, v, o = (layer(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         if not _linears(q, k, v, o) or not hasattr(module, "num_key_value_groups"):
             return None
         size, per_group = module.head_dim, module.num_key_value_groups
@@ -152,7 +152,7 @@ class LlamaFamily(ArchitectureAdapter):
         return Unit("head", module, features(k, "out") // size, members, self, heads_per_group=per_group)
 
     def feed_forward(self, module):
-        gate, up, down = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = (layer(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
         if not _linears(gate, up, down) or not hasattr(module, "act_fn"):
             return None
         members = (Member(gate, "out", 0, 1), Member(up, "out", 0, 1), Member(down, "in", 0, 1))

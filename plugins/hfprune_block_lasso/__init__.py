@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from hfprune import StrategyConfig, hookimpl
 from hfprune.architecture import installed_adapters
+from hfprune.errors import TargetError
 from hfprune.masks import ReweightedPhaseStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
 
@@ -99,7 +100,14 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     @classmethod
     def select_parameters(cls, targets, config):
         sets = build_block_sets(targets, config.group, config.block, installed_adapters())
-        return {matrix.name: matrix.param for block_set in sets for matrix in block_set.matrices}
+        selected = {matrix.name: matrix.param for block_set in sets for matrix in block_set.matrices}
+        frozen = [name for name, param in selected.items() if not param.requires_grad]
+        if frozen and config.form == "penalty":
+            raise TargetError(
+                f"form: penalty adds the penalty's gradient, but {frozen[0]} is frozen (a LoRA base weight?) and gets "
+                "none; use form: proximal, which shrinks frozen weights at their adapter's learning rate"
+            )
+        return selected
 
     # --- the hot path -------------------------------------------------------------------
     @torch.no_grad()

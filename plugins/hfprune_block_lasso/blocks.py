@@ -18,6 +18,7 @@ from torch import nn
 
 from hfprune.architecture import ArchitectureAdapter, Member, find_units, weight_dim
 from hfprune.errors import TargetError
+from hfprune.peft_names import named_modules
 
 
 class BlockedMatrix:
@@ -133,7 +134,7 @@ def _unit_sets(targets: dict[str, nn.Module], kind: str, adapters: list[Architec
             )
         for unit in found:
             seen.add(id(unit.module))
-            names = {id(module): name for name, module in unit.module.named_modules(prefix=unit.name)}
+            names = {id(module): name for name, module in named_modules(unit.module, unit.name)}
             yield BlockSet(unit.name, tuple(GroupedMatrix(f"{names[id(m.module)]}.weight", m, unit.count) for m in unit.members))
 
 

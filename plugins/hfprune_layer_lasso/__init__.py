@@ -17,6 +17,7 @@ from torch import nn
 from hfprune import StrategyConfig, hookimpl
 from hfprune.architecture import find_layer_stacks, installed_adapters
 from hfprune.errors import StateError, TargetError
+from hfprune.peft_names import named_modules
 from hfprune.strategy import StepContext, Strategy
 
 from hfprune_layer_lasso.gates import LayerGateHook, StackKind
@@ -64,7 +65,7 @@ def find_stacks(targets: dict[str, nn.Module]) -> dict[str, nn.ModuleList]:
     adapters = installed_adapters()
     stacks: dict[str, nn.ModuleList] = {}
     for name, module in targets.items():
-        names = {id(m): n for n, m in module.named_modules(prefix=name)}
+        names = {id(m): n for n, m in named_modules(module, name)}
         for stack in find_layer_stacks(module, adapters):
             stacks.setdefault(names[id(stack)], stack)
     return stacks
