@@ -21,6 +21,7 @@ from hfprune.lora import adapter_weights_of_bases, keep_sparse, lora_layers, mer
 from hfprune.peft_names import ModelView, model_view
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe import Recipe, RecipeSource, load_recipe
+from hfprune.sharding import sharding_of
 from hfprune.state import load_state, save_state
 from hfprune.strategy import StepContext, Strategy, StrategyConfig
 from hfprune.targets import match_targets, near_misses
@@ -103,6 +104,15 @@ class Pruner:
             except TargetError as exc:
                 problems.append(self.recipe.problem(("pruners", index, "targets"), str(exc)))
                 continue
+            sharded = [(name, how) for name, param in parameters.items() if (how := sharding_of(param))]
+            if sharded:
+                name, how = sharded[0]
+                problems.append(self.recipe.problem(
+                    ("pruners", index, "targets"),
+                    f"{name} is {how}: hfprune prunes parameters each process holds whole ({len(sharded)} targeted are split)",
+                    hint="train with DDP (accelerate launch --multi_gpu) or leave these modules out of the sharding; "
+                    "README 'Many processes' says what is supported",
+                ))
             for name in parameters:
                 if name in claimed:
                     problems.append(self.recipe.problem(

@@ -199,12 +199,19 @@ class LayerLassoStrategy(Strategy):
     def on_step_end(self, ctx: StepContext) -> None:
         self.next_step = ctx.step + 1
         if self.config.keep is not None and self.settled is None and self.next_step >= self.schedule.end:
-            self.settle()
+            self.settle(ctx.world_size)
 
     # --- settling ----------------------------------------------------------------------------
     @torch.no_grad()
-    def settle(self) -> None:
-        """Fix every gate at 0 or 1 for good, keeping at most ``keep`` layers and at least one per stack."""
+    def settle(self, world_size: int = 1) -> None:
+        """Fix every gate at 0 or 1 for good, keeping at most ``keep`` layers and at least one per stack.
+
+        Under DDP every rank settles the same gates; the output shift reported is averaged over
+        the ranks' last batches, so the state each rank saves is the same too.
+        """
+        if world_size > 1:
+            dist.all_reduce(self._branch_ratio)
+            self._branch_ratio /= world_size
         values = self.gates.detach().float().cpu()
         keep = torch.zeros_like(values, dtype=torch.bool)
         keep[values.argsort(descending=True, stable=True)[: self.config.keep]] = True
