@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    if args.total_steps is not None and args.total_steps < 1:
+        raise HfpruneError(f"--total-steps {args.total_steps}: a run has at least 1 optimizer step")
     pruner = Pruner(recipes.resolve(args.recipe))
     model = _with_adapter(load_model_structure(args.model or default_model_path(), args.task), args)
     plans = pruner.attach(model)
@@ -109,7 +111,10 @@ def run_check(args: argparse.Namespace) -> int:
     total_targeted = 0
     for plan in plans:
         entry = pruner.recipe.pruners[plan.index]
-        schedule = entry.schedule.resolve(args.total_steps) if args.total_steps or not entry.schedule.uses_fractions else entry.schedule
+        try:
+            schedule = entry.schedule.resolve(args.total_steps) if args.total_steps or not entry.schedule.uses_fractions else entry.schedule
+        except ValueError as exc:
+            raise pruner.recipe.error([pruner.recipe.problem(("pruners", plan.index, "schedule"), str(exc))]) from None
         count = plan.numel
         total_targeted += count
         print(f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  schedule {_schedule_text(schedule)}")

@@ -200,7 +200,11 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         found = {key[len(ALPHA_PREFIX):]: value for key, value in state.items() if key.startswith(ALPHA_PREFIX)}
         names = self.alpha_names()
         if sorted(found) != sorted(names):
-            raise StateError(f"saved {type(self).__name__} state has neither masks nor an alpha for every one of {len(names)} alpha tensors")
+            missing = [n for n in names if n not in found]
+            unexpected = [n for n in found if n not in names]
+            parts = ([f"no mask or alpha for {missing[:3]}"] if missing else []) + (
+                [f"alphas for {unexpected[:3]}, which the targets no longer match"] if unexpected else [])
+            raise StateError(f"saved {type(self).__name__} state does not fit the targets: {'; '.join(parts)}")
         if self.alphas is None:
             self.alphas = self.new_alphas()
         for name, alpha in zip(names, self.alphas):

@@ -54,6 +54,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _grad_scaler(optimizer: torch.optim.Optimizer):
+    """The enabled fp16 GradScaler an (accelerate) optimizer steps with, or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def _wrapped(parameters: dict[str, nn.Parameter], view: ModelView) -> list[str]:
     """The layers peft wrapped whose weights are among ``parameters``, by name."""
     return sorted({layer for name in parameters if (layer := view.wrapped_layer(name))})
@@ -72,6 +78,7 @@ class Pruner:
         self._optimizer_seen: torch.optim.Optimizer | None = None
         self._adapter_of_base: dict[int, nn.Parameter] = {}
         self._frozen_targets: dict[str, nn.Parameter] = {}
+        self._scale_before: float | None = None
 
     # --- set-up -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[EntryPlan]:
@@ -163,6 +170,18 @@ class Pruner:
 
     # --- the hot path ---------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call right before ``optimizer.step()``, after gradient accumulation and clipping.
+
+        Under an fp16 GradScaler the optimizer's gradients are unscaled first (clipping may
+        have done it already), so strategies see true gradients whatever the loss scale.
+        """
+        scaler = _grad_scaler(optimizer)
+        self._scale_before = scaler.get_scale() if scaler is not None else None
+        if scaler is not None:
+            try:
+                scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+            except RuntimeError:  # unscale_() was already called this step (by gradient clipping)
+                pass
         ctx = self._context(optimizer)
         for strategy in self.strategies:
             strategy.before_optimizer_step(ctx)
@@ -171,14 +190,21 @@ class Pruner:
         """Call right after ``optimizer.step()``, before the LR scheduler moves.
 
         A skipped step (fp16 overflow) changes no weights, so strategies do nothing, but the
-        step still counts: schedules stay aligned with the Trainer's global step.
+        step still counts: schedules stay aligned with the Trainer's global step. Besides the
+        ``skipped`` flag, a GradScaler that lowered its scale in this step marks it skipped:
+        it does so exactly when it found inf or NaN, and with fused optimizers (the Trainer's
+        default AdamW) accelerate's ``step_was_skipped`` stays False.
         """
+        scaler = _grad_scaler(optimizer)
+        if not skipped and scaler is not None and self._scale_before is not None:
+            skipped = scaler.get_scale() < self._scale_before
         if not skipped:
             ctx = self._context(optimizer)
             for strategy in self.strategies:
                 strategy.after_optimizer_step(ctx)
             for strategy in self.strategies:
                 strategy.on_step_end(ctx)
+        self._scale_before = None
         self.step += 1
 
     def _context(self, optimizer: torch.optim.Optimizer) -> StepContext:
@@ -196,6 +222,7 @@ class Pruner:
             group_of=self._group_of,
             world_size=dist.get_world_size() if distributed else 1,
             rank=dist.get_rank() if distributed else 0,
+            grad_scale=self._scale_before or 1.0,
         )
 
     # --- reporting ------------------------------------------------------------------------
@@ -243,6 +270,9 @@ class Pruner:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s result; StateError for anything else (a state file is input like a recipe)."""
+        if not isinstance(state, dict):
+            raise StateError(f"pruning state is a {type(state).__name__}, not a mapping")
         if state.get("format") != STATE_FORMAT:
             raise StateError(f"pruning state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})")
         if state.get("recipe") != self.recipe.fingerprint():
@@ -250,12 +280,24 @@ class Pruner:
                 f"the pruning state was written by a different recipe than {self.recipe.source}; "
                 "resume with the recipe the run started with"
             )
-        if len(state["entries"]) != len(self.strategies):
-            raise StateError(f"pruning state has {len(state['entries'])} entries, the recipe {len(self.strategies)}")
-        self._load_frozen_targets(state.get(FROZEN_KEY, {}))
-        for strategy, entry_state in zip(self.strategies, state["entries"]):
-            strategy.load_state_dict(entry_state)
-        self.step = int(state["step"])
+        entries, step, frozen = state.get("entries"), state.get("step"), state.get(FROZEN_KEY, {})
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise StateError(f"pruning state 'entries' is {type(entries).__name__}, not a list of mappings")
+        if type(step) is not int or step < 0:
+            raise StateError(f"pruning state step {step!r} is not a step number")
+        if not isinstance(frozen, dict) or not all(torch.is_tensor(value) for value in frozen.values()):
+            raise StateError(f"pruning state {FROZEN_KEY!r} is not a mapping of tensors")
+        if len(entries) != len(self.strategies):
+            raise StateError(f"pruning state has {len(entries)} entries, the recipe {len(self.strategies)}")
+        self._load_frozen_targets(frozen)
+        for plan, strategy, entry_state in zip(self.plans, self.strategies, entries):
+            try:
+                strategy.load_state_dict(entry_state)
+            except StateError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+                raise StateError(f"pruning state of pruners[{plan.index}] ({plan.label}) is malformed: {type(exc).__name__}: {exc}") from None
+        self.step = step
 
     @torch.no_grad()
     def _load_frozen_targets(self, saved: dict) -> None:

@@ -16,7 +16,7 @@ class ScheduleSpec(BaseModel):
     steps (so ``end: 1`` is step 1, ``end: 1.0`` the end of training).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     start: StepOrFraction = 0
     end: StepOrFraction = 1.0

@@ -56,7 +56,7 @@ def load_state(directory: str | os.PathLike) -> dict[str, Any]:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         skeleton = json.loads(metadata[_METADATA_KEY])
-    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+    except (OSError, KeyError, ValueError, RecursionError, SafetensorError) as exc:
         raise StateError(f"pruning state at {path} is unreadable: {exc}") from None
     return _join(skeleton, tensors, path)
 
@@ -75,10 +75,10 @@ def _split(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
 def _join(value: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
     if isinstance(value, dict):
         if set(value) == {_TENSOR_REF}:
-            try:
-                return tensors[value[_TENSOR_REF]]
-            except KeyError:
-                raise StateError(f"pruning state at {path} refers to a missing tensor {value[_TENSOR_REF]!r}") from None
+            ref = value[_TENSOR_REF]
+            if not isinstance(ref, str) or ref not in tensors:
+                raise StateError(f"pruning state at {path} refers to a missing tensor {ref!r}")
+            return tensors[ref]
         return {k: _join(v, tensors, path) for k, v in value.items()}
     if isinstance(value, list):
         return [_join(v, tensors, path) for v in value]

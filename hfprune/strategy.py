@@ -23,7 +23,7 @@ StateValue = torch.Tensor | int | float | str | bool | None | list | dict
 class StrategyConfig(BaseModel):
     """Base of every strategy's ``config:`` schema. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def planned_sparsity(self) -> float | None:
         """The fraction of targeted weights this entry will zero, if known up front (for ``hfprune check``)."""
@@ -36,7 +36,10 @@ class StepContext:
 
     ``step`` is the 0-based index of the current optimizer step. ``optimizer`` is the
     optimizer the step ran with; learning rates are read from it after its step and
-    before any scheduler moves them.
+    before any scheduler moves them. ``grad_scale`` is the fp16 loss scale this step's
+    backward pass ran with (1 without a GradScaler): the optimizer's parameters have
+    unscaled gradients before the step, but a tensor the optimizer does not own still has
+    its gradient multiplied by it.
     """
 
     step: int
@@ -44,6 +47,7 @@ class StepContext:
     group_of: dict[int, int]
     world_size: int = 1
     rank: int = 0
+    grad_scale: float = 1.0
 
     def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
         """The current learning rate of each parameter's optimizer group."""

@@ -7,6 +7,7 @@ constructor is used: tags that would build Python objects are refused.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 from hfprune.errors import Problem, RecipeError
 
 KeyPath = tuple[str | int, ...]
+_PLAIN_KEY = re.compile(r"[^\s.\[\]'\"]+")
 
 # Aliases can make a small file describe an enormous tree; a recipe never needs this many nodes.
 MAX_NODES = 100_000
@@ -25,7 +27,12 @@ def format_key_path(path: KeyPath) -> str:
     """``("pruners", 0, "config")`` -> ``pruners[0].config``."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            text += f".{part}" if text else part
+        else:  # an empty key, or one a reader could not tell apart from the path around it
+            text += f"[{part!r}]"
     return text
 
 
@@ -46,11 +53,27 @@ class YamlDocument:
         return None
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, whose constructors' own failures (``!!int abc``, ``!!timestamp x``) become YAML errors at the node."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError):
+            what = repr(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            raise yaml.constructor.ConstructorError(None, None, f"{what} is not a valid !!{node.tag.rsplit(':', 1)[-1]}", node.start_mark) from None
+
+
 def parse_yaml(text: str, source: str) -> YamlDocument:
     """Parse one YAML document with the safe loader; raise RecipeError with a line on failure."""
     if len(text) > MAX_CHARS:
         raise RecipeError(source, [Problem("", f"recipe is {len(text)} characters; at most {MAX_CHARS} are read")])
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = _SafeLoader(text)  # the reader refuses non-printable characters here, before any parsing
+    except yaml.reader.ReaderError as exc:
+        raise RecipeError(source, [_unreadable(exc, text)]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -63,17 +86,35 @@ def parse_yaml(text: str, source: str) -> YamlDocument:
         line = mark.line + 1 if mark else None
         message = " ".join(str(part) for part in (exc.context, exc.problem) if part)
         raise RecipeError(source, [Problem("", f"invalid YAML: {message}", line=line)]) from None
+    except yaml.reader.ReaderError as exc:
+        raise RecipeError(source, [_unreadable(exc, text)]) from None
     except yaml.YAMLError as exc:
-        raise RecipeError(source, [Problem("", f"invalid YAML: {exc}")]) from None
+        raise RecipeError(source, [Problem("", f"invalid YAML: {exc}", line=loader.line + 1)]) from None
+    except RecursionError:
+        raise RecipeError(source, [Problem("", "invalid YAML: collections nest too deeply", line=loader.line + 1)]) from None
     finally:
         loader.dispose()
     return YamlDocument(data=data, source=source, lines=lines)
 
 
-def _index_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str, budget: list[int]) -> None:
+def _unreadable(exc: yaml.reader.ReaderError, text: str) -> Problem:
+    """A character YAML does not allow, at its line."""
+    character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    line = text.count("\n", 0, exc.position) + 1
+    return Problem("", f"invalid YAML: unacceptable character #x{character:04x}: {exc.reason}", line=line)
+
+
+def _index_lines(
+    node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str, budget: list[int], inside: frozenset[int] = frozenset()
+) -> None:
     budget[0] -= 1
     if budget[0] < 0:
         raise RecipeError(source, [Problem(format_key_path(path), f"recipe has more than {MAX_NODES} YAML nodes")])
+    if id(node) in inside:
+        line = lines.get(path, node.start_mark.line + 1)
+        raise RecipeError(source, [Problem(format_key_path(path), "an alias refers to a collection that contains it", line)])
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        inside = inside | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -87,9 +128,9 @@ def _index_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], sour
                 raise RecipeError(source, [Problem(format_key_path(child), "key appears twice in the same mapping", line)])
             seen.add(key)
             lines[child] = line
-            _index_lines(value_node, child, lines, source, budget)
+            _index_lines(value_node, child, lines, source, budget, inside)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = (*path, index)
             lines[child] = item.start_mark.line + 1
-            _index_lines(item, child, lines, source, budget)
+            _index_lines(item, child, lines, source, budget, inside)

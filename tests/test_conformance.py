@@ -150,10 +150,10 @@ class NestedStateStrategy(MagnitudeStrategy):
 
 
 class ForgetfulStrategy(MagnitudeStrategy):
-    """Saves nothing, so a resumed run has no masks."""
+    """Saves its bookkeeping but not its masks, so a resumed run trains unmasked."""
 
     def state_dict(self):
-        return {}
+        return {"updated_for": self.updated_for}
 
 
 class FloatPlanStrategy(MagnitudeStrategy):

@@ -147,7 +147,7 @@ def test_state_round_trip_during_and_after_the_proximal_phase():
     restored.load_state_dict(state)
     assert restored.alphas is None and torch.equal(restored.masks.keep()[0], strategy.masks.keep()[0])
 
-    with pytest.raises(StateError, match="neither masks nor an alpha"):
+    with pytest.raises(StateError, match=r"does not fit the targets: no mask or alpha for \[.a.\]"):
         rpp_strategy(weights).load_state_dict({})
 
 

@@ -95,6 +95,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         # One alpha per block, set from the weights when the phase starts; dropped once the
         # pattern is fixed (masked training needs only masks).
         self.alphas: list[torch.Tensor] | None = self.new_alphas()
+        self.weighted = False  # whether the alphas were computed from the weights yet
         self._lr_params = [s.matrices[0].param for s in self.sets]
 
     @classmethod
@@ -136,10 +137,13 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
                 block_set.scale_weights(factor)
 
     def _lasso_acts(self, ctx: StepContext, form: str) -> bool:
-        """Whether the lasso in ``form`` acts at this step; at the phase's first step, alpha is set first."""
+        """Whether the lasso in ``form`` acts at this step; at the phase's first real step, alpha is set first.
+
+        Not at ``start`` itself: a proximal step there may be one an fp16 scaler skipped.
+        """
         if self.config.form != form or not self.schedule.in_phase(ctx.step):
             return False
-        if ctx.step == self.schedule.start:
+        if not self.weighted:
             self.reweight()
         return True
 
@@ -151,6 +155,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
             if self.config.squared:
                 norms.square_()
             alpha.copy_(norms.add_(self.config.eps).reciprocal_())
+        self.weighted = True
 
     @torch.no_grad()
     def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -207,6 +212,15 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
 
     def alpha_names(self) -> list[str]:
         return [block_set.name for block_set in self.sets]
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        return state if self.alphas is None else {**state, "weighted": self.weighted}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        # States saved before this flag: alphas still all 1 were never computed from the weights.
+        self.weighted = bool(state.get("weighted", self.alphas is not None and any((a != 1).any() for a in self.alphas)))
 
     def new_alphas(self) -> list[torch.Tensor]:
         return [torch.ones_like(block_set.norms()) for block_set in self.sets]

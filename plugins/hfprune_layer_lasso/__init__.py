@@ -170,11 +170,14 @@ class LayerLassoStrategy(Strategy):
 
     # --- the hot path ------------------------------------------------------------------------
     def before_optimizer_step(self, ctx: StepContext) -> None:
+        self.next_step = ctx.step + 1  # here too: after a step a GradScaler skips, on_step_end is not called
         for param in self.frozen:
             param.grad = None  # AdamW skips a parameter without a gradient, weight decay included
         if self.gates.grad is None:
             return
         self._grad, self.gates.grad = self.gates.grad, None  # taken now: a skipped step must not leave it behind
+        if ctx.grad_scale != 1.0:  # the optimizer's GradScaler unscales its own parameters' gradients, not the gates'
+            self._grad /= ctx.grad_scale
         if ctx.world_size > 1:
             dist.all_reduce(self._grad)
             self._grad /= ctx.world_size
