@@ -175,14 +175,14 @@ class Run:
         return self.callback.pruner.plans[0]
 
 
-def _snapshot(value: Any) -> Any:
+def snapshot(value: Any) -> Any:
     """A copy of ``value`` whose tensors no longer share memory with the strategy's own."""
     if torch.is_tensor(value):
         return value.detach().clone()
     if isinstance(value, dict):
-        return {key: _snapshot(item) for key, item in value.items()}
+        return {key: snapshot(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_snapshot(item) for item in value)
+        return type(value)(snapshot(item) for item in value)
     return value
 
 
@@ -198,9 +198,9 @@ class _Recorder(TrainerCallback):
         masking = isinstance(strategy, MaskingStrategy)
         self.records.append(StepRecord(
             step=state.global_step - 1,
-            metrics=_snapshot(strategy.metrics()),
-            state=_snapshot(strategy.state_dict()),
-            plan=_snapshot(strategy.compaction_plan()),
+            metrics=snapshot(strategy.metrics()),
+            state=snapshot(strategy.state_dict()),
+            plan=snapshot(strategy.compaction_plan()),
             masks_active=strategy.masks.active if masking else None,
             masked_weights=_masked_weights(strategy) if masking else [],
             masked_optimizer_state=_masked_optimizer_state(strategy, optimizer) if masking else [],
@@ -241,7 +241,7 @@ class _SaveAt(TrainerCallback):
 
 
 @contextmanager
-def _one_thread():
+def one_thread():
     """Matrices of width 32 train fastest on one thread, and equal thread counts keep runs bit-for-bit comparable."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -272,14 +272,14 @@ def train(case: Case, registry: Registry, output_dir: str | os.PathLike, resume_
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0, data_seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
-    with _one_thread():
+    with one_thread():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return Run(
         case=case, registry=registry, output_dir=output_dir, model=model, callback=callback,
         loss=next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
         records=recorder.records,
-        final_weights=_snapshot(model.state_dict()),
-        final_state=_snapshot(callback.pruner.strategies[0].state_dict()),
+        final_weights=snapshot(model.state_dict()),
+        final_state=snapshot(callback.pruner.strategies[0].state_dict()),
         final_sparsity=callback.pruner.sparsity(),
     )
 

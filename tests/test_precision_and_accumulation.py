@@ -18,11 +18,9 @@ targets unchanged and still counts.
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from hfprune import PruneCallback, PruneOptimizer, Pruner
 from hfprune.masks import MaskingStrategy
 from hfprune.plugins import Registry, build_registry
 from hfprune.strategy import Strategy
-from hfprune.testing import Case, TokenDataset
+from hfprune.testing import Case, TokenDataset, one_thread, snapshot
 
 STEPS = 8  # optimizer steps per run: the schedule ends at step 4, so four steps follow with the pattern fixed
 
@@ -73,29 +71,7 @@ def _frozen_garbage_collector() -> Iterator[None]:
     gc.unfreeze()
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Width-32 matrices train fastest on one thread, and equal thread counts keep runs comparable (as hfprune.testing does)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # --- comparing what runs left behind -------------------------------------------------------------
-
-
-def snapshot(value: Any) -> Any:
-    """A deep copy whose tensors share no memory with the run's."""
-    if torch.is_tensor(value):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: snapshot(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(snapshot(item) for item in value)
-    return copy.deepcopy(value)
 
 
 def differences(expected: Any, actual: Any, *, atol: float = 0.0, rtol: float = 0.0, path: str = "") -> list[str]:
