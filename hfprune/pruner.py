@@ -94,6 +94,7 @@ class Pruner:
         problems: list[Problem] = []
         plans: list[EntryPlan] = []
         claimed: dict[str, int] = {}
+        wrapped: set[str] = set()  # LoRA layers whose base weights are pruned
         for index, entry in enumerate(self.recipe.pruners):
             info = self.registry.get(entry.strategy)
             match = match_targets(view, entry.targets, entry.exclude)
@@ -128,13 +129,15 @@ class Pruner:
                     ))
                     break
                 claimed[name] = index
-            for refusal in filter(None, (why_not_maskable(n, adapter_layers[n]) for n in _wrapped(parameters, view))):
+            entry_wrapped = _wrapped(parameters, view)
+            wrapped.update(entry_wrapped)
+            for refusal in filter(None, (why_not_maskable(n, adapter_layers[n]) for n in entry_wrapped)):
                 problems.append(self.recipe.problem(("pruners", index, "targets"), refusal))
             plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, match.modules, parameters))
         if problems:
             raise self.recipe.error(problems)
         self.plans = plans
-        keep_sparse(model, sorted({name for plan in plans for name in _wrapped(plan.parameters, view)}))
+        keep_sparse(model, sorted(wrapped))
         self._adapter_of_base = adapter_weights_of_bases(model)
         # A Trainer checkpoint of a PeftModel holds only what trains (adapters, modules_to_save).
         self._frozen_targets = {
@@ -176,8 +179,9 @@ class Pruner:
         have done it already), so strategies see true gradients whatever the loss scale.
         """
         scaler = _grad_scaler(optimizer)
-        self._scale_before = scaler.get_scale() if scaler is not None else None
+        self._scale_before = None
         if scaler is not None:
+            self._scale_before = scaler.get_scale()
             try:
                 scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
             except RuntimeError:  # unscale_() was already called this step (by gradient clipping)
