@@ -58,8 +58,8 @@ class PruneCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            self.pruner.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        # Every process builds the state (under FSDP2 that is collective); the one that saves checkpoints writes it.
+        self.pruner.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", write=args.should_save)
 
     def compact(self, model: nn.Module) -> nn.Module:
         """A smaller copy of ``model`` with pruned structure removed; ``model`` is left as it is."""

@@ -3,8 +3,9 @@
 A strategy that changes what a module computes (layer gates, layer-wise dropout) does it
 with a forward hook rather than by wrapping or renaming the module, so parameter names,
 ``save_pretrained`` and optimizers see the model they expect. Hooks made from
-:class:`ModelHook` are shared, not duplicated, when the model is deep-copied, and
-:func:`strip_model_hooks` takes them off a copy (compaction returns a plain model).
+:class:`ModelHook` are shared, not duplicated, when the model is deep-copied,
+:func:`strip_model_hooks` takes them off a copy (compaction returns a plain model), and
+:func:`carry_model_hooks` puts them on a copy built otherwise (from a gathered state dict).
 """
 
 from __future__ import annotations
@@ -33,3 +34,15 @@ def strip_model_hooks(model: nn.Module) -> int:
                 module._forward_hooks_always_called.pop(key, None)
                 removed += 1
     return removed
+
+
+def carry_model_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Register every :class:`ModelHook` of ``source``'s modules on ``target``'s modules of the same names."""
+    modules = dict(target.named_modules())
+    for name, module in source.named_modules():
+        for key, hook in module._forward_pre_hooks.items():
+            if isinstance(hook, ModelHook):
+                modules[name].register_forward_pre_hook(hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs)
+        for key, hook in module._forward_hooks.items():
+            if isinstance(hook, ModelHook):
+                modules[name].register_forward_hook(hook, with_kwargs=key in module._forward_hooks_with_kwargs)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hfprune.errors import StateError
+from hfprune.sharding import WHOLE, Layout, kth_smallest_of_parts, layout_of
 from hfprune.strategy import StepContext, Strategy
 
 MASK_PREFIX = "mask."
@@ -25,34 +26,48 @@ class MaskSet:
 
     Masks are held as 0/1 tensors in each parameter's dtype: multiplying by them is about
     three times faster than by booleans, and the hot path does it twice a step. They are
-    saved as booleans.
+    saved as booleans. A mask covers what this process holds of its parameter
+    (:meth:`weights`): all of it, unless FSDP2 shards it (:mod:`hfprune.sharding`), in which
+    case saving and :meth:`whole_keep` assemble the whole mask, collectively.
     """
 
     def __init__(self, parameters: dict[str, nn.Parameter]):
         self.names = list(parameters)
         self.params = list(parameters.values())
+        self.layouts = [layout_of(p) for p in self.params]
+        self._whole = not any(layout.sharded for layout in self.layouts)
         self.masks: list[torch.Tensor] | None = None
 
     @property
     def active(self) -> bool:
         return self.masks is not None
 
+    def weights(self) -> list[torch.Tensor]:
+        """What this process holds of each parameter, to read and change in place: the parameters themselves unless sharded.
+
+        Fetched on every call: FSDP2 may move a parameter's local part when it first runs.
+        """
+        if self._whole:
+            return self.params
+        return [layout.local(p) for p, layout in zip(self.params, self.layouts)]
+
     @torch.no_grad()
     def set(self, masks: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
-        """Install new masks, zero the weights they remove and the optimizer state of those weights."""
-        self.masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(masks, self.params, strict=True)]
+        """Install new masks (shaped like :meth:`weights`), zero the weights they remove and the optimizer state of those weights."""
+        weights = self.weights()
+        self.masks = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(masks, weights, strict=True)]
         self.apply_to_weights()
         if optimizer is not None:
-            for param, mask in zip(self.params, self.masks):
+            for param, layout, mask in zip(self.params, self.layouts, self.masks):
                 for value in optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:
-                        value.mul_(mask)
+                        layout.local(value).mul_(mask)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         if self.masks is None:
             return
-        pairs = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        pairs = [(layout.local(p.grad), m) for p, layout, m in zip(self.params, self.layouts, self.masks) if p.grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
@@ -60,18 +75,22 @@ class MaskSet:
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         if self.masks is not None:
-            torch._foreach_mul_(self.params, self.masks)
+            torch._foreach_mul_(self.weights(), self.masks)
 
     def keep(self) -> list[torch.Tensor]:
-        """The masks as booleans (True = kept), for schedule-time logic such as "pruned stays pruned"."""
+        """The masks as booleans (True = kept) shaped like :meth:`weights`, for logic such as "pruned stays pruned"."""
         if self.masks is None:
-            return [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+            return [torch.ones_like(w, dtype=torch.bool) for w in self.weights()]
         return [m.bool() for m in self.masks]
+
+    def whole_keep(self) -> list[torch.Tensor]:
+        """:meth:`keep` for the whole parameters; collective when sharded: every process must call it."""
+        return [layout.gather(keep) for keep, layout in zip(self.keep(), self.layouts)]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.masks is None:
             return {}
-        return {MASK_PREFIX + name: keep.cpu() for name, keep in zip(self.names, self.keep())}
+        return {MASK_PREFIX + name: keep.cpu() for name, keep in zip(self.names, self.whole_keep())}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -85,47 +104,51 @@ class MaskSet:
         if missing or unexpected:
             raise StateError(f"saved masks do not fit the targeted parameters (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
         masks = []
-        for name, param in zip(self.names, self.params):
-            mask = found[name].to(device=param.device, dtype=torch.bool)
-            if mask.shape != param.shape:
-                raise StateError(f"saved mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}")
-            if param[~mask].any():
+        for name, weight, layout in zip(self.names, self.weights(), self.layouts):
+            mask = found[name].to(device=weight.device, dtype=torch.bool)
+            if mask.shape != layout.whole_shape(weight):
+                raise StateError(f"saved mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(layout.whole_shape(weight))}")
+            mask = layout.rows(mask)
+            if weight[~mask].any():
                 raise StateError(
                     f"{name} has non-zero weights where the saved mask prunes them: the pruning state "
                     "belongs to another checkpoint than the weights being resumed"
                 )
-            masks.append(mask.to(param.dtype))
+            masks.append(mask.to(weight.dtype))
         self.masks = masks
 
 
 @torch.no_grad()
 def largest_magnitude_masks(
-    params: list[torch.Tensor], sparsity: float, scope: Scope = "layer"
+    weights: list[torch.Tensor], sparsity: float, scope: Scope = "layer", layouts: list[Layout] | None = None
 ) -> list[torch.Tensor]:
     """Keep-masks (bool) that zero the ``sparsity`` fraction of smallest-magnitude weights.
 
     ``scope="layer"`` prunes every tensor to the sparsity; ``"global"`` uses one threshold
     across all of them. Weights tied with the threshold are pruned, so weights that are
     already zero always go, even when there are more of them than ``sparsity`` asks for.
+    With ``layouts`` (:attr:`MaskSet.layouts`), ``weights`` are this process's parts of
+    sharded parameters and the thresholds are those of the whole parameters (collective).
     """
+    layouts = layouts or [WHOLE] * len(weights)
     if scope == "global":
-        magnitudes = torch.cat([p.detach().abs().flatten().float() for p in params])
-        threshold = kth_smallest(magnitudes, round(sparsity * magnitudes.numel()))
+        magnitudes = [w.detach().abs().float() for w in weights]
+        total = sum(layout.whole_shape(w).numel() for w, layout in zip(weights, layouts))
+        threshold = kth_smallest_of_parts(magnitudes, layouts, round(sparsity * total))
         del magnitudes
-        return [p.detach().abs() > threshold for p in params]
+        return [w.detach().abs() > threshold for w in weights]
     # One tensor at a time, so at most one float copy of a weight exists at once.
-    return [_keep_largest(p.detach().abs().float(), sparsity) for p in params]
+    return [_keep_largest(w.detach().abs().float(), sparsity, layout) for w, layout in zip(weights, layouts)]
 
 
-def _keep_largest(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
-    return magnitude > kth_smallest(magnitude.flatten(), round(sparsity * magnitude.numel()))
+def _keep_largest(magnitude: torch.Tensor, sparsity: float, layout: Layout) -> torch.Tensor:
+    k = round(sparsity * layout.whole_shape(magnitude).numel())
+    return magnitude > kth_smallest_of_parts([magnitude], [layout], k)
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
-    if k <= 0:
-        return values.new_tensor(-1.0)
-    return values.kthvalue(k).values
+    return kth_smallest_of_parts([values], [WHOLE], k)
 
 
 class MaskingStrategy(Strategy):
@@ -186,10 +209,15 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         """Tensors shaped like ``self.alphas``, for restoring a state saved during the phase."""
         raise NotImplementedError
 
+    def alpha_layouts(self) -> list[Layout]:
+        """How each alpha lies across processes: whole (one per block, the default), or sharded like its weight."""
+        return [WHOLE] * len(self.alpha_names())
+
     def state_dict(self) -> dict:
         if self.alphas is None:
             return self.masks.state_dict()
-        return {ALPHA_PREFIX + name: alpha.cpu() for name, alpha in zip(self.alpha_names(), self.alphas)}
+        pieces = zip(self.alpha_names(), self.alphas, self.alpha_layouts())
+        return {ALPHA_PREFIX + name: layout.gather(alpha).cpu() for name, alpha, layout in pieces}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -207,7 +235,7 @@ class ReweightedPhaseStrategy(MaskingStrategy):
             raise StateError(f"saved {type(self).__name__} state does not fit the targets: {'; '.join(parts)}")
         if self.alphas is None:
             self.alphas = self.new_alphas()
-        for name, alpha in zip(names, self.alphas):
-            if found[name].shape != alpha.shape:
-                raise StateError(f"saved alpha for {name} has shape {tuple(found[name].shape)}, expected {tuple(alpha.shape)}")
-            alpha.copy_(found[name])
+        for name, alpha, layout in zip(names, self.alphas, self.alpha_layouts()):
+            if found[name].shape != layout.whole_shape(alpha):
+                raise StateError(f"saved alpha for {name} has shape {tuple(found[name].shape)}, expected {tuple(layout.whole_shape(alpha))}")
+            alpha.copy_(layout.rows(found[name]))

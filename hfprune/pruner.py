@@ -21,7 +21,7 @@ from hfprune.lora import adapter_weights_of_bases, keep_sparse, lora_layers, mer
 from hfprune.peft_names import ModelView, model_view
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe import Recipe, RecipeSource, load_recipe
-from hfprune.sharding import sharding_of
+from hfprune.sharding import UnsupportedSharding, count_zeros, is_sharded, layout_of, shard_group, unsharded_copy
 from hfprune.state import load_state, save_state
 from hfprune.strategy import StepContext, Strategy, StrategyConfig
 from hfprune.targets import match_targets, near_misses
@@ -112,15 +112,7 @@ class Pruner:
             except TargetError as exc:
                 problems.append(self.recipe.problem(("pruners", index, "targets"), str(exc)))
                 continue
-            sharded = [(name, how) for name, param in parameters.items() if (how := sharding_of(param))]
-            if sharded:
-                name, how = sharded[0]
-                problems.append(self.recipe.problem(
-                    ("pruners", index, "targets"),
-                    f"{name} is {how}: hfprune prunes parameters each process holds whole ({len(sharded)} targeted are split)",
-                    hint="train with DDP (accelerate launch --multi_gpu) or leave these modules out of the sharding; "
-                    "README 'Many processes' says what is supported",
-                ))
+            problems.extend(self._sharding_problems(index, info, parameters, view))
             for name in parameters:
                 if name in claimed:
                     problems.append(self.recipe.problem(
@@ -144,6 +136,36 @@ class Pruner:
             name: param for plan in plans for name, param in plan.parameters.items() if view.prefix and not param.requires_grad
         }
         return plans
+
+    def _sharding_problems(self, index: int, info: StrategyInfo, parameters: dict[str, nn.Parameter], view: ModelView) -> list[Problem]:
+        """Why the entry cannot prune the parameters split across processes, if it cannot (README 'Many processes')."""
+        where = ("pruners", index, "targets")
+        layouts = []
+        for name, param in parameters.items():
+            try:
+                layouts.append(layout_of(param))
+            except UnsupportedSharding as exc:
+                return [self.recipe.problem(
+                    where, f"{name} is {exc}: hfprune prunes parameters each process holds whole, or FSDP2 shards by rows",
+                    hint="train with DDP (accelerate launch --multi_gpu) or FSDP2 (fully_shard), or leave these modules out "
+                    "of the sharding; README 'Many processes' says what is supported",
+                )]
+        split = [name for name, layout in zip(parameters, layouts) if layout.sharded]
+        if not split:
+            return []
+        if not info.cls.shardable:
+            return [self.recipe.problem(
+                where, f"{split[0]} is sharded by FSDP2, and strategy {info.name!r} does not declare that it prunes "
+                f"parameters split across processes ({len(split)} targeted are)",
+                hint="train it with DDP, or ask its author to support FSDP2 (CONTRIBUTING 'Sharded parameters')",
+            )]
+        if view.prefix:
+            return [self.recipe.problem(where, f"{split[0]} is sharded by FSDP2 in a peft model: LoRA under FSDP2 is not supported yet")]
+        try:
+            shard_group(layouts)
+        except UnsupportedSharding as exc:
+            return [self.recipe.problem(where, f"the targeted parameters are {exc}")]
+        return []
 
     def start(self, total_steps: int | None) -> None:
         """Build the strategies for a run of ``total_steps`` optimizer steps (None: unknown)."""
@@ -233,18 +255,18 @@ class Pruner:
     @torch.no_grad()
     def sparsity(self) -> dict[str, float]:
         """Fraction of exactly-zero weights: ``sparsity`` over all targeted parameters, and per entry."""
-        zeros: dict[str, torch.Tensor] = {}
+        zeros: dict[str, int] = {}
         sizes: dict[str, int] = {}
         for plan in self.plans:
             if not plan.parameters:  # layer gates change no weights
                 continue
-            zeros[plan.label] = sum((p == 0).sum() for p in plan.parameters.values())
+            params = list(plan.parameters.values())
+            zeros[plan.label] = count_zeros(params, [layout_of(p) for p in params])
             sizes[plan.label] = plan.numel
         if not zeros:
             return {}
-        counts = torch.stack([torch.as_tensor(z) for z in zeros.values()]).tolist()
-        result = {"sparsity": sum(counts) / max(sum(sizes.values()), 1)}
-        result.update({f"sparsity/{label}": c / max(sizes[label], 1) for label, c in zip(zeros, counts)})
+        result = {"sparsity": sum(zeros.values()) / max(sum(sizes.values()), 1)}
+        result.update({f"sparsity/{label}": count / max(sizes[label], 1) for label, count in zeros.items()})
         return result
 
     def metrics(self) -> dict[str, float]:
@@ -316,8 +338,15 @@ class Pruner:
                 raise StateError(f"saved weight {name} has shape {tuple(saved[name].shape)}, the model's {tuple(param.shape)}")
             param.copy_(saved[name])
 
-    def save(self, directory: str | os.PathLike) -> None:
-        save_state(directory, self.state_dict())
+    def save(self, directory: str | os.PathLike, write: bool = True) -> None:
+        """Write the pruning state to ``directory`` when ``write`` (the process that saves checkpoints).
+
+        Under FSDP2 every process must call it, each passing whether it writes: assembling
+        the whole masks from their parts is collective.
+        """
+        state = self.state_dict()
+        if write:
+            save_state(directory, state)
 
     def load(self, directory: str | os.PathLike) -> None:
         self.load_state_dict(load_state(directory))
@@ -335,6 +364,8 @@ class Pruner:
 
         The copy's outputs are checked against ``model``'s on ``probe`` (default: a seeded
         random batch); CompactionError when they differ or when nothing can be removed.
+        Under FSDP2 every process must call it: the plan's masks and the model's weights are
+        gathered whole, and every process gets the same plain (unsharded) compacted model.
         A model with LoRA adapters is merged first (:func:`hfprune.lora.merge_lora`, which
         keeps pruned weights zero), so the copy is a plain model.
         """
@@ -349,4 +380,6 @@ class Pruner:
         model = unwrap_model(model)
         if lora_layers(model):
             model = merge_lora(copy.deepcopy(model))
+        if is_sharded(model):
+            model = unsharded_copy(model)
         return compact_model(model, pruned, self.registry.architectures, probe)

@@ -70,6 +70,10 @@ class Strategy:
     """
 
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    #: Whether the strategy prunes parameters FSDP2 splits across processes: it works on
+    #: what each process holds and reduces across processes what spans them (CONTRIBUTING,
+    #: "Sharded parameters"). The engine refuses split parameters to strategies without it.
+    shardable: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from functools import cached_property
 from torch import nn
 
 from hfprune.peft_names import ModelView, model_view
+from hfprune.sharding import plain_class
 
 REGEX_PREFIX = "re:"
 
@@ -34,7 +35,7 @@ class TargetPattern:
 
     def matches(self, names: tuple[str, ...], module: nn.Module) -> bool:
         """Whether the target selects ``module``, known by any of ``names``."""
-        if self.regex is None and type(module).__name__ == self.text:
+        if self.regex is None and plain_class(module).__name__ == self.text:
             return True
         return any(self._matches_name(n) for n in names)
 
@@ -93,7 +94,7 @@ def near_misses(model: nn.Module | ModelView, target: str, limit: int = 5) -> li
     view = model if isinstance(model, ModelView) else model_view(model)
     text = target[len(REGEX_PREFIX):] if target.startswith(REGEX_PREFIX) else target
     names = [name for name in view.modules if name]
-    candidates = sorted(set(names) | {type(m).__name__ for m in view.modules.values()})
+    candidates = sorted(set(names) | {plain_class(m).__name__ for m in view.modules.values()})
     close = difflib.get_close_matches(text, candidates, n=limit, cutoff=0.6)
     if len(close) < limit:
         # Suffix-style targets are short; compare them with name tails too.

@@ -211,7 +211,7 @@ def _masked_weights(strategy: MaskingStrategy) -> list[str]:
     if not strategy.masks.active:
         return []
     found = []
-    for name, param, keep in zip(strategy.masks.names, strategy.masks.params, strategy.masks.keep()):
+    for name, param, keep in zip(strategy.masks.names, strategy.masks.weights(), strategy.masks.keep()):
         count = int(param.detach()[~keep].count_nonzero())
         if count:
             found.append(f"{count} weights of {name}")

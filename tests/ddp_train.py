@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import test_conformance as builtin  # noqa: E402  (the built-ins' conformance cases: recipes that suit tiny_bert)
 
-from hfprune import PruneCallback  # noqa: E402
+from hfprune import PruneCallback, Pruner  # noqa: E402
 from hfprune.testing import Case, TokenDataset, tiny_bert  # noqa: E402
 
 CASES = {
@@ -69,7 +70,7 @@ def train(name: str, args: argparse.Namespace) -> None:
     model = tiny_bert()
     trainer = Trainer(model=model, args=training, train_dataset=TokenDataset(size=256), callbacks=[callback])
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    _write_result(output / f"rank{rank}.safetensors", model, callback, saves)
+    write_result(output / f"rank{rank}.safetensors", model.state_dict(), callback.pruner, saves)
 
 
 def _count_saves(callback: PruneCallback) -> list[str]:
@@ -77,18 +78,19 @@ def _count_saves(callback: PruneCallback) -> list[str]:
     saved: list[str] = []
     save = callback.pruner.save
 
-    def recording_save(directory):
-        saved.append(Path(directory).name)
-        save(directory)
+    def recording_save(directory, write=True):
+        if write:
+            saved.append(Path(directory).name)
+        save(directory, write)
 
     callback.pruner.save = recording_save
     return saved
 
 
-def _write_result(path: Path, model, callback: PruneCallback, saves: list[str]) -> None:
-    state = callback.pruner.state_dict()
-    tensors = {f"weight/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    values = {}
+def write_result(path: Path, weights: dict[str, torch.Tensor], pruner: Pruner, saves: list[str], **values) -> None:
+    """Weights, the first entry's strategy state and plain values (``values`` added), for test_distributed.py to compare."""
+    state = pruner.state_dict()
+    tensors = {f"weight/{k}": v.detach().contiguous() for k, v in weights.items()}
     for key, value in state["entries"][0].items():
         if torch.is_tensor(value):
             tensors[f"state/{key}"] = value.detach().cpu().contiguous()
@@ -103,7 +105,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     for name in args.cases:
         train(name, args)
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Wait for every process, then close the group: a process that exits while another still talks to it can abort gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

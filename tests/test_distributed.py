@@ -1,9 +1,16 @@
 """Every built-in strategy under ``accelerate launch --multi_gpu --num_processes 2`` (two CPU processes, gloo).
 
-Masks, gates and strategy state must never drift apart between ranks: each rank derives them
-from weights and gradients DDP keeps identical, and layer-lasso all-reduces its gates'
-gradients. The run must also match one process training on the same global batch, resume
-exactly, let only the main process write pruning state, and fail cleanly when one rank fails.
+DDP (a stock Trainer, ddp_train.py): masks, gates and strategy state must never drift apart
+between ranks: each rank derives them from weights and gradients DDP keeps identical, and
+layer-lasso all-reduces its gates' gradients. The run must also match one process training
+on the same global batch, resume exactly, let only the main process write pruning state, and
+fail cleanly when one rank fails.
+
+FSDP2 (torch's ``fully_shard`` in a hand-written loop, fsdp_train.py): each process holds half
+the rows of every matrix, so thresholds and block norms must span the halves. The whole model
+and pruning state gathered at the end must match one unsharded process on the same batches,
+a run resumed from a ``torch.distributed.checkpoint`` checkpoint must end bitwise where the
+uninterrupted one did, and compaction must give the unsharded run's model.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from safetensors import safe_open
 from hfprune.testing import tiny_bert
 
 from ddp_train import CASES
+from fsdp_train import STRUCTURED
 
-SCRIPT = Path(__file__).resolve().parent / "ddp_train.py"
+DDP_SCRIPT = Path(__file__).resolve().parent / "ddp_train.py"
+FSDP_SCRIPT = Path(__file__).resolve().parent / "fsdp_train.py"
 # One process at batch 16 against two at 8 sees the same samples at every step, but DDP averages
 # the two halves' gradients, so float32 sums round differently. Adam turns that rounding into
 # full-size steps for weights whose gradient is itself at rounding level, so weights are compared
@@ -36,14 +45,14 @@ UNSTRUCTURED = {"magnitude", "rpp"}
 UNSTRUCTURED_SWAPS = 0.01
 
 
-def launch(output: Path, *options: str, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The training script under ``accelerate launch`` (or plain python for one process)."""
+def launch(output: Path, *options: str, processes: int = 2, timeout: int = 600, script: Path = DDP_SCRIPT) -> subprocess.CompletedProcess:
+    """A training script under ``accelerate launch`` (or plain python for one process)."""
     if processes == 1:
-        command = [sys.executable, str(SCRIPT)]
+        command = [sys.executable, str(script)]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port()), str(SCRIPT)]
+                   "--main_process_port", str(free_port()), str(script)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*command, str(output), *options], capture_output=True, text=True, timeout=timeout, env=environment)
     if processes > 1 and killed_by_a_signal(done):
@@ -86,21 +95,29 @@ def result(path: Path) -> dict:
             "saves": json.loads(metadata["saves"])}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def launch_all(root: Path, script: Path, *single_options: str) -> dict[str, Path]:
     """Two processes; one process at the same global batch; two processes resumed from the first run's step-3 checkpoint."""
-    root = tmp_path_factory.mktemp("distributed")
-    runs = {"ddp": root / "ddp", "single": root / "single", "resumed": root / "resumed"}
-    for name, options, processes in (("ddp", (), 2), ("single", ("--per-device-batch", "16"), 1),
-                                     ("resumed", ("--resume", str(runs["ddp"])), 2)):
-        done = launch(runs[name], *options, processes=processes)
+    runs = {"two": root / "two", "single": root / "single", "resumed": root / "resumed"}
+    for name, options, processes in (("two", (), 2), ("single", single_options, 1),
+                                     ("resumed", ("--resume", str(runs["two"])), 2)):
+        done = launch(runs[name], *options, processes=processes, script=script)
         assert done.returncode == 0, f"{name} run failed:\n{failure(done)}"
     return runs
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    return launch_all(tmp_path_factory.mktemp("ddp"), DDP_SCRIPT, "--per-device-batch", "16")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory) -> dict[str, Path]:
+    return launch_all(tmp_path_factory.mktemp("fsdp"), FSDP_SCRIPT)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_ranks_end_bitwise_equal(runs, case):
-    rank0, rank1 = (result(runs["ddp"] / case / f"rank{r}.safetensors") for r in (0, 1))
+    rank0, rank1 = (result(runs["two"] / case / f"rank{r}.safetensors") for r in (0, 1))
     assert rank0["tensors"].keys() == rank1["tensors"].keys()
     differing = [k for k in rank0["tensors"] if not torch.equal(rank0["tensors"][k], rank1["tensors"][k])]
     assert not differing, f"ranks differ in {differing[:5]}"
@@ -110,29 +127,39 @@ def test_ranks_end_bitwise_equal(runs, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_one_process_with_the_same_global_batch(runs, case):
     """The same samples per step, gradients averaged in another order: the same structure, nearly the same weights."""
-    ddp, single = (result(runs[name] / case / "rank0.safetensors") for name in ("ddp", "single"))
+    assert_like_one_process(runs, case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp2_matches_one_unsharded_process(fsdp_runs, case):
+    """Half the rows on each process: the gathered weights, masks and state of one process that holds them whole."""
+    assert_like_one_process(fsdp_runs, case)
+
+
+def assert_like_one_process(runs: dict[str, Path], case: str) -> None:
+    two, single = (result(runs[name] / case / "rank0.safetensors") for name in ("two", "single"))
     initial = {f"weight/{k}": v for k, v in tiny_bert().state_dict().items()}
     weights = [k for k in single["tensors"] if k.startswith("weight/")]
-    kept_in_both = {k: (ddp["tensors"][k] != 0) & (single["tensors"][k] != 0) for k in weights}
-    deviation = torch.cat([((ddp["tensors"][k] - single["tensors"][k]) * kept_in_both[k]).flatten() for k in weights]).norm()
+    kept_in_both = {k: (two["tensors"][k] != 0) & (single["tensors"][k] != 0) for k in weights}
+    deviation = torch.cat([((two["tensors"][k] - single["tensors"][k]) * kept_in_both[k]).flatten() for k in weights]).norm()
     travelled = torch.cat([((single["tensors"][k] - initial[k]) * kept_in_both[k]).flatten() for k in weights]).norm()
     assert deviation <= UPDATE_TOLERANCE * travelled, f"weights differ by {deviation / travelled:.1%} of the distance training moved them"
     for key, mask in single["tensors"].items():
         if mask.dtype != torch.bool:
             continue
-        other = ddp["tensors"][key]
+        other = two["tensors"][key]
         assert int(other.sum()) == int(mask.sum()), f"{key}: a different number of weights kept"
         swapped = int((other ^ mask).sum()) / mask.numel()
         assert swapped <= (UNSTRUCTURED_SWAPS if case in UNSTRUCTURED else 0), f"{key}: {swapped:.2%} of the mask differs"
     numbers = {k: v for k, v in single["values"].items() if isinstance(v, float)}
-    assert {k: v for k, v in ddp["values"].items() if k not in numbers} == {k: v for k, v in single["values"].items() if k not in numbers}
+    assert {k: v for k, v in two["values"].items() if k not in numbers} == {k: v for k, v in single["values"].items() if k not in numbers}
     for key, value in numbers.items():
-        assert ddp["values"][key] == pytest.approx(value, rel=0.05, abs=1e-6), key
+        assert two["values"][key] == pytest.approx(value, rel=0.05, abs=1e-6), key
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_only_the_main_process_writes_pruning_state(runs, case):
-    rank0, rank1 = (result(runs["ddp"] / case / f"rank{r}.safetensors") for r in (0, 1))
+    rank0, rank1 = (result(runs["two"] / case / f"rank{r}.safetensors") for r in (0, 1))
     assert rank0["saves"] == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
     assert rank1["saves"] == []
 
@@ -140,10 +167,29 @@ def test_only_the_main_process_writes_pruning_state(runs, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_resuming_under_ddp_ends_where_the_uninterrupted_run_did(runs, case):
     """Resumed at step 3 (mid-schedule) in two fresh processes: bitwise the same weights, masks and state at step 8."""
-    uninterrupted, resumed = (result(runs[name] / case / "rank0.safetensors") for name in ("ddp", "resumed"))
+    assert_resumed_exactly(runs, case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resuming_under_fsdp2_ends_where_the_uninterrupted_run_did(fsdp_runs, case):
+    """Sharded model and optimizer from torch.distributed.checkpoint, whole pruning state from hfprune's file."""
+    assert_resumed_exactly(fsdp_runs, case)
+
+
+def assert_resumed_exactly(runs: dict[str, Path], case: str) -> None:
+    uninterrupted, resumed = (result(runs[name] / case / "rank0.safetensors") for name in ("two", "resumed"))
     differing = [k for k, v in uninterrupted["tensors"].items() if not torch.equal(resumed["tensors"][k], v)]
     assert not differing, f"the resumed run differs in {differing[:5]}"
     assert resumed["values"] == uninterrupted["values"] and resumed["step"] == 8
+
+
+@pytest.mark.parametrize("case", STRUCTURED)
+def test_fsdp2_models_compact_on_every_process(fsdp_runs, case):
+    """compact() gathers the sharded model whole; both processes get the model the unsharded run compacts to."""
+    rank0, rank1, single = (result(fsdp_runs[run] / case / f"rank{r}.safetensors") for run, r in (("two", 0), ("two", 1), ("single", 0)))
+    compacted = rank0["values"]["compacted_parameters"]
+    assert compacted == rank1["values"]["compacted_parameters"] == single["values"]["compacted_parameters"]
+    assert compacted < sum(p.numel() for p in tiny_bert().parameters())
 
 
 def test_an_error_on_one_rank_reaches_the_user_without_a_hang(tmp_path):
@@ -152,28 +198,3 @@ def test_an_error_on_one_rank_reaches_the_user_without_a_hang(tmp_path):
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert "'encoder.layer.7' matches no module" in output
-
-
-def test_parameters_split_across_processes_are_refused_before_training(monkeypatch):
-    """FSDP2 (DTensor parameters, runnable on CPU here) and ZeRO-3: a recipe error naming the parameter and what to do."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    from hfprune import Pruner, RecipeError
-
-    recipe = "version: 1\npruners:\n  - strategy: magnitude\n    targets: [intermediate.dense]\n    config: {sparsity: 0.5}\n"
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        model = tiny_bert()
-        for layer in model.bert.encoder.layer:
-            fully_shard(layer)
-        with pytest.raises(RecipeError, match=r"(?s)intermediate\.dense\.weight is a DTensor .*train with DDP"):
-            Pruner(recipe).attach(model)
-    finally:
-        dist.destroy_process_group()
-    model = tiny_bert()
-    model.bert.encoder.layer[1].intermediate.dense.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
-    with pytest.raises(RecipeError, match="layer.1.intermediate.dense.weight is partitioned by DeepSpeed ZeRO-3"):
-        Pruner(recipe).attach(model)

@@ -17,7 +17,7 @@ from hfprune.errors import TargetError
 from hfprune.masks import ReweightedPhaseStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
 
-from hfprune_block_lasso.blocks import BlockSet, build_block_sets
+from hfprune_block_lasso.blocks import BlockSet, block_norms, build_block_sets
 
 Group = Literal["tile", "row", "column", "head", "neuron"]
 
@@ -88,6 +88,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     """
 
     Config = BlockLassoConfig
+    shardable = True  # block norms sum every process's part (blocks.block_norms); masks and factors apply per part
 
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
@@ -116,11 +117,12 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         if self.masks.active:
             self.masks.apply_to_grads()
         elif self._lasso_acts(ctx, "penalty"):
-            for block_set, alpha in zip(self.sets, self.alphas):
+            norms = None if self.config.squared else block_norms(self.sets)
+            for index, (block_set, alpha) in enumerate(zip(self.sets, self.alphas)):
                 if self.config.squared:
                     coefficient = alpha * (2 * self.config.lam)
                 else:
-                    coefficient = alpha * self.config.lam / block_set.norms().clamp_min_(1e-12)
+                    coefficient = alpha * self.config.lam / norms[index].clamp_min_(1e-12)
                 block_set.add_to_grads(coefficient)
 
     @torch.no_grad()
@@ -128,12 +130,13 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         if self.masks.active:
             self.masks.apply_to_weights()
         elif self._lasso_acts(ctx, "proximal"):
-            for block_set, alpha, lr in zip(self.sets, self.alphas, ctx.learning_rates(self._lr_params)):
+            norms = [None] * len(self.sets) if self.config.squared else block_norms(self.sets)
+            for block_set, alpha, lr, norm in zip(self.sets, self.alphas, ctx.learning_rates(self._lr_params), norms):
                 threshold = alpha * (lr * self.config.lam)
                 if self.config.squared:
                     factor = threshold.mul_(2).add_(1).reciprocal_()
                 else:
-                    factor = threshold.div_(block_set.norms().clamp_min_(1e-12)).neg_().add_(1).clamp_min_(0)
+                    factor = threshold.div_(norm.clamp_min_(1e-12)).neg_().add_(1).clamp_min_(0)
                 block_set.scale_weights(factor)
 
     def _lasso_acts(self, ctx: StepContext, form: str) -> bool:
@@ -150,8 +153,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     @torch.no_grad()
     def reweight(self) -> None:
         """``alpha_b = 1 / (||W_b|| + eps)`` (or of the squared norm) from the current weights."""
-        for block_set, alpha in zip(self.sets, self.alphas):
-            norms = block_set.norms()
+        for norms, alpha in zip(block_norms(self.sets), self.alphas):
             if self.config.squared:
                 norms.square_()
             alpha.copy_(norms.add_(self.config.eps).reciprocal_())
@@ -160,11 +162,12 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     @torch.no_grad()
     def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The hard prune: mask the ``ratio`` of blocks with the smallest norms, for good."""
-        keeps = self._keep_vectors([s.norms() for s in self.sets])
-        masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in zip(self.masks.names, self.masks.params)}
+        keeps = self._keep_vectors(block_norms(self.sets))
+        params = zip(self.masks.names, self.masks.params)
+        masks = {name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in params}  # whole: blocks span rows
         for block_set, keep in zip(self.sets, keeps):
             block_set.keep_masks(keep, masks)
-        self.masks.set([masks[name] for name in self.masks.names], optimizer)
+        self.masks.set([layout.rows(masks[name]) for name, layout in zip(self.masks.names, self.masks.layouts)], optimizer)
         self.alphas = None
 
     def _keep_vectors(self, norms: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -200,7 +203,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         """``zero_blocks``: the fraction of blocks whose weights are all zero (pruned, or thresholded to zero)."""
-        norms = [s.norms() for s in self.sets]
+        norms = block_norms(self.sets)
         zeros = torch.stack([(n == 0).sum() for n in norms]).sum().item()
         return {"zero_blocks": zeros / sum(n.numel() for n in norms)}
 
@@ -208,7 +211,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         """Once the pattern is fixed: each parameter's keep-mask, whose all-False slices compaction removes."""
         if not self.masks.active:
             return None
-        return dict(zip(self.masks.names, self.masks.keep()))
+        return dict(zip(self.masks.names, self.masks.whole_keep()))
 
     def alpha_names(self) -> list[str]:
         return [block_set.name for block_set in self.sets]
@@ -223,7 +226,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         self.weighted = bool(state.get("weighted", self.alphas is not None and any((a != 1).any() for a in self.alphas)))
 
     def new_alphas(self) -> list[torch.Tensor]:
-        return [torch.ones_like(block_set.norms()) for block_set in self.sets]
+        return [torch.ones_like(norms) for norms in block_norms(self.sets)]
 
 
 @hookimpl

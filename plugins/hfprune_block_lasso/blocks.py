@@ -6,6 +6,11 @@ through a view whose group axes enumerate the blocks and whose other axes run ov
 block's weights, so a norm over those axes gives every block's norm at once, and a
 per-block factor broadcasts back over it. The hot path is one reduction and one in-place
 multiply per matrix, whatever the number of blocks.
+
+A matrix FSDP2 splits by rows is seen through the same view of its rows spread into a
+whole-shaped zero matrix (:mod:`hfprune.sharding`): the reduction then gives this process's
+part of each block's squared norm, one ``all_reduce`` a step sums the parts of all blocks,
+and per-block factors are broadcast whole and cut to the local rows.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hfprune.architecture import ArchitectureAdapter, Member, find_units, weight_dim
 from hfprune.errors import TargetError
 from hfprune.peft_names import named_modules
+from hfprune.sharding import Layout, layout_of, shard_group
 
 
 class BlockedMatrix:
@@ -26,18 +33,42 @@ class BlockedMatrix:
 
     name: str
     param: nn.Parameter
+    layout: Layout
     reduce_axes: tuple[int, ...]  # the view's axes that run over one block's weights
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (the weight, its gradient or a mask, all shaped like ``param``) with blocks as axes."""
+        """``tensor`` (the weight, its gradient or a mask, all shaped like the whole ``param``) with blocks as axes."""
         raise NotImplementedError
 
     def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
         """Shape that broadcasts a per-block tensor of shape ``grid`` over :meth:`view`."""
         raise NotImplementedError
 
-    def norms_squared(self, tensor: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(self.view(tensor), dim=self.reduce_axes).square()
+    def norms_squared(self) -> torch.Tensor:
+        """Each block's squared norm; of this process's rows only, when the parameter is sharded."""
+        weight = self.layout.spread(self.layout.local(self.param))
+        return torch.linalg.vector_norm(self.view(weight), dim=self.reduce_axes).square()
+
+    def multiply(self, tensor: torch.Tensor, per_block: torch.Tensor) -> None:
+        """``tensor`` (this process's part of the weight or its gradient) times its block's factor, in place."""
+        if self.layout.sharded:
+            tensor.mul_(self._per_weight(per_block))
+        else:
+            self.view(tensor).mul_(per_block.view(self.scale_shape(per_block.shape)))
+
+    def add_scaled_weight(self, grad: torch.Tensor, per_block: torch.Tensor) -> None:
+        """``grad += per_block[b] * W_b`` for every block b, in place, on this process's part."""
+        weight = self.layout.local(self.param)
+        if self.layout.sharded:
+            grad.addcmul_(weight, self._per_weight(per_block))
+        else:
+            self.view(grad).addcmul_(self.view(weight), per_block.view(self.scale_shape(per_block.shape)))
+
+    def _per_weight(self, per_block: torch.Tensor) -> torch.Tensor:
+        """Each local weight's block value: broadcast over the whole shape, then cut to this process's rows."""
+        whole = per_block.new_ones(self.param.shape)
+        self.view(whole).mul_(per_block.view(self.scale_shape(per_block.shape)))
+        return self.layout.rows(whole)
 
 
 class GroupedMatrix(BlockedMatrix):
@@ -45,6 +76,7 @@ class GroupedMatrix(BlockedMatrix):
 
     def __init__(self, name: str, member: Member, count: int):
         self.name, self.param, self.member, self.count = name, member.module.weight, member, count
+        self.layout = layout_of(self.param)
         self.reduce_axes = tuple(axis for axis in range(self.param.dim() + 1) if axis != member.dim)
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -63,6 +95,7 @@ class TiledMatrix(BlockedMatrix):
 
     def __init__(self, name: str, param: nn.Parameter, tile: tuple[int, int], out_dim: int):
         self.name, self.param, self.tile = name, param, tile
+        self.layout = layout_of(param)
         self.out_dim = out_dim  # the weight axis of output features: 1 for Conv1D, which stores (in, out)
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -81,32 +114,44 @@ class BlockSet:
     name: str
     matrices: tuple[BlockedMatrix, ...]
 
-    @torch.no_grad()
     def norms(self) -> torch.Tensor:
-        """Each block's L2 norm across all its matrices (shape: the block grid)."""
-        total = self.matrices[0].norms_squared(self.matrices[0].param)
-        for matrix in self.matrices[1:]:
-            total += matrix.norms_squared(matrix.param)
-        return total.sqrt_()
+        """Each block's L2 norm across all its matrices (shape: the block grid); see :func:`block_norms`."""
+        return block_norms([self])[0]
 
     @torch.no_grad()
     def scale_weights(self, factor: torch.Tensor) -> None:
         """Multiply every block by its factor, in place."""
         for matrix in self.matrices:
-            matrix.view(matrix.param).mul_(factor.view(matrix.scale_shape(factor.shape)))
+            matrix.multiply(matrix.layout.local(matrix.param), factor)
 
     @torch.no_grad()
     def add_to_grads(self, coefficient: torch.Tensor) -> None:
         """``grad += coefficient_b * W_b`` for every block b (the penalty's gradient), in place."""
         for matrix in self.matrices:
             if matrix.param.grad is not None:
-                shaped = coefficient.view(matrix.scale_shape(coefficient.shape))
-                matrix.view(matrix.param.grad).addcmul_(matrix.view(matrix.param), shaped)
+                matrix.add_scaled_weight(matrix.layout.local(matrix.param.grad), coefficient)
 
     def keep_masks(self, keep: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
-        """Write the per-block keep vector into each matrix's boolean mask (masks start all True)."""
+        """Write the per-block keep vector into each matrix's whole boolean mask (masks start all True)."""
         for matrix in self.matrices:
             matrix.view(masks[matrix.name]).logical_and_(keep.view(matrix.scale_shape(keep.shape)))
+
+
+@torch.no_grad()
+def block_norms(sets: list[BlockSet]) -> list[torch.Tensor]:
+    """Every set's block norms. Over matrices FSDP2 splits, the parts' squares are summed by one ``all_reduce`` for all sets."""
+    split, held = [], []  # per set: squared norms summed over sharded matrices, and over whole ones
+    for block_set in sets:
+        squares = [(m.norms_squared(), m.layout.sharded) for m in block_set.matrices]
+        split.append(sum(sq for sq, sharded in squares if sharded))
+        held.append(sum(sq for sq, sharded in squares if not sharded))
+    partial = [s for s in split if torch.is_tensor(s)]
+    if partial:
+        joined = torch.cat([p.flatten() for p in partial])
+        dist.all_reduce(joined, group=shard_group([m.layout for s in sets for m in s.matrices]))
+        sums = iter(joined.split([p.numel() for p in partial]))
+        split = [next(sums).view_as(s) if torch.is_tensor(s) else s for s in split]
+    return [(s + h).sqrt_() for s, h in zip(split, held)]
 
 
 def build_block_sets(targets: dict[str, nn.Module], group: str, tile: tuple[int, int] | None, adapters: list[ArchitectureAdapter]) -> list[BlockSet]:

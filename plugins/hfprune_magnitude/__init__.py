@@ -43,6 +43,7 @@ class MagnitudeStrategy(MaskingStrategy):
     """
 
     Config = MagnitudeConfig
+    shardable = True  # masks apply to each process's part; thresholds are the whole matrices'
 
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
@@ -63,7 +64,8 @@ class MagnitudeStrategy(MaskingStrategy):
         # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real one.
         due = self.last_update_step(ctx.step)
         if due is not None and due != self.updated_for:
-            masks = largest_magnitude_masks(self.masks.params, self.target_sparsity(due), self.config.scope)
+            sparsity = self.target_sparsity(due)
+            masks = largest_magnitude_masks(self.masks.weights(), sparsity, self.config.scope, self.masks.layouts)
             self.masks.set(masks, ctx.optimizer)
             self.updated_for = due
 

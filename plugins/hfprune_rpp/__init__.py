@@ -11,6 +11,7 @@ from pydantic import Field
 
 from hfprune import StrategyConfig, hookimpl
 from hfprune.masks import ReweightedPhaseStrategy, Scope, largest_magnitude_masks
+from hfprune.sharding import count_zeros
 from hfprune.strategy import StepContext
 
 class RPPConfig(StrategyConfig):
@@ -61,12 +62,13 @@ class RPPStrategy(ReweightedPhaseStrategy):
     """
 
     Config = RPPConfig
+    shardable = True  # elementwise on each process's part; thresholds and counts span the parts
 
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
         # One alpha per weight, in the weight's dtype so the hot path stays in one dtype.
         # Dropped once the pattern is fixed: masked training needs only the masks.
-        self.alphas: list[torch.Tensor] | None = [torch.ones_like(p, requires_grad=False) for p in self.masks.params]
+        self.alphas: list[torch.Tensor] | None = [torch.ones_like(w, requires_grad=False) for w in self.masks.weights()]
         self.proximal_sparsity: float | None = None
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
@@ -84,7 +86,7 @@ class RPPStrategy(ReweightedPhaseStrategy):
         Computed as ``w - clamp(w, -t, t)``, which equals ``sign(w) * max(|w| - t, 0)``
         with two temporaries per tensor instead of four.
         """
-        weights = self.masks.params
+        weights = self.masks.weights()
         thresholds = torch._foreach_mul(self.alphas, [lr * self.config.lam for lr in learning_rates])
         clamped = torch._foreach_minimum(weights, thresholds)
         torch._foreach_neg_(thresholds)
@@ -94,20 +96,20 @@ class RPPStrategy(ReweightedPhaseStrategy):
     @torch.no_grad()
     def reweight(self) -> None:
         """``alpha = 1 / (|w| + eps)`` from the current weights, in place."""
-        torch._foreach_copy_(self.alphas, [p.detach() for p in self.masks.params])
+        torch._foreach_copy_(self.alphas, [w.detach() for w in self.masks.weights()])
         torch._foreach_abs_(self.alphas)
         torch._foreach_add_(self.alphas, self.config.eps)
         torch._foreach_reciprocal_(self.alphas)
 
     def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
         """End the proximal phase: mask the smallest magnitudes up to the target sparsity, for good."""
-        self.masks.set(largest_magnitude_masks(self.masks.params, self.config.sparsity, self.config.scope), optimizer)
+        masks = largest_magnitude_masks(self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts)
+        self.masks.set(masks, optimizer)
         self.alphas = None
 
     @torch.no_grad()
     def _zero_fraction(self) -> float:
-        zeros = torch.stack([(p == 0).sum() for p in self.masks.params]).sum().item()
-        return zeros / sum(p.numel() for p in self.masks.params)
+        return count_zeros(self.masks.params, self.masks.layouts) / sum(p.numel() for p in self.masks.params)
 
     def metrics(self) -> dict[str, float]:
         return {} if self.proximal_sparsity is None else {"proximal_sparsity": self.proximal_sparsity}
@@ -116,7 +118,10 @@ class RPPStrategy(ReweightedPhaseStrategy):
         return self.masks.names
 
     def new_alphas(self) -> list[torch.Tensor]:
-        return [torch.empty_like(p) for p in self.masks.params]
+        return [torch.empty_like(w) for w in self.masks.weights()]
+
+    def alpha_layouts(self):
+        return self.masks.layouts
 
     def state_dict(self) -> dict:
         return {"proximal_sparsity": self.proximal_sparsity} | super().state_dict()
