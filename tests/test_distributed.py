@@ -41,6 +41,10 @@ FSDP_SCRIPT = Path(__file__).resolve().parent / "fsdp_train.py"
 # (heads, neurons, layers) must be identical. Unstructured masks keep the same number of weights
 # and may swap weights tied at the threshold: at most 1% of a matrix (one pair of 2048 measured).
 UPDATE_TOLERANCE = 0.10
+# FSDP2 in a hand-written loop against one process: 8e-7 of the distance at most (5e-7 to 8e-7 measured
+# over the five cases); 1e-3 leaves room for other machines and still fails a strategy that prunes or
+# shrinks the wrong rows (a sharded norm or threshold taken from one process's rows changes whole blocks).
+FSDP_UPDATE_TOLERANCE = 1e-3
 UNSTRUCTURED = {"magnitude", "rpp"}
 UNSTRUCTURED_SWAPS = 0.01
 
@@ -133,17 +137,17 @@ def test_matches_one_process_with_the_same_global_batch(runs, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_matches_one_unsharded_process(fsdp_runs, case):
     """Half the rows on each process: the gathered weights, masks and state of one process that holds them whole."""
-    assert_like_one_process(fsdp_runs, case)
+    assert_like_one_process(fsdp_runs, case, FSDP_UPDATE_TOLERANCE)
 
 
-def assert_like_one_process(runs: dict[str, Path], case: str) -> None:
+def assert_like_one_process(runs: dict[str, Path], case: str, tolerance: float = UPDATE_TOLERANCE) -> None:
     two, single = (result(runs[name] / case / "rank0.safetensors") for name in ("two", "single"))
     initial = {f"weight/{k}": v for k, v in tiny_bert().state_dict().items()}
     weights = [k for k in single["tensors"] if k.startswith("weight/")]
     kept_in_both = {k: (two["tensors"][k] != 0) & (single["tensors"][k] != 0) for k in weights}
     deviation = torch.cat([((two["tensors"][k] - single["tensors"][k]) * kept_in_both[k]).flatten() for k in weights]).norm()
     travelled = torch.cat([((single["tensors"][k] - initial[k]) * kept_in_both[k]).flatten() for k in weights]).norm()
-    assert deviation <= UPDATE_TOLERANCE * travelled, f"weights differ by {deviation / travelled:.1%} of the distance training moved them"
+    assert deviation <= tolerance * travelled, f"weights differ by {deviation / travelled:.2e} of the distance training moved them"
     for key, mask in single["tensors"].items():
         if mask.dtype != torch.bool:
             continue
