@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from hfprune.lora import adapter_weights_of_bases, keep_sparse, lora_layers, mer
 from hfprune.peft_names import ModelView, model_view
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe import Recipe, RecipeSource, load_recipe
-from hfprune.sharding import UnsupportedSharding, count_zeros, is_sharded, layout_of, shard_group, unsharded_copy
+from hfprune.sharding import Layout, UnsupportedSharding, count_zeros, is_sharded, layout_of, shard_group, unsharded_copy
 from hfprune.state import load_state, save_state
 from hfprune.strategy import StepContext, Strategy, StrategyConfig
 from hfprune.targets import match_targets, near_misses
@@ -45,6 +46,11 @@ class EntryPlan:
     def numel(self) -> int:
         """How many weights this entry targets."""
         return sum(p.numel() for p in self.parameters.values())
+
+    @cached_property
+    def layouts(self) -> list[Layout]:
+        """How each targeted parameter lies across processes (attach has refused the layouts hfprune cannot prune)."""
+        return [layout_of(p) for p in self.parameters.values()]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -260,8 +266,7 @@ class Pruner:
         for plan in self.plans:
             if not plan.parameters:  # layer gates change no weights
                 continue
-            params = list(plan.parameters.values())
-            zeros[plan.label] = count_zeros(params, [layout_of(p) for p in params])
+            zeros[plan.label] = count_zeros(list(plan.parameters.values()), plan.layouts)
             sizes[plan.label] = plan.numel
         if not zeros:
             return {}
