@@ -8,7 +8,8 @@ import tarfile
 import pytest
 
 from hfprune.data import split
-from hfprune.data.polarity import MEMBER, _extract_member, read_polarity
+from hfprune.data.debian import extract_member
+from hfprune.data.polarity import MEMBER, read_polarity
 from hfprune.errors import HfpruneError
 
 
@@ -55,6 +56,6 @@ def _deb_with(member: str, content: bytes) -> bytes:
 def test_extract_member_reads_one_file_out_of_a_deb(tmp_path):
     deb = tmp_path / "python3-pattern_1_all.deb"
     deb.write_bytes(_deb_with(MEMBER, POLARITY_CSV.encode()))
-    assert _extract_member(deb, MEMBER) == POLARITY_CSV.encode()
+    assert extract_member(deb, MEMBER) == POLARITY_CSV.encode()
     with pytest.raises(HfpruneError, match="has no usr/share/doc/other"):
-        _extract_member(deb, "usr/share/doc/other")
+        extract_member(deb, "usr/share/doc/other")

@@ -1,0 +1,68 @@
+"""Files from Debian packages, fetched once with ``apt-get download`` (no root needed) and cached.
+
+Some real corpora this project uses ship inside Debian packages. Their text is never part of
+this repository: the package is downloaded on first use and only the needed file is kept in
+a cache folder (``$HFPRUNE_CACHE``, default ``~/.cache/hfprune``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from hfprune.errors import HfpruneError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HFPRUNE_CACHE") or Path.home() / ".cache" / "hfprune")
+
+
+def cached_member(package: str, member: str, cached_name: str, what: str) -> Path:
+    """``member`` of ``package`` as ``cache_dir() / cached_name``, downloaded on first use; ``what`` names it in errors."""
+    target = cache_dir() / cached_name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as workdir:
+            if shutil.which("apt-get") is None:
+                raise HfpruneError(f"{what} comes from the Debian package {package}, and apt-get is not available; "
+                                   f"put its file {member} at {target} yourself")
+            extracted = extract_member(download_deb(Path(workdir), package), member)
+            temporary = target.with_name(target.name + ".tmp")
+            temporary.write_bytes(extracted)
+            os.replace(temporary, target)
+    return target
+
+
+def download_deb(workdir: Path, package: str) -> Path:
+    """``package``'s .deb, downloaded into ``workdir``."""
+    done = subprocess.run(["apt-get", "download", package], cwd=workdir, capture_output=True, text=True)
+    debs = sorted(workdir.glob(f"{package}_*.deb"))
+    if done.returncode != 0 or not debs:
+        raise HfpruneError(f"apt-get download {package} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    return debs[0]
+
+
+def extract_member(deb: Path, member: str) -> bytes:
+    """One file from a .deb: an ar archive whose ``data.tar.*`` holds the package's files."""
+    with deb.open("rb") as handle:
+        if handle.read(8) != b"!<arch>\n":
+            raise HfpruneError(f"{deb} is not a Debian package")
+        while header := handle.read(60):
+            name = header[:16].decode().strip().rstrip("/")
+            size = int(header[48:58].decode().strip())
+            payload = handle.read(size)
+            handle.read(size % 2)  # ar pads members to an even length
+            if name.startswith("data.tar"):
+                with tarfile.open(fileobj=io.BytesIO(payload)) as archive:
+                    for candidate in (member, "./" + member):
+                        try:
+                            return archive.extractfile(candidate).read()
+                        except KeyError:
+                            continue
+                raise HfpruneError(f"{deb.name} has no {member}")
+    raise HfpruneError(f"{deb.name} has no data archive")
