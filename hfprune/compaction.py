@@ -51,7 +51,10 @@ def compact_model(
     """A smaller copy of ``model`` without the layers, heads and neurons that ``pruned`` marks (keep-mask False).
 
     ``pruned`` maps parameter names to keep-masks of the parameter's shape, and layer stacks
-    (the name of an ``nn.ModuleList``) to one bool per layer, all fixed for good. Raises
+    (the name of an ``nn.ModuleList``) to one bool per layer, all fixed for good. Layers of
+    residual stacks are deleted by :func:`delete_layers`; a model whose layers read other
+    layers' outputs (a densely connected stack) deletes its own through its method
+    ``hfprune_delete_layers(stacks)``, which returns the hidden-state indices it keeps. Raises
     CompactionError, with ``model`` unchanged, when nothing is removable or when the
     compacted copy's outputs on ``probe`` (default: a seeded random batch) differ from the
     model's by more than 1e-4.
@@ -61,7 +64,11 @@ def compact_model(
     modules = dict(compacted.named_modules())
     names = {id(module): name for name, module in modules.items()}  # before layers go: the names plans use
     stacks = {name: keep for name, keep in pruned.items() if isinstance(modules.get(name), nn.ModuleList)}
-    hidden_states = delete_layers(compacted, stacks) if stacks else None  # None: no layer deleted
+    hidden_states = None  # None: no layer deleted
+    if stacks:
+        # A model whose stacks are not residual (later layers read earlier ones' outputs) deletes its own layers.
+        own_deletion = getattr(compacted, "hfprune_delete_layers", None)
+        hidden_states = own_deletion(stacks) if own_deletion else delete_layers(compacted, stacks)
     units = {kind: list(find_units(compacted, kind, adapters)) for kind in KINDS}
     removals = [r for kind in KINDS for r in (_plan(unit, pruned, names) for unit in units[kind]) if r is not None]
     if hidden_states is None and not removals:

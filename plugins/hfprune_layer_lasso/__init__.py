@@ -44,7 +44,8 @@ class LayerLassoConfig(StrategyConfig):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="layer-wise dropout: chance a layer is skipped on a training forward pass")
     settle: Literal["top", "round"] = Field(
         default="top",
-        description="at schedule end, gates go to 1 or 0: 'top' the `keep` largest to 1; 'round' to the nearer end, at most `keep` at 1",
+        description="at schedule end, gates go to 1 or 0: each stack's largest to 1, then up to `keep` in all the largest others "
+        "('top') or those of them at 0.5 or more ('round')",
     )
     stack: StackKind = Field(default="residual", description="'residual': x + g (f(x) - x); 'dense': g f(x) wherever it is consumed")
 
@@ -209,23 +210,24 @@ class LayerLassoStrategy(Strategy):
     def settle(self, world_size: int = 1) -> None:
         """Fix every gate at 0 or 1 for good, keeping at most ``keep`` layers and at least one per stack.
 
-        Under DDP every rank settles the same gates; the output shift reported is averaged over
-        the ranks' last batches, so the state each rank saves is the same too.
+        Each stack's largest gate goes to 1 first (a stack with no layer could not be
+        compacted), then the largest of the others until ``keep`` layers are kept (under
+        ``settle: round`` only those at 0.5 or more). Under DDP every rank settles the same
+        gates; the output shift reported is averaged over the ranks' last batches, so the
+        state each rank saves is the same too.
         """
         if world_size > 1:
             dist.all_reduce(self._branch_ratio)
             self._branch_ratio /= world_size
         values = self.gates.detach().float().cpu()
         keep = torch.zeros_like(values, dtype=torch.bool)
-        keep[values.argsort(descending=True, stable=True)[: self.config.keep]] = True
-        if self.config.settle == "round":
-            keep &= values >= 0.5
         start = 0
         for stack in self.stacks.values():
-            span = slice(start, start + len(stack))
-            if not keep[span].any():
-                keep[start + int(values[span].argmax())] = True
+            keep[start + int(values[start:start + len(stack)].argmax())] = True
             start += len(stack)
+        others = [i for i in values.argsort(descending=True, stable=True).tolist() if not keep[i]]
+        for i in others[: max(self.config.keep - len(self.stacks), 0)]:
+            keep[i] = self.config.settle == "top" or bool(values[i] >= 0.5)
         self.settle_shift = self._report_settling(values, keep.float())
         self.gates.copy_(keep.float())
         self.settled = keep.float().tolist()
