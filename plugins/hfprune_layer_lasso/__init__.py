@@ -164,10 +164,10 @@ class LayerLassoStrategy(Strategy):
         return gate * 0.0 if dropped else gate
 
     @torch.no_grad()
-    def observe_branch(self, index: int, branch: torch.Tensor, output: torch.Tensor) -> None:
+    def observe_branch(self, index: int, branch: torch.Tensor, reference: torch.Tensor) -> None:
         if self.next_step + 1 != self.schedule.end:  # only the settling report reads it: the last step's batch
             return
-        self._branch_ratio[index] = branch.float().norm() / output.float().norm().clamp_min(1e-12)
+        self._branch_ratio[index] = branch.float().norm() / reference.float().norm().clamp_min(1e-12)
 
     # --- the hot path ------------------------------------------------------------------------
     def before_optimizer_step(self, ctx: StepContext) -> None:

@@ -5,15 +5,16 @@ the word embedding and the outputs of layers ``0 .. i-1``, and the stack's outpu
 concatenation of the embedding and every layer's output (Liu et al., 2018, arXiv 1804.07827,
 and the authors' ``LDRNN``). Because no layer's input depends on a single earlier layer
 alone, any layer can be deleted: layer-lasso's ``stack: dense`` gates multiply a layer's
-output wherever it is consumed, and compaction removes a deleted layer's columns from every
-later layer and from the heads.
+output wherever it is consumed, and compaction (:meth:`DenseLSTMPreTrainedModel.hfprune_delete_layers`)
+removes a deleted layer's columns from every later layer and from the head's projection.
 
 Layer-wise dropout is done here, not by a hook: while training, each layer's output is
 replaced by zeros, with probability ``layer_dropout``, in the inputs of deeper layers, but it
 still reaches the stack's output, so deeper layers learn not to depend on any one layer.
 
 Importing this module registers ``DenseLSTMConfig`` (model type ``hfprune-dense-lstm``)
-with ``AutoConfig``, ``AutoModel`` and ``AutoModelForPreTraining``.
+with ``AutoConfig``, ``AutoModel`` and ``AutoModelForPreTraining``; importing
+:mod:`hfprune_layer_lasso.tagger` also with ``AutoModelForTokenClassification``.
 """
 
 from __future__ import annotations

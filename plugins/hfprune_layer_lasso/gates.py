@@ -26,10 +26,10 @@ class GateSource(Protocol):
     def gate_for(self, index: int, training: bool) -> torch.Tensor | float | None:
         """Layer ``index``'s factor now: a tensor (learned gate), 0.0 or 1.0 (fixed), or None (leave the layer alone)."""
 
-    def observe_branch(self, index: int, branch: torch.Tensor, output: torch.Tensor) -> None:
-        """Called while gates learn with what the gate scales and what that is measured against: a residual layer's
-        branch ``f(x) - x`` and gated output, or a dense layer's ``f(x)`` twice (its gated output may be all zero)
-        (the strategy keeps what it needs: the last step's, for its settling report)."""
+    def observe_branch(self, index: int, branch: torch.Tensor, reference: torch.Tensor) -> None:
+        """Called while gates learn with what the gate scales and the ``reference`` its size is measured against: a
+        residual layer's branch ``f(x) - x`` and gated output, or a dense layer's ``f(x)`` twice (its gated output may
+        be all zero) (the strategy keeps what it needs: the last step's, for its settling report)."""
 
 
 class LayerGateHook(ModelHook):
@@ -53,14 +53,14 @@ class LayerGateHook(ModelHook):
             gate = gate.to(hidden.dtype)
         if self.kind == "dense":
             branch, gated = hidden, gate * hidden
-            measure = hidden  # a gate change moves what the layer feeds by that change times its output
+            reference = hidden  # a gate change moves what the layer feeds by that change times its output
         else:
             inputs = args[0] if args else kwargs["hidden_states"]
             branch = hidden - inputs
             # A gate of 0.0 gives the input exactly, and the layer's weights stay in the graph (with zero
             # gradients), so DistributedDataParallel does not wait for gradients that never come.
             gated = inputs + gate * branch
-            measure = gated
+            reference = gated
         if torch.is_tensor(gate) and gate.requires_grad:
-            self.source.observe_branch(self.index, branch, measure)
+            self.source.observe_branch(self.index, branch, reference)
         return (gated, *output[1:]) if isinstance(output, tuple) else gated

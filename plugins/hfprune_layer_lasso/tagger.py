@@ -20,7 +20,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoModelForTokenClassification
 from transformers.modeling_outputs import TokenClassifierOutput
 
-from hfprune_layer_lasso.words import SHAPES, WordVocabulary
 from hfprune_layer_lasso.dense_lstm import (
     DIRECTIONS,
     DenseLSTMConfig,
@@ -29,6 +28,7 @@ from hfprune_layer_lasso.dense_lstm import (
     Direction,
     fold_input_columns,
 )
+from hfprune_layer_lasso.words import SHAPES, WordVocabulary
 
 UNKNOWN_ID = WordVocabulary([]).id(SHAPES[0])
 
