@@ -22,6 +22,7 @@ from hfprune.errors import CompactionError
 from hfprune.testing import VOCAB, TokenDataset
 from hfprune_layer_lasso.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling, DenseLSTMModel, reverse_padded
 from hfprune_layer_lasso.tagger import DenseLSTMForTokenClassification
+from test_layer_lasso import settle_at
 
 STACKS = ("dense_lstm.forward_stack.layers", "dense_lstm.backward_stack.layers")
 TASK_VOCAB = VOCAB + 20  # the tagger's words: the language model's, then 20 more
@@ -135,12 +136,6 @@ def selecting(model, keep: int, **schedule) -> Pruner:
     return pruner
 
 
-def settle_at(pruner: Pruner, gates: list[float]) -> None:
-    with torch.no_grad():
-        pruner.strategies[0].gates.copy_(torch.tensor(gates))
-    pruner.strategies[0].settle()
-
-
 @pytest.mark.parametrize("keep, kept", [
     (2, [False, False, True, True, False, False]),  # both largest are backward: the forward stack keeps its own largest
     (3, [False, False, True, True, True, False]),
@@ -189,16 +184,12 @@ def test_compaction_deletes_layers_and_their_columns_in_later_layers_and_the_pro
 
 def test_gates_between_zero_and_one_are_folded_into_the_weights_that_read_them():
     model = tiny_tagger()
+    small = copy.deepcopy(model)  # before the gates: the copy folds them instead
     gates = {STACKS[0]: torch.tensor([0.5, 0.0, 0.3]), STACKS[1]: torch.tensor([0.0, 0.8, 0.0])}
     for name, values in gates.items():
         for layer, gate in zip(model.get_submodule(name), values.tolist()):
             layer.register_forward_hook(lambda module, args, output, gate=gate: gate * output)
     ids = torch.randint(1, TASK_VOCAB, (2, 7))
-    small = copy.deepcopy(model)
-    small._forward_hooks.clear()
-    for name in STACKS:
-        for layer in small.get_submodule(name):
-            layer._forward_hooks.clear()
     assert small.hfprune_delete_layers(gates) == [0, 2, 4]
     torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert small.projection.in_features == 2 * 8 + 3 * 6

@@ -14,15 +14,12 @@ import bz2
 import gzip
 import json
 import lzma
-import os
-import shutil
 import struct
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
-from hfprune.data.debian import cache_dir, download_deb, extract_member
+from hfprune.data.debian import cached_file, extract_member
 from hfprune.errors import HfpruneError
 
 PACKAGE = "r-cran-janeaustenr"
@@ -33,19 +30,13 @@ NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northa
 
 def austen_path() -> Path:
     """The cached novels (JSON: novel name to its lines), downloaded and converted on first use."""
-    target = cache_dir() / CACHED_NAME
-    if not target.is_file():
-        if shutil.which("apt-get") is None:
-            raise HfpruneError(f"the Jane Austen text comes from the Debian package {PACKAGE}, and apt-get is not available")
-        with tempfile.TemporaryDirectory() as workdir:
-            deb = download_deb(Path(workdir), PACKAGE)
-            records = read_lazyload(extract_member(deb, DATABASE + ".rdx"), extract_member(deb, DATABASE + ".rdb"))
-        novels = {name: ["" if line is None else str(line) for line in records[name]] for name in NOVELS}  # NA: no text
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_text(json.dumps(novels), encoding="utf-8")
-        os.replace(temporary, target)
-    return target
+    return cached_file(PACKAGE, CACHED_NAME, "the Jane Austen text", _novels_json, "the novels as JSON (name to lines)")
+
+
+def _novels_json(deb: Path) -> bytes:
+    records = read_lazyload(extract_member(deb, DATABASE + ".rdx"), extract_member(deb, DATABASE + ".rdb"))
+    novels = {name: ["" if line is None else str(line) for line in records[name]] for name in NOVELS}  # NA: no text
+    return json.dumps(novels).encode("utf-8")
 
 
 def read_austen(path: str | Path | None = None) -> dict[str, list[str]]:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from hfprune.errors import HfpruneError
@@ -24,17 +25,26 @@ def cache_dir() -> Path:
 
 def cached_member(package: str, member: str, cached_name: str, what: str) -> Path:
     """``member`` of ``package`` as ``cache_dir() / cached_name``, downloaded on first use; ``what`` names it in errors."""
+    return cached_file(package, cached_name, what, lambda deb: extract_member(deb, member), f"its file {member}")
+
+
+def cached_file(package: str, cached_name: str, what: str, build: Callable[[Path], bytes], by_hand: str) -> Path:
+    """``cache_dir() / cached_name``, written on first use as ``build(deb)`` of ``package``'s downloaded .deb.
+
+    The file appears whole or not at all (written beside it, then renamed). ``what`` names the
+    data and ``by_hand`` what a user without apt-get can put there instead, in errors.
+    """
     target = cache_dir() / cached_name
     if not target.is_file():
+        if shutil.which("apt-get") is None:
+            raise HfpruneError(f"{what} comes from the Debian package {package}, and apt-get is not available; "
+                               f"put {by_hand} at {target} yourself")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as workdir:
-            if shutil.which("apt-get") is None:
-                raise HfpruneError(f"{what} comes from the Debian package {package}, and apt-get is not available; "
-                                   f"put its file {member} at {target} yourself")
-            extracted = extract_member(download_deb(Path(workdir), package), member)
-            temporary = target.with_name(target.name + ".tmp")
-            temporary.write_bytes(extracted)
-            os.replace(temporary, target)
+            content = build(download_deb(Path(workdir), package))
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_bytes(content)
+        os.replace(temporary, target)
     return target
 
 

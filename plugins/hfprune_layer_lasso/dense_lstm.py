@@ -258,8 +258,6 @@ class DenseLSTMModel(DenseLSTMPreTrainedModel):
         )
 
 
-
-
 @dataclass
 class DenseLSTMLanguageModelOutput(ModelOutput):
     """Loss (the mean of the two directions' losses, also given apart), per-direction log-probabilities of every word
