@@ -34,11 +34,12 @@ from overhead import ENCODER_LAYERS, entry, recipe
 from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, encode, lr_sum_over_window, report, training_arguments
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
-from hfprune import PruneCallback, Pruner, latency
+from hfprune import PruneCallback, Pruner
+from hfprune.cli import latency
 from hfprune.architecture import find_units
 from hfprune.data import split
 from hfprune.data.polarity import read_polarity
-from hfprune.models import default_model_path
+from hfprune.cli.model_sources import default_model_path
 from hfprune.plugins import default_registry
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "block_compaction.json"

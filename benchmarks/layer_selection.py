@@ -38,10 +38,10 @@ from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, report
 from transformers import Trainer, TrainingArguments
 
 from hfprune import PruneCallback
-from hfprune.compaction import delete_layers
+from hfprune.architecture import delete_residual_layers
 from hfprune.data.polarity import read_polarity
-from hfprune.run_config import DataSection
-from hfprune.tasks import load_task
+from hfprune.recipe.run_sections import DataSection
+from hfprune.cli.tasks import load_task
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_selection.json"
 STACK = "encoder.layer"
@@ -85,12 +85,12 @@ def truncate(model, layers: list[int]):
     """``model`` with only ``layers`` of its encoder, before any training."""
     keep = torch.zeros(model.config.num_hidden_layers, dtype=torch.bool)
     keep[layers] = True
-    delete_layers(model, {f"{model.base_model_prefix}.{STACK}": keep})
+    delete_residual_layers(model, {f"{model.base_model_prefix}.{STACK}": keep})
     return model
 
 
 class Task:
-    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.tasks`: split, encoding, head, score), with this
+    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.cli.tasks`: split, encoding, head, score), with this
     benchmark's split seed and training settings."""
 
     def __init__(self, name: str, args, tokenizer):

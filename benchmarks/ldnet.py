@@ -40,11 +40,11 @@ from transformers import Trainer, TrainingArguments
 from hfprune import PruneCallback
 from hfprune.data import split, wnut
 from hfprune.data.austen import read_austen
-from hfprune.latency import interleaved_times
-from hfprune.metrics import load_metric
-from hfprune_layer_lasso.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling
-from hfprune_layer_lasso.tagger import DenseLSTMForTokenClassification
-from hfprune_layer_lasso.words import WordVocabulary, split_words
+from hfprune.cli.latency import interleaved_times
+from hfprune.cli.metrics import load_metric
+from hfprune_ldnet.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling
+from hfprune_ldnet.tagger import DenseLSTMForTokenClassification
+from hfprune_ldnet.words import WordVocabulary, split_words
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "ldnet.json"
 RECIPE = Path(__file__).resolve().parent / "recipes" / "ldnet-tagger.yaml"

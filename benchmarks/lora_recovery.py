@@ -8,7 +8,7 @@ The pruned run's mask is fixed half-way: the model copied at that step is "prune
 recovery", and the run's second half is full fine-tuning with the mask held. From the copy,
 LoRA (r 8, alpha 16, dropout 0.05, lr 1e-3, on the encoder's Linear layers, classifier
 trained) recovers for as many steps as that second half, twice: on the masked full-size
-model, its pruned weights kept zero by ``hfprune.lora.keep_sparse`` and merged by
+model, its pruned weights kept zero by ``hfprune.integrations.lora.keep_sparse`` and merged by
 ``merge_lora`` (then compacted with the pruned run's plan), and on the compacted model.
 Prints a table and the merge checks (pruned weights still exactly zero, accuracy unchanged by
 the merge, what peft's stock ``merge_and_unload`` would have filled in); then what masking
@@ -52,9 +52,10 @@ from rpp_vs_magnitude import MAX_LENGTH, lr_sum_over_window, report, training_ar
 from torch import nn
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainerCallback
 
-from hfprune import PruneCallback, Pruner, latency
-from hfprune.lora import keep_sparse, lora_layers, merge_lora
-from hfprune.text_table import print_table
+from hfprune import PruneCallback, Pruner
+from hfprune.cli import latency
+from hfprune.integrations.lora import keep_sparse, lora_layers, merge_lora
+from hfprune.cli.text_table import print_table
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "lora_recovery.json"
 RATIO = 0.5  # of heads and of FFN neurons: 2x fewer encoder parameters

@@ -43,9 +43,9 @@ from transformers import (
 from hfprune import PruneCallback
 from hfprune.data import split
 from hfprune.data.polarity import read_polarity
-from hfprune.models import default_model_path
-from hfprune.sparse_file import save_sparse
-from hfprune.targets import match_targets
+from hfprune.cli.model_sources import default_model_path
+from hfprune.compaction.sparse_file import save_sparse
+from hfprune.recipe.targets import match_targets
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rpp_vs_magnitude.json"
 TEST_FRACTION = 0.2

@@ -1,14 +1,17 @@
 """hfprune: prune Hugging Face models during training from a YAML recipe."""
 
+from hfprune import _moved
 from hfprune.errors import CompactionError, HfpruneError, PluginError, RecipeError, StateError
 from hfprune.hookspecs import hookimpl
-from hfprune.lora import keep_sparse, merge_lora
+from hfprune.integrations.lora import keep_sparse, merge_lora
 from hfprune.optimizer import PruneOptimizer
 from hfprune.pruner import Pruner
-from hfprune.recipe import Recipe, load_recipe
+from hfprune.recipe.schema import Recipe, load_recipe
 from hfprune.strategy import StepContext, Strategy, StrategyConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_moved.install()
 
 __all__ = [
     "CompactionError",
@@ -38,7 +41,7 @@ def __getattr__(name: str):
 
         return PruneCallback
     if name == "load_compacted":
-        from hfprune.loading import load_compacted
+        from hfprune.compaction.loading import load_compacted
 
         return load_compacted
     raise AttributeError(f"module 'hfprune' has no attribute {name!r}")

@@ -20,10 +20,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hfprune.peft_names import is_adapter_layer, named_modules
+from hfprune.errors import CompactionError
+from hfprune.integrations.peft_names import is_adapter_layer, named_modules
 
 Side = Literal["out", "in"]  # "out": the matrix produces the group's activations; "in": it consumes them
 UnitKind = Literal["head", "neuron"]
+PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per layer, shortened with the stack
 
 
 def weight_dim(module: nn.Module, side: Side) -> int:
@@ -106,7 +108,8 @@ class ArchitectureAdapter:
     recognizing a module's structure (attribute names), so every model built from the same
     blocks is covered; :meth:`resize` updates the bookkeeping attributes a forward pass reads after
     compaction has sliced the matrices; :meth:`config_updates` says how a config states
-    uniform sizes, or that it cannot.
+    uniform sizes, or that it cannot; :meth:`delete_layers` removes layers from the stacks it
+    recognizes (residual stacks by default).
     """
 
     name: str = ""
@@ -129,6 +132,16 @@ class ArchitectureAdapter:
     def config_updates(self, config, kind: UnitKind, unit: Unit, kept_groups: int) -> dict | None:
         """Config fields that give every layer ``kept_groups`` groups of ``kind``; None if the config cannot say it."""
         return None
+
+    def delete_layers(self, model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
+        """Delete, in place, the layers ``stacks`` flags False (one bool per layer, by stack module name).
+
+        Returns the indices of the original model's ``hidden_states`` the smaller model still
+        has, or None when no layer went. The default suits residual stacks, where a deleted
+        layer is the identity: :func:`delete_residual_layers`. A family whose layers read
+        other layers' outputs (a densely connected stack) overrides it.
+        """
+        return delete_residual_layers(model, stacks)
 
 
 def layer(parent: nn.Module | None, name: str) -> nn.Module | None:
@@ -172,8 +185,55 @@ def find_layer_stacks(root: nn.Module, adapters: list[ArchitectureAdapter]) -> l
     return list(stacks.values())
 
 
-def installed_adapters() -> list[ArchitectureAdapter]:
-    """The adapters plugins registered, in load order."""
-    from hfprune.plugins import default_registry
+def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
+    """Delete, in place, the layers of a residual stack whose keep flag is False; the hidden-state indices left.
 
-    return default_registry().architectures
+    None when every layer stays.
+
+    Only the model's own stack can shrink: its length is ``config.num_hidden_layers``
+    (``n_layer``, ``n_layers`` through the config's aliases), which is updated, together
+    with per-layer config lists such as ``layer_types``. Layers that index a cache by
+    position (``layer_idx``) are renumbered.
+    """
+    config = getattr(model, "config", None)
+    if len(stacks) > 1:
+        raise CompactionError(f"layers can be deleted from one stack per model; the plan names {len(stacks)}: {', '.join(stacks)}")
+    ((name, keep),) = stacks.items()
+    stack = model.get_submodule(name)
+    depth = len(stack)
+    if keep.shape != (depth,) or not keep.any():
+        raise CompactionError(f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}")
+    if config is None or getattr(config, "num_hidden_layers", None) != depth:
+        raise CompactionError(
+            f"{name} has {depth} layers, but the model's config states {getattr(config, 'num_hidden_layers', None)} "
+            "(num_hidden_layers): only the stack the config describes can lose layers and still load"
+        )
+    if keep.all():
+        return None
+    kept = keep.nonzero().flatten().tolist()
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
+        raise CompactionError(
+            "this model scales attention by 1 / (layer position + 1) (scale_attn_by_inverse_layer_idx): a layer that moves "
+            "down would be scaled differently once the smaller model is loaded; only the top layers can be deleted"
+        )
+    for index in reversed(range(depth)):
+        if index not in kept:
+            del stack[index]
+    for position, layer in enumerate(stack):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    config.num_hidden_layers = len(kept)
+    for field_name in PER_LAYER_CONFIG:
+        values = getattr(config, field_name, None)
+        if isinstance(values, list) and len(values) == depth:
+            setattr(config, field_name, [values[i] for i in kept])
+    # The last hidden state may be taken after a final norm (GPT-2, Llama): it stays the last one.
+    return [0] + [i + 1 for i in kept[:-1]] + [depth]
+
+
+def stack_owner(model: nn.Module, stack_name: str, adapters: list[ArchitectureAdapter]) -> ArchitectureAdapter | None:
+    """The first adapter that recognizes the layer stack ``stack_name`` of ``model`` (as its parent's stack), or None."""
+    parent_name, _, _ = stack_name.rpartition(".")
+    stack, parent = model.get_submodule(stack_name), model.get_submodule(parent_name)
+    return next((adapter for adapter in adapters if adapter.layer_stack(parent) is stack), None)

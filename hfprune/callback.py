@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hfprune.errors import StateError
 from hfprune.plugins import Registry
 from hfprune.pruner import Pruner
-from hfprune.recipe import RecipeSource
+from hfprune.recipe.schema import RecipeSource
 from hfprune.state import STATE_FILE
 
 

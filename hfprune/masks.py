@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hfprune.errors import StateError
-from hfprune.sharding import WHOLE, Layout, kth_smallest_of_parts, layout_of
+from hfprune.integrations.sharding import WHOLE, Layout, kth_smallest_of_parts, layout_of
 from hfprune.strategy import StepContext, Strategy
 
 MASK_PREFIX = "mask."
@@ -27,7 +27,7 @@ class MaskSet:
     Masks are held as 0/1 tensors in each parameter's dtype: multiplying by them is about
     three times faster than by booleans, and the hot path does it twice a step. They are
     saved as booleans. A mask covers what this process holds of its parameter
-    (:meth:`weights`): all of it, unless FSDP2 shards it (:mod:`hfprune.sharding`), in which
+    (:meth:`weights`): all of it, unless FSDP2 shards it (:mod:`hfprune.integrations.sharding`), in which
     case saving and :meth:`whole_keep` assemble the whole mask, collectively.
     """
 

@@ -1,6 +1,6 @@
 """The engine: one object that owns the strategies, the step counter and all pruning state.
 
-Adapters (the Trainer callback, the optimizer wrapper) call the same four moments:
+Drivers (the Trainer callback, the optimizer wrapper) call the same four moments:
 ``attach`` (model known: match targets), ``start`` (run length known: build strategies),
 ``before_optimizer_step`` and ``after_optimizer_step``.
 """
@@ -16,16 +16,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfprune.compaction import compact_model
+from hfprune.compaction.compact import compact_model
 from hfprune.errors import CompactionError, Problem, StateError, TargetError
-from hfprune.lora import adapter_weights_of_bases, keep_sparse, lora_layers, merge_lora, why_not_maskable
-from hfprune.peft_names import ModelView, model_view
+from hfprune.integrations.lora import adapter_weights_of_bases, keep_sparse, lora_layers, merge_lora, why_not_maskable
+from hfprune.integrations.peft_names import ModelView, model_view
 from hfprune.plugins import Registry, StrategyInfo, default_registry
-from hfprune.recipe import Recipe, RecipeSource, load_recipe
-from hfprune.sharding import Layout, UnsupportedSharding, count_zeros, is_sharded, layout_of, shard_group, unsharded_copy
+from hfprune.recipe.schema import Recipe, RecipeSource, load_recipe
+from hfprune.integrations.sharding import Layout, UnsupportedSharding, count_zeros, is_sharded, layout_of, shard_group, unsharded_copy
 from hfprune.state import load_state, save_state
-from hfprune.strategy import StepContext, Strategy, StrategyConfig
-from hfprune.targets import match_targets, near_misses
+from hfprune.strategy import StepContext, Strategy, StrategyConfig, Targets
+from hfprune.recipe.targets import match_targets, near_misses
 
 STATE_FORMAT = 1
 FROZEN_KEY = "frozen_weights"
@@ -39,7 +39,7 @@ class EntryPlan:
     label: str
     strategy: StrategyInfo
     config: StrategyConfig
-    modules: dict[str, nn.Module]
+    modules: Targets
     parameters: dict[str, nn.Parameter]
 
     @property
@@ -90,9 +90,9 @@ class Pruner:
     def attach(self, model: nn.Module) -> list[EntryPlan]:
         """Match every entry's targets in ``model``; RecipeError lists every target problem.
 
-        In a model peft wrapped, targets name the user's modules (:mod:`hfprune.peft_names`),
+        In a model peft wrapped, targets name the user's modules (:mod:`hfprune.integrations.peft_names`),
         the base weights of LoRA layers are pruned, and their adapters are made to keep the
-        pruned weights zero (:mod:`hfprune.lora`).
+        pruned weights zero (:mod:`hfprune.integrations.lora`).
         """
         model = unwrap_model(model)
         view = model_view(model)
@@ -113,8 +113,9 @@ class Pruner:
                     hint=f"did you mean: {', '.join(close)}" if close else "run 'hfprune check' to list module names",
                 ))
             config = self.recipe.strategy_config(index)
+            targets = Targets(match.modules, self.registry.architectures)
             try:
-                parameters = info.cls.select_parameters(match.modules, config) if match.modules else {}
+                parameters = info.cls.select_parameters(targets, config) if targets else {}
             except TargetError as exc:
                 problems.append(self.recipe.problem(("pruners", index, "targets"), str(exc)))
                 continue
@@ -131,7 +132,7 @@ class Pruner:
             wrapped.update(entry_wrapped)
             for refusal in filter(None, (why_not_maskable(n, adapter_layers[n]) for n in entry_wrapped)):
                 problems.append(self.recipe.problem(("pruners", index, "targets"), refusal))
-            plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, match.modules, parameters))
+            plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, targets, parameters))
         if problems:
             raise self.recipe.error(problems)
         self.plans = plans
@@ -371,7 +372,7 @@ class Pruner:
         random batch); CompactionError when they differ or when nothing can be removed.
         Under FSDP2 every process must call it: the plan's masks and the model's weights are
         gathered whole, and every process gets the same plain (unsharded) compacted model.
-        A model with LoRA adapters is merged first (:func:`hfprune.lora.merge_lora`, which
+        A model with LoRA adapters is merged first (:func:`hfprune.integrations.lora.merge_lora`, which
         keeps pruned weights zero), so the copy is a plain model.
         """
         pruned = self.compaction_plan()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from hfprune.atomic import write_atomically
 from hfprune.errors import StateError
 
 STATE_FILE = "hfprune_state.safetensors"
@@ -30,20 +30,8 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
     directory.mkdir(parents=True, exist_ok=True)
-    return save_file_atomically(tensors, directory / STATE_FILE, {_METADATA_KEY: json.dumps(skeleton)})
-
-
-def save_file_atomically(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> Path:
-    """A safetensors file written beside ``target`` and moved over it: a failed write leaves the old file intact."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    metadata = {_METADATA_KEY: json.dumps(skeleton)}
+    return write_atomically(directory / STATE_FILE, lambda path: save_file(tensors, path, metadata=metadata))
 
 
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:

@@ -7,6 +7,7 @@ through ``state_dict``/``load_state_dict``; its config is declarative and never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,10 +15,25 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from hfprune.architecture import ArchitectureAdapter
 from hfprune.errors import TargetError
 from hfprune.schedule import Schedule
 
 StateValue = torch.Tensor | int | float | str | bool | None | list | dict
+
+
+class Targets(dict[str, nn.Module]):
+    """The modules a recipe entry matched, by name in model order, and the architecture adapters of the pruner that matched them.
+
+    A plain mapping to strategies that only need the modules. Strategies that work on heads,
+    neurons or layer stacks ask ``architectures`` (the pruner's registry's adapters, in
+    registration order) which modules are which, so a ``Pruner`` built with its own registry
+    prunes and compacts with the same adapters.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], architectures: Sequence[ArchitectureAdapter] = ()):
+        super().__init__(modules)
+        self.architectures: list[ArchitectureAdapter] = list(architectures)
 
 
 class StrategyConfig(BaseModel):
@@ -65,8 +81,9 @@ class Strategy:
     """Base class of pruning strategies; override what your method needs.
 
     Subclasses set ``Config`` to a :class:`StrategyConfig` subclass. The constructor
-    receives the validated config, the matched modules by name (model order), the
-    parameters it claimed via :meth:`select_parameters`, and the schedule in steps.
+    receives the validated config, the matched modules (:class:`Targets`: by name in model
+    order, with the pruner's architecture adapters), the parameters it claimed via
+    :meth:`select_parameters`, and the schedule in steps.
     """
 
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
@@ -78,7 +95,7 @@ class Strategy:
     def __init__(
         self,
         config: StrategyConfig,
-        targets: dict[str, nn.Module],
+        targets: Targets,
         parameters: dict[str, nn.Parameter],
         schedule: Schedule,
     ):
@@ -88,7 +105,7 @@ class Strategy:
         self.schedule = schedule
 
     @classmethod
-    def select_parameters(cls, targets: dict[str, nn.Module], config: StrategyConfig) -> dict[str, nn.Parameter]:
+    def select_parameters(cls, targets: Targets, config: StrategyConfig) -> dict[str, nn.Parameter]:
         """The parameters this strategy changes, by full name. Two entries may not share one.
 
         Default: the ``weight`` of every matched module that has a matrix-or-larger weight.
@@ -106,7 +123,7 @@ class Strategy:
         return selected
 
     @classmethod
-    def describe(cls, targets: dict[str, nn.Module], config: StrategyConfig) -> list[str]:
+    def describe(cls, targets: Targets, config: StrategyConfig) -> list[str]:
         """What ``hfprune check`` prints for an entry that changes no weights: what it acts on instead."""
         return []
 

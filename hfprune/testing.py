@@ -38,14 +38,14 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hfprune.callback import PruneCallback
-from hfprune.compaction import probe_batch
+from hfprune.compaction.compact import probe_batch
 from hfprune.errors import PluginError, RecipeError
-from hfprune.lora import SparseLora, keep_sparse, lora_layers
+from hfprune.integrations.lora import SparseLora, keep_sparse, lora_layers
 from hfprune.masks import MaskingStrategy
-from hfprune.peft_names import model_view
+from hfprune.integrations.peft_names import model_view
 from hfprune.plugins import ENTRY_POINT_GROUP, Registry, StrategyInfo, build_registry
 from hfprune.pruner import EntryPlan, Pruner
-from hfprune.recipe import Recipe, load_recipe
+from hfprune.recipe.schema import Recipe, load_recipe
 from hfprune.schedule import Schedule, ScheduleSpec
 from hfprune.state import STATE_FILE
 from hfprune.strategy import Strategy, StrategyConfig

@@ -9,7 +9,7 @@ import pytest
 from conftest import BERT_FFN_RECIPE, tiny_bert
 
 from hfprune.cli import main
-from hfprune.recipes import builtin_names
+from hfprune.recipe.builtin import builtin_names
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def recipe_file(tmp_path):
 def test_check_lists_matches_counts_and_planned_sparsity(recipe_file, model_dir, capsys):
     assert main(["check", str(recipe_file), "--model", str(model_dir), "--total-steps", "100"]) == 0
     out = capsys.readouterr().out
-    assert "pruners[0] magnitude (hfprune 0.1.0)  schedule start 0, end 50, every 2" in out
+    assert "pruners[0] magnitude (hfprune 0.2.0)  schedule start 0, end 50, every 2" in out
     assert "bert.encoder.layer.1.intermediate.dense.weight" in out and "bert.encoder.layer.0.output.dense.weight" in out
     assert "4 parameters, 8,192 weights; will zero 75.0% (6,144 weights)" in out
     assert "recipe OK: 1 entry targets 8,192 of" in out

@@ -9,9 +9,9 @@ import torch
 import transformers
 
 from conftest import TINY_MODELS, TokenDataset, tiny_bert, tiny_llama
-from hfprune import CompactionError, Pruner
-from hfprune.compaction import LAYOUT_KEY, compact_model, probe_batch
-from hfprune.loading import load_compacted
+from hfprune import CompactionError, Pruner, RecipeError, hookimpl
+from hfprune.compaction.compact import LAYOUT_KEY, compact_model, probe_batch
+from hfprune.compaction.loading import load_compacted
 from hfprune.plugins import default_registry
 
 UNITS = {  # (attention class, FFN class) per tiny model
@@ -32,9 +32,9 @@ def structured_recipe(attention: str | None, ffn: str | None, ratio: float = 0.5
     return "version: 1\npruners:\n" + "".join(entries)
 
 
-def pruned(model, text: str, steps: int = 3) -> Pruner:
+def pruned(model, text: str, steps: int = 3, registry=None) -> Pruner:
     """Train ``steps`` real SGD steps with the recipe, so the pattern is fixed by the end."""
-    pruner = Pruner(text)
+    pruner = Pruner(text, registry)
     pruner.attach(model)
     pruner.start(steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -49,10 +49,10 @@ def pruned(model, text: str, steps: int = 3) -> Pruner:
     return pruner
 
 
-def counts(model, kind: str) -> list[int]:
+def counts(model, kind: str, adapters=None) -> list[int]:
     from hfprune.architecture import find_units
 
-    return [u.count for u in find_units(model, kind, default_registry().architectures)]
+    return [u.count for u in find_units(model, kind, default_registry().architectures if adapters is None else adapters)]
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
@@ -165,6 +165,46 @@ def test_third_party_adapters_arrive_through_the_plugin_hook():
     assert any("registered by both" in message for message in clash.conflicts.values())
 
 
+def test_a_pruner_finds_and_compacts_heads_with_its_own_registrys_adapters(monkeypatch):
+    """Block-lasso's head grouping and compaction both ask the pruner's registry, never the process-wide one."""
+    from hfprune.plugins import DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, build_registry
+    from hfprune_architectures import BertFamily
+
+    class CountingBert(BertFamily):
+        name = "counting-bert"
+        asked = resized = 0
+
+        def attention(self, module):
+            CountingBert.asked += 1
+            return super().attention(module)
+
+        def resize(self, unit, kept_groups):
+            CountingBert.resized += 1
+            super().resize(unit, kept_groups)
+
+    class Plugin:
+        @hookimpl
+        def hfprune_register_architectures(self, register):
+            register(CountingBert())
+
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    monkeypatch.setenv(PLUGINS_ENV, "block-lasso")  # the strategy, and no built-in adapter
+    registry = build_registry({"counting": Plugin()})
+    assert [a.name for a in registry.architectures] == ["counting-bert"]
+    model = tiny_bert()
+    pruner = pruned(model, structured_recipe("BertAttention", None), registry=registry)
+    assert CountingBert.asked > 0 and pruner.strategies[0].sets  # the heads block-lasso penalizes were found by it
+
+    compacted = pruner.compact(model)
+
+    assert CountingBert.resized == 2  # one attention block per layer, shrunk by it
+    assert counts(compacted, "head", registry.architectures) == [1, 1]
+    _assert_same_outputs(model, compacted)
+    without = build_registry()  # the same strategy with no adapter that knows BERT: refused, not taken from elsewhere
+    with pytest.raises(RecipeError, match="attention"):
+        Pruner(structured_recipe("BertAttention", None), without).attach(tiny_bert())
+
+
 def _assert_same_outputs(reference, other):
     probe = probe_batch(reference)
     reference.eval(), other.eval()
@@ -194,7 +234,7 @@ def test_compact_command_turns_a_trainer_checkpoint_into_a_loadable_smaller_mode
 
 
 def test_save_compacted_replaces_a_folder_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
-    from hfprune.compaction import save_compacted
+    from hfprune.compaction.compact import save_compacted
 
     output = tmp_path / "model"
     save_compacted(tiny_bert(seed=0), output)

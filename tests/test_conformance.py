@@ -212,7 +212,7 @@ def registry():
 def test_registration_check_names_what_is_missing_or_foreign(registry):
     with pytest.raises(AssertionError, match=r"(?s)'magnitud' is not available .*did you mean 'magnitude'.*\[project\.entry-points\.hfprune\]"):
         check_registered(Case("magnitud", MAGNITUDE_CONFIG), registry)
-    with pytest.raises(AssertionError, match="comes from distribution hfprune 0.1.0 .*not 'hfprune-magnitude'"):
+    with pytest.raises(AssertionError, match="comes from distribution hfprune 0.2.0 .*not 'hfprune-magnitude'"):
         check_registered(Case("magnitude", MAGNITUDE_CONFIG, distribution="hfprune-magnitude"), registry)
 
 

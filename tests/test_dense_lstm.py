@@ -1,4 +1,4 @@
-"""LD-Net's models (hfprune_layer_lasso.dense_lstm and .tagger), tiny and random: the dense LSTM language model,
+"""LD-Net's models (hfprune_ldnet.dense_lstm and .tagger), tiny and random: the dense LSTM language model,
 the tagger over it, layer selection across both directions, and compaction of dense stacks."""
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from transformers import (
 )
 
 from hfprune import PruneCallback, Pruner
-from hfprune.compaction import compact_model
+from hfprune.compaction.compact import compact_model
 from hfprune.errors import CompactionError
 from hfprune.testing import VOCAB, TokenDataset
-from hfprune_layer_lasso.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling, DenseLSTMModel, reverse_padded
-from hfprune_layer_lasso.tagger import DenseLSTMForTokenClassification
+from hfprune_ldnet import DenseLSTMAdapter
+from hfprune_ldnet.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling, DenseLSTMModel, reverse_padded
+from hfprune_ldnet.tagger import DenseLSTMForTokenClassification
 from test_layer_lasso import settle_at
 
 STACKS = ("dense_lstm.forward_stack.layers", "dense_lstm.backward_stack.layers")
@@ -190,18 +191,20 @@ def test_gates_between_zero_and_one_are_folded_into_the_weights_that_read_them()
         for layer, gate in zip(model.get_submodule(name), values.tolist()):
             layer.register_forward_hook(lambda module, args, output, gate=gate: gate * output)
     ids = torch.randint(1, TASK_VOCAB, (2, 7))
-    assert small.hfprune_delete_layers(gates) == [0, 2, 4]
+    assert small.delete_stack_layers(gates) == [0, 2, 4]
     torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert small.projection.in_features == 2 * 8 + 3 * 6
 
 
 def test_compaction_refuses_what_it_cannot_do():
     with pytest.raises(CompactionError, match="compact the model with a head"):
-        compact_model(DenseLSTMModel(tiny_config()), {"forward_stack.layers": torch.tensor([True, False, True])}, [])
+        compact_model(DenseLSTMModel(tiny_config()), {"forward_stack.layers": torch.tensor([True, False, True])}, [DenseLSTMAdapter()])
     with pytest.raises(CompactionError, match="no dense stack named encoder.layer"):
-        tiny_lm().hfprune_delete_layers({"encoder.layer": torch.tensor([True, False, True])})
+        tiny_lm().delete_stack_layers({"encoder.layer": torch.tensor([True, False, True])})
     with pytest.raises(CompactionError, match="must keep one"):
-        compact_model(tiny_lm(), {STACKS[0]: torch.tensor([False, False, False])}, [])
+        compact_model(tiny_lm(), {STACKS[0]: torch.tensor([False, False, False])}, [DenseLSTMAdapter()])
+    with pytest.raises(CompactionError, match="the model's config states None"):  # without its adapter, a dense stack is not residual
+        compact_model(tiny_lm(), {STACKS[0]: torch.tensor([True, False, True])}, [])
 
 
 def test_flops_per_token_count_every_lstm_matrix_and_fall_with_the_layers():

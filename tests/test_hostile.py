@@ -42,12 +42,12 @@ from hfprune import Pruner, PruneCallback, RecipeError, StateError, load_recipe
 from hfprune import state as state_module
 from hfprune.cli import main
 from hfprune.plugins import DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, build_registry, default_registry
-from hfprune.recipe import PrunerEntry, Recipe
-from hfprune.recipes import builtin_names, builtin_path
-from hfprune.run_config import RUN_SECTIONS
+from hfprune.recipe.schema import PrunerEntry, Recipe
+from hfprune.recipe.builtin import builtin_names, builtin_path
+from hfprune.recipe.run_sections import RUN_SECTIONS
 from hfprune.schedule import ScheduleSpec
 from hfprune.state import STATE_FILE, load_state
-from hfprune.yaml_source import format_key_path, parse_yaml
+from hfprune.recipe.yaml_source import format_key_path, parse_yaml
 
 # --- hypothesis set-up and example counts -----------------------------------------------------
 

@@ -12,9 +12,9 @@ from torch import nn
 from conftest import TINY_MODELS, TokenDataset, make_trainer, tiny_bert
 from hfprune import CompactionError, Pruner, RecipeError
 from hfprune.callback import PruneCallback
-from hfprune.compaction import LAYOUT_KEY, probe_batch
-from hfprune.hooks import ModelHook
-from hfprune.loading import load_compacted
+from hfprune.compaction.compact import LAYOUT_KEY, probe_batch
+from hfprune.model_hooks import ModelHook
+from hfprune.compaction.loading import load_compacted
 
 STACKS = {"bert": "bert.encoder.layer", "roberta": "roberta.encoder.layer", "distilbert": "distilbert.transformer.layer",
           "gpt2": "transformer.h", "llama": "model.layers"}

@@ -176,7 +176,7 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == REPORT_FIELDS
     assert report["model"] == minilm_path
-    assert report["recipe"].endswith("recipes/magnitude.yaml")
+    assert report["recipe"].endswith("recipe/builtin/magnitude.yaml")
     assert report["train_examples"] == 64
     assert report["test_examples"] == 479
     assert report["steps"] == 4

@@ -17,7 +17,8 @@ def test_the_wheel_holds_the_built_in_recipes_and_the_metric_modules(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("hfprune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    recipes = {f"hfprune/recipes/{path.name}" for path in (ROOT / "hfprune" / "recipes").glob("*.yaml")}
-    assert "hfprune/recipes/default.yaml" in recipes and recipes <= names
-    assert {"hfprune/metrics/seqeval/seqeval.py", "hfprune/metrics/accuracy/accuracy.py"} <= names
-    assert any(name.startswith("hfprune_layer_lasso/") for name in names)  # the built-in plugins ship in the same wheel
+    recipes = {f"hfprune/recipe/builtin/{path.name}" for path in (ROOT / "hfprune" / "recipe" / "builtin").glob("*.yaml")}
+    assert "hfprune/recipe/builtin/default.yaml" in recipes and recipes <= names
+    assert {"hfprune/cli/metrics/seqeval/seqeval.py", "hfprune/cli/metrics/accuracy/accuracy.py"} <= names
+    for plugin in ("hfprune_layer_lasso", "hfprune_ldnet"):  # the built-in plugins ship in the same wheel
+        assert any(name.startswith(f"{plugin}/") for name in names)

@@ -16,11 +16,11 @@ from torch import nn
 from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 from hfprune import HfpruneError, PruneCallback, Pruner, RecipeError, StateError
-from hfprune.compaction import save_compacted
-from hfprune.loading import load_compacted
-from hfprune.lora import SparseLora, keep_sparse, lora_layers, merge_lora
-from hfprune.peft_names import model_view
-from hfprune.targets import match_targets
+from hfprune.compaction.compact import save_compacted
+from hfprune.compaction.loading import load_compacted
+from hfprune.integrations.lora import SparseLora, keep_sparse, lora_layers, merge_lora
+from hfprune.integrations.peft_names import model_view
+from hfprune.recipe.targets import match_targets
 from hfprune.testing import TokenDataset, tiny_bert
 
 import test_conformance as builtin

@@ -316,7 +316,7 @@ def test_plugin_cannot_take_over_a_builtin_name():
     with pytest.raises(PluginError) as info:
         registry.get("magnitude")
     message = str(info.value)
-    assert "'magnitude'" in message and "hfprune 0.1.0" in message and "'impostor'" in message, message
+    assert "'magnitude'" in message and "hfprune 0.2.0" in message and "'impostor'" in message, message
 
 
 @pytest.mark.parametrize(

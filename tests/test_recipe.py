@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from hfprune import RecipeError, load_recipe
-from hfprune.recipe import Recipe
+from hfprune.recipe.schema import Recipe
 
 GOOD = textwrap.dedent(r"""
     version: 1

@@ -1,4 +1,4 @@
-"""Parameters split across processes (hfprune.sharding), in this process: FSDP2 on a one-process gloo group.
+"""Parameters split across processes (hfprune.integrations.sharding), in this process: FSDP2 on a one-process gloo group.
 
 With one process, ``fully_shard`` still makes every parameter a row-sharded DTensor and every
 collective runs (over one member), so the sharded code paths run here in milliseconds; the
@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from hfprune import Pruner, RecipeError, hookimpl
 from hfprune.masks import largest_magnitude_masks
 from hfprune.plugins import build_registry
-from hfprune.sharding import WHOLE, RowShard, kth_smallest_of_parts, layout_of, plain_class
+from hfprune.integrations.sharding import WHOLE, RowShard, kth_smallest_of_parts, layout_of, plain_class
 from hfprune.testing import tiny_bert
 from hfprune_magnitude import MagnitudeStrategy
 

@@ -7,7 +7,7 @@ from conftest import tiny_bert, tiny_gpt2
 from transformers import AutoModelForSequenceClassification
 
 from hfprune.masks import largest_magnitude_masks
-from hfprune.sparse_file import load_sparse, pack_bits, save_sparse, unpack_bits
+from hfprune.compaction.sparse_file import load_sparse, pack_bits, save_sparse, unpack_bits
 
 
 def test_bits_round_trip_at_lengths_that_are_not_multiples_of_eight():

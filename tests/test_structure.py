@@ -11,12 +11,13 @@ from PIL import Image
 from conftest import TINY_MODELS, tiny_bert
 from hfprune import Pruner
 from hfprune.cli import main
-from hfprune.compaction import compact_model
-from hfprune.plot import plot_pruning
+from hfprune.compaction.compact import compact_model
+from hfprune.cli.plot import plot_pruning
 from hfprune.plugins import default_registry
-from hfprune.structure import model_structure
+from hfprune.compaction.structure import model_structure
 
 STACK = "bert.encoder.layer"
+ADAPTERS = default_registry().architectures
 
 
 def layers(structure: dict) -> list[dict]:
@@ -53,7 +54,7 @@ def gated_and_zeroed() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 @pytest.fixture
 def compacted():
     model, plan = gated_and_zeroed()
-    return compact_model(model, plan, default_registry().architectures)
+    return compact_model(model, plan, ADAPTERS)
 
 
 # --- model_structure -------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def compacted():
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_a_dense_model_has_every_head_and_neuron_live_and_no_zero_in_its_layers(family):
     model = TINY_MODELS[family]()
-    structure = model_structure(model)
+    structure = model_structure(model, ADAPTERS)
     assert structure["model"] == type(model).__name__ and structure["model_type"] == model.config.model_type
     assert structure["parameters"] == sum(p.numel() for p in model.parameters())
     assert structure["hfprune_layout"] is None
@@ -84,11 +85,11 @@ def test_a_dense_model_has_every_head_and_neuron_live_and_no_zero_in_its_layers(
 def test_zeroed_output_columns_make_exactly_those_heads_dead(family, output, head_slice, live, of):
     model = TINY_MODELS[family]()
     weight = model.get_submodule(output).weight
-    before = model_structure(model)
+    before = model_structure(model, ADAPTERS)
     with torch.no_grad():
         weight[head_slice] = 0
 
-    after = model_structure(model)
+    after = model_structure(model, ADAPTERS)
 
     assert [layer["heads"] for layer in layers(after)] == [{"live": of, "of": of}, {"live": live, "of": of}]
     assert [layer["neurons"] for layer in layers(after)] == [layer["neurons"] for layer in layers(before)]
@@ -105,7 +106,7 @@ def test_a_neuron_is_dead_when_its_down_column_or_every_row_producing_it_is_zero
         layer.intermediate.dense.weight[10:18] = 0  # neurons 10-17: a constant gelu(bias), which compaction folds away
         layer.intermediate.dense.weight[20, :5] = 0  # a few zeros in neuron 20's row leave it live
 
-    structure = model_structure(model)
+    structure = model_structure(model, ADAPTERS)
 
     assert [layer["neurons"] for layer in layers(structure)] == [{"live": 64, "of": 64}, {"live": 46, "of": 64}]
     assert [layer["heads"]["live"] for layer in layers(structure)] == [2, 2]
@@ -117,18 +118,18 @@ def test_a_neuron_is_dead_when_its_down_column_or_every_row_producing_it_is_zero
 def test_a_gated_off_layer_is_reported_deleted_only_when_the_caller_says_so():
     model, plan = gated_and_zeroed()
 
-    assert all(layer["kept"] for layer in layers(model_structure(model)))  # its weights alone cannot tell
-    structure = model_structure(model, layer_keep={STACK: plan[STACK]})
+    assert all(layer["kept"] for layer in layers(model_structure(model, ADAPTERS)))  # its weights alone cannot tell
+    structure = model_structure(model, ADAPTERS, layer_keep={STACK: plan[STACK]})
 
     assert [layer["kept"] for layer in layers(structure)] == [True, False, True]
     assert [layer["heads"]["live"] for layer in layers(structure)] == [1, 2, 2]
     assert [layer["neurons"]["live"] for layer in layers(structure)] == [64, 64, 48]
     with pytest.raises(ValueError, match=r"layer_keep\['bert.encoder.layer'\] has 2 flags, but .* is a ModuleList of 3 layers"):
-        model_structure(model, layer_keep={STACK: [True, False]})
+        model_structure(model, ADAPTERS, layer_keep={STACK: [True, False]})
 
 
 def test_a_compacted_model_counts_what_it_kept_out_of_the_original_config(compacted):
-    structure = model_structure(compacted)
+    structure = model_structure(compacted, ADAPTERS)
 
     assert [layer["name"] for layer in layers(structure)] == [f"{STACK}.0", f"{STACK}.1"]  # layer 1 is gone
     assert [layer["heads"] for layer in layers(structure)] == [{"live": 1, "of": 2}, {"live": 2, "of": 2}]
@@ -144,7 +145,7 @@ def test_a_model_no_adapter_knows_still_gets_totals_and_per_matrix_sparsity():
     with torch.no_grad():
         model[0].weight[0] = 0
 
-    structure = model_structure(model)
+    structure = model_structure(model, ADAPTERS)
 
     assert structure["stacks"] == [] and structure["model"] == "Sequential" and structure["model_type"] is None
     assert (structure["parameters"], structure["zero_parameters"]) == (4 * 3 + 3 + 3 * 2, 4)
@@ -191,7 +192,7 @@ def test_report_of_a_saved_compacted_model_says_how_to_load_it(compacted, tmp_pa
 
     assert main(["report", str(tmp_path / "small"), "--json"]) == 0
     structure = json.loads(capsys.readouterr().out)
-    assert structure == json.loads(json.dumps(model_structure(compacted)))
+    assert structure == json.loads(json.dumps(model_structure(compacted, ADAPTERS)))
 
 
 def test_report_of_a_model_no_adapter_knows_lists_its_matrices(tmp_path, monkeypatch, capsys):
@@ -248,7 +249,7 @@ def test_report_help_says_what_it_shows_without_importing_transformers():
 @pytest.mark.parametrize("metrics", [{"entity F1": (0.40, 0.38), "latency ms (batch 32)": (120.0, 55.0)}, None])
 def test_plot_pruning_writes_a_png_of_a_model_with_a_deleted_layer(metrics, tmp_path):
     model, plan = gated_and_zeroed()
-    structure = model_structure(model, layer_keep={STACK: plan[STACK]})
+    structure = model_structure(model, ADAPTERS, layer_keep={STACK: plan[STACK]})
 
     path = plot_pruning(structure, tmp_path / "pruning.png", metrics)
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_bert, tiny_gpt2
 
 from hfprune import Pruner, RecipeError
-from hfprune.targets import match_targets, near_misses
+from hfprune.recipe.targets import match_targets, near_misses
 
 
 def names(model, targets, exclude=()):

@@ -9,10 +9,10 @@ from transformers.trainer_utils import PredictionOutput
 from hfprune.cli import build_parser
 from hfprune.data.polarity import CACHED_NAME
 from hfprune.errors import HfpruneError, RecipeError
-from hfprune.main_job import RunSettings
-from hfprune.metrics import available, load_metric
-from hfprune.run_config import DataSection
-from hfprune.tasks import PolarityTask
+from hfprune.cli.run import RunSettings
+from hfprune.cli.metrics import available, load_metric
+from hfprune.recipe.run_sections import DataSection
+from hfprune.cli.tasks import PolarityTask
 
 SECTIONS_RECIPE = """\
 version: 1
@@ -84,7 +84,7 @@ def test_a_bad_run_section_fails_with_its_line(tmp_path):
 
 
 def test_run_sections_do_not_change_the_recipe_fingerprint():
-    from hfprune.recipe import load_recipe
+    from hfprune.recipe.schema import load_recipe
 
     plain = SECTIONS_RECIPE.split("model:")[0]
     assert load_recipe(plain).fingerprint() == load_recipe(SECTIONS_RECIPE).fingerprint()

@@ -1,10 +1,10 @@
-"""Word vocabularies with an unknown-word token per word shape (hfprune_layer_lasso.words)."""
+"""Word vocabularies with an unknown-word token per word shape (hfprune_ldnet.words)."""
 
 from __future__ import annotations
 
 import pytest
 
-from hfprune_layer_lasso.words import PAD, SHAPES, WordVocabulary, shape, split_words
+from hfprune_ldnet.words import PAD, SHAPES, WordVocabulary, shape, split_words
 
 
 def test_split_words_keeps_case_inner_apostrophes_and_punctuation():

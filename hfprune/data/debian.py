@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from hfprune.atomic import write_atomically
 from hfprune.errors import HfpruneError
 
 
@@ -42,9 +43,7 @@ def cached_file(package: str, cached_name: str, what: str, build: Callable[[Path
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as workdir:
             content = build(download_deb(Path(workdir), package))
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_bytes(content)
-        os.replace(temporary, target)
+        write_atomically(target, lambda path: path.write_bytes(content))
     return target
 
 

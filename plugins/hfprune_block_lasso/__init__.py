@@ -12,7 +12,6 @@ import torch
 from pydantic import Field, model_validator
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.architecture import installed_adapters
 from hfprune.errors import TargetError
 from hfprune.masks import ReweightedPhaseStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
@@ -92,7 +91,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
 
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
-        self.sets: list[BlockSet] = build_block_sets(targets, config.group, config.block, installed_adapters())
+        self.sets: list[BlockSet] = build_block_sets(targets, config.group, config.block, targets.architectures)
         # One alpha per block, set from the weights when the phase starts; dropped once the
         # pattern is fixed (masked training needs only masks).
         self.alphas: list[torch.Tensor] | None = self.new_alphas()
@@ -101,7 +100,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
 
     @classmethod
     def select_parameters(cls, targets, config):
-        sets = build_block_sets(targets, config.group, config.block, installed_adapters())
+        sets = build_block_sets(targets, config.group, config.block, targets.architectures)
         selected = {matrix.name: matrix.param for block_set in sets for matrix in block_set.matrices}
         frozen = [name for name, param in selected.items() if not param.requires_grad]
         if frozen and config.form == "penalty":

@@ -8,7 +8,7 @@ per-block factor broadcasts back over it. The hot path is one reduction and one 
 multiply per matrix, whatever the number of blocks.
 
 A matrix FSDP2 splits by rows is seen through the same view of its rows spread into a
-whole-shaped zero matrix (:mod:`hfprune.sharding`): the reduction then gives this process's
+whole-shaped zero matrix (:mod:`hfprune.integrations.sharding`): the reduction then gives this process's
 part of each block's squared norm, one ``all_reduce`` a step sums the parts of all blocks,
 and per-block factors are broadcast whole and cut to the local rows.
 """
@@ -24,8 +24,8 @@ from torch import nn
 
 from hfprune.architecture import ArchitectureAdapter, Member, find_units, weight_dim
 from hfprune.errors import TargetError
-from hfprune.peft_names import named_modules
-from hfprune.sharding import Layout, layout_of, shard_group
+from hfprune.integrations.peft_names import named_modules
+from hfprune.integrations.sharding import Layout, layout_of, shard_group
 
 
 class BlockedMatrix:

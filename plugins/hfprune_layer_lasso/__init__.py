@@ -15,10 +15,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.architecture import find_layer_stacks, installed_adapters
+from hfprune.architecture import find_layer_stacks
 from hfprune.errors import StateError, TargetError
-from hfprune.peft_names import named_modules
-from hfprune.strategy import StepContext, Strategy
+from hfprune.integrations.peft_names import named_modules
+from hfprune.strategy import StepContext, Strategy, Targets
 
 from hfprune_layer_lasso.gates import LayerGateHook, StackKind
 
@@ -61,13 +61,12 @@ class LayerLassoConfig(StrategyConfig):
         return self
 
 
-def find_stacks(targets: dict[str, nn.Module]) -> dict[str, nn.ModuleList]:
+def find_stacks(targets: Targets) -> dict[str, nn.ModuleList]:
     """The layer stacks of the matched modules, by full name: a matched ModuleList, or the stacks adapters find inside."""
-    adapters = installed_adapters()
     stacks: dict[str, nn.ModuleList] = {}
     for name, module in targets.items():
         names = {id(m): n for n, m in named_modules(module, name)}
-        for stack in find_layer_stacks(module, adapters):
+        for stack in find_layer_stacks(module, targets.architectures):
             stacks.setdefault(names[id(stack)], stack)
     return stacks
 

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from hfprune.hooks import ModelHook
+from hfprune.model_hooks import ModelHook
 
 StackKind = Literal["residual", "dense"]
 

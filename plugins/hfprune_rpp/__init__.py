@@ -11,7 +11,7 @@ from pydantic import Field
 
 from hfprune import StrategyConfig, hookimpl
 from hfprune.masks import ReweightedPhaseStrategy, Scope, largest_magnitude_masks
-from hfprune.sharding import count_zeros
+from hfprune.integrations.sharding import count_zeros
 from hfprune.strategy import StepContext
 
 class RPPConfig(StrategyConfig):

@@ -2,7 +2,7 @@
 
 ``wnut``: named entities in WNUT-16 tweets (token classification, entity-level F1).
 ``polarity``: movie-review sentences (sequence classification, accuracy). Scores go through
-``evaluate`` with the metric modules packaged in :mod:`hfprune.metrics`, which load offline.
+``evaluate`` with the metric modules packaged in :mod:`hfprune.cli.metrics`, which load offline.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 from hfprune.data import split, wnut
 from hfprune.errors import HfpruneError
-from hfprune.metrics import load_metric
-from hfprune.run_config import DataSection
+from hfprune.cli.metrics import load_metric
+from hfprune.recipe.run_sections import DataSection
 
 
 class Task(ABC):
@@ -117,11 +117,11 @@ class PolarityTask(Task):
         return {"accuracy": round(result["accuracy"], 4)}
 
 
-TASKS: dict[str, type[Task]] = {"wnut": EntityTask, "polarity": PolarityTask}
+TASK_OF_DATASET: dict[str, type[Task]] = {"wnut": EntityTask, "polarity": PolarityTask}
 
 
 def load_task(data: DataSection, tokenizer, seed: int, examples: list | None = None) -> Task:
-    return TASKS[data.dataset](data, tokenizer, seed, examples)
+    return TASK_OF_DATASET[data.dataset](data, tokenizer, seed, examples)
 
 
 def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:

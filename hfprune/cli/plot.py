@@ -26,7 +26,7 @@ def plot_pruning(
     title: str | None = None,
     compared: tuple[str, str] = ("before", "after"),
 ) -> Path:
-    """Write a PNG (10x4 inches, 100 dpi) of ``structure`` (from :func:`hfprune.structure.model_structure`) to ``path``.
+    """Write a PNG (10x4 inches, 100 dpi) of ``structure`` (from :func:`hfprune.compaction.structure.model_structure`) to ``path``.
 
     Left: per layer, the fraction of heads kept, of neurons kept and of weights that are
     not zero; a deleted layer (``kept`` False) is an empty hatched bar labelled "deleted",

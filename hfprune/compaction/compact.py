@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, find_units
+from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, delete_residual_layers, find_units, stack_owner
 from hfprune.errors import CompactionError
-from hfprune.hooks import strip_model_hooks
+from hfprune.model_hooks import strip_model_hooks
 
 LAYOUT_KEY = "hfprune_layout"  # config.json key: per-unit group counts when layers differ
-PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per layer, shortened with the stack
 TOLERANCE = 1e-4  # max abs difference between masked and compacted outputs, in float32
 KINDS: tuple[UnitKind, ...] = ("head", "neuron")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
@@ -51,10 +50,8 @@ def compact_model(
     """A smaller copy of ``model`` without the layers, heads and neurons that ``pruned`` marks (keep-mask False).
 
     ``pruned`` maps parameter names to keep-masks of the parameter's shape, and layer stacks
-    (the name of an ``nn.ModuleList``) to one bool per layer, all fixed for good. Layers of
-    residual stacks are deleted by :func:`delete_layers`; a model whose layers read other
-    layers' outputs (a densely connected stack) deletes its own through its method
-    ``hfprune_delete_layers(stacks)``, which returns the hidden-state indices it keeps. Raises
+    (the name of an ``nn.ModuleList``) to one bool per layer, all fixed for good. Layers are
+    deleted by the adapter that recognizes their stack (:func:`delete_layers`). Raises
     CompactionError, with ``model`` unchanged, when nothing is removable or when the
     compacted copy's outputs on ``probe`` (default: a seeded random batch) differ from the
     model's by more than 1e-4.
@@ -66,9 +63,7 @@ def compact_model(
     stacks = {name: keep for name, keep in pruned.items() if isinstance(modules.get(name), nn.ModuleList)}
     hidden_states = None  # None: no layer deleted
     if stacks:
-        # A model whose stacks are not residual (later layers read earlier ones' outputs) deletes its own layers.
-        own_deletion = getattr(compacted, "hfprune_delete_layers", None)
-        hidden_states = own_deletion(stacks) if own_deletion else delete_layers(compacted, stacks)
+        hidden_states = delete_layers(compacted, stacks, adapters)
     units = {kind: list(find_units(compacted, kind, adapters)) for kind in KINDS}
     removals = [r for kind in KINDS for r in (_plan(unit, pruned, names) for unit in units[kind]) if r is not None]
     if hidden_states is None and not removals:
@@ -87,51 +82,18 @@ def compact_model(
     return compacted
 
 
-def delete_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
-    """Delete, in place, the layers whose keep flag is False; the original's hidden-state indices the result still has.
+def delete_layers(model: nn.Module, stacks: dict[str, torch.Tensor], adapters: list[ArchitectureAdapter]) -> list[int] | None:
+    """Delete, in place, the layers ``stacks`` flags False, through the adapter that recognizes the stacks.
 
-    None when every layer stays.
-
-    Only the model's own stack can shrink: its length is ``config.num_hidden_layers``
-    (``n_layer``, ``n_layers`` through the config's aliases), which is updated, together
-    with per-layer config lists such as ``layer_types``. Layers that index a cache by
-    position (``layer_idx``) are renumbered.
+    A stack no adapter recognizes (a ModuleList a recipe named directly) is taken to be
+    residual. Returns the hidden-state indices the smaller model still has, None if no layer went.
     """
-    config = getattr(model, "config", None)
-    if len(stacks) > 1:
-        raise CompactionError(f"layers can be deleted from one stack per model; the plan names {len(stacks)}: {', '.join(stacks)}")
-    (name, keep), = stacks.items()
-    stack = model.get_submodule(name)
-    depth = len(stack)
-    if keep.shape != (depth,) or not keep.any():
-        raise CompactionError(f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}")
-    if config is None or getattr(config, "num_hidden_layers", None) != depth:
-        raise CompactionError(
-            f"{name} has {depth} layers, but the model's config states {getattr(config, 'num_hidden_layers', None)} "
-            "(num_hidden_layers): only the stack the config describes can lose layers and still load"
-        )
-    if keep.all():
-        return None
-    kept = keep.nonzero().flatten().tolist()
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
-        raise CompactionError(
-            "this model scales attention by 1 / (layer position + 1) (scale_attn_by_inverse_layer_idx): a layer that moves "
-            "down would be scaled differently once the smaller model is loaded; only the top layers can be deleted"
-        )
-    for index in reversed(range(depth)):
-        if index not in kept:
-            del stack[index]
-    for position, layer in enumerate(stack):
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = position
-    config.num_hidden_layers = len(kept)
-    for field in PER_LAYER_CONFIG:
-        values = getattr(config, field, None)
-        if isinstance(values, list) and len(values) == depth:
-            setattr(config, field, [values[i] for i in kept])
-    # The last hidden state may be taken after a final norm (GPT-2, Llama): it stays the last one.
-    return [0] + [i + 1 for i in kept[:-1]] + [depth]
+    owners = {stack_owner(model, name, adapters) for name in stacks}
+    if len(owners) > 1:
+        names = ", ".join(sorted(owner.name if owner else "no adapter" for owner in owners))
+        raise CompactionError(f"the layer stacks {', '.join(stacks)} belong to different architecture adapters ({names})")
+    (owner,) = owners
+    return owner.delete_layers(model, stacks) if owner is not None else delete_residual_layers(model, stacks)
 
 
 def _plan(unit: Unit, pruned: dict[str, torch.Tensor], names: dict[int, str]) -> Removal | None:

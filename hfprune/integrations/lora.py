@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfprune.errors import HfpruneError
-from hfprune.peft_names import is_adapter_layer, unwrap_peft
+from hfprune.integrations.peft_names import is_adapter_layer, unwrap_peft
 
 
 @dataclass(frozen=True)

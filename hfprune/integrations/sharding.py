@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hfprune.errors import CompactionError
-from hfprune.hooks import carry_model_hooks
+from hfprune.model_hooks import carry_model_hooks
 
 
 class UnsupportedSharding(ValueError):

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hfprune.state import save_file_atomically
+from safetensors.torch import save_file
+
+from hfprune.atomic import write_atomically
 
 BITMASK_SUFFIX = ".__bitmask__"
 VALUES_SUFFIX = ".__values__"
@@ -77,7 +79,8 @@ def encode(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 def save_sparse(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write ``state_dict`` in the sparse encoding, atomically; returns the path."""
     stored, shapes, aliases = encode(state_dict)
-    return save_file_atomically(stored, Path(path), {_SHAPES_KEY: json.dumps(shapes), _ALIASES_KEY: json.dumps(aliases)})
+    metadata = {_SHAPES_KEY: json.dumps(shapes), _ALIASES_KEY: json.dumps(aliases)}
+    return write_atomically(path, lambda temporary: save_file(stored, temporary, metadata=metadata))
 
 
 def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:

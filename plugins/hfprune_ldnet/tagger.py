@@ -6,7 +6,7 @@ embeddings learned on the task. The two go side by side into a bidirectional LST
 softmax over the tags. Input ids come from the task's vocabulary, whose first
 ``vocab_size`` ids are the language model's; the buffer ``lm_ids`` maps every task id to
 the id the language model reads (a task word it does not know becomes its shape's unknown
-token, see :mod:`hfprune_layer_lasso.words`).
+token, see :mod:`hfprune_ldnet.words`).
 
 Importing this module registers the tagger with ``AutoModelForTokenClassification``.
 """
@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoModelForTokenClassification
 from transformers.modeling_outputs import TokenClassifierOutput
 
-from hfprune_layer_lasso.dense_lstm import (
+from hfprune_ldnet.dense_lstm import (
     DIRECTIONS,
     DenseLSTMConfig,
     DenseLSTMModel,
@@ -28,7 +28,7 @@ from hfprune_layer_lasso.dense_lstm import (
     Direction,
     fold_input_columns,
 )
-from hfprune_layer_lasso.words import SHAPES, WordVocabulary
+from hfprune_ldnet.words import SHAPES, WordVocabulary
 
 UNKNOWN_ID = WordVocabulary([]).id(SHAPES[0])
 

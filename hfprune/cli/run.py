@@ -14,21 +14,18 @@ transformers is imported inside the handler, so ``hfprune --help`` and a bad rec
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
-from hfprune import recipes
+from hfprune.recipe import builtin as builtin_recipes
 from hfprune.errors import CompactionError, HfpruneError
-from hfprune.models import DEFAULT_MODEL_HINT, default_model_path
-from hfprune.recipe import load_recipe
-from hfprune.run_config import DataSection, ModelSection, TrainingSection, merge
+from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, default_model_path
+from hfprune.recipe.schema import load_recipe
+from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection, merge
+from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
-MODEL_FOLDER, REPORT_JSON, REPORT_MD, PICTURE = "model", "report.json", "report.md", "pruning.png"
 LATENCY_BATCHES = {1: 30, 32: 10}  # batch size: timed forward passes of each model
-SETTLE_SHIFT_NOTE = 0.1  # a settling layer-lasso gate that moved a layer's output by more than this gets a note in report.md
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -44,7 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "below override them.",
     )
     run.add_argument("recipe", nargs="?", default="default",
-                     help=f"a YAML recipe file or a built-in recipe's name ({', '.join(recipes.builtin_names())}; default: default)")
+                     help=f"a YAML recipe file or a built-in recipe's name ({', '.join(builtin_recipes.builtin_names())}; default: default)")
     run.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR, help=f"where the model and reports go (default: {DEFAULT_OUTPUT_DIR})")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in the output folder")
     model = run.add_argument_group("model and data (recipe sections model:, data:)")
@@ -83,7 +80,7 @@ class RunSettings:
     """What one run does: the recipe's run sections with the command line's flags on top."""
 
     def __init__(self, args: argparse.Namespace):
-        self.recipe_path = recipes.resolve(args.recipe)
+        self.recipe_path = builtin_recipes.resolve(args.recipe)
         self.recipe = load_recipe(self.recipe_path)  # a bad recipe fails here, before transformers is imported
         model = merge(self.recipe.model, ModelSection, {"path": args.model})
         self.data = merge(self.recipe.data, DataSection, {"dataset": args.dataset, "train_limit": args.train_limit, "test_limit": args.test_limit})
@@ -114,7 +111,7 @@ def run_main(args: argparse.Namespace) -> int:
 
     # Imported after the banner: loading transformers takes seconds.
     from hfprune.callback import PruneCallback
-    from hfprune.tasks import load_task
+    from hfprune.cli.tasks import load_task
 
     task = load_task(settings.data, _load_tokenizer(settings.model_path), settings.training.seed)
     print(f"data: {len(task.train_examples)} training and {len(task.test_examples)} test examples, {len(task.labels)} labels")
@@ -130,8 +127,8 @@ def run_main(args: argparse.Namespace) -> int:
     _save_model(final, settings)
     report["loader"] = _loader(final)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    _write_results(settings.output_dir, report, task.headline)
-    print(_summary(report, task.headline))
+    write_results(settings.output_dir, report, task.headline)
+    print(summary(report, task.headline))
     print(f"results: {settings.output_dir / REPORT_MD}, {settings.output_dir / REPORT_JSON}, {settings.output_dir / PICTURE}; "
           f"model: {settings.output_dir / MODEL_FOLDER}/")
     return 0
@@ -139,7 +136,7 @@ def run_main(args: argparse.Namespace) -> int:
 
 def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: dict | None) -> dict:
     """Everything report.json says about the trained model (``trainer.model``) and its compacted copy, if any."""
-    from hfprune.structure import model_structure
+    from hfprune.compaction.structure import model_structure
 
     model = trainer.model
     structure = _structure(model, pruner)
@@ -162,7 +159,7 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
             "targeted": sum(plan.numel for plan in pruner.plans),
             "compacted": _count(compacted) if compacted is not None else None,
             "layers_full_size": _layer_parameters(structure),
-            "layers_compacted": _layer_parameters(model_structure(compacted)) if compacted is not None else None,
+            "layers_compacted": _layer_parameters(model_structure(compacted, pruner.registry.architectures)) if compacted is not None else None,
         },
         "latency": _latency(model, compacted, settings.data.max_length),
         "structure": structure,
@@ -170,9 +167,9 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
 
 
 def _task_class(settings: RunSettings):
-    from hfprune.tasks import TASKS
+    from hfprune.cli.tasks import TASK_OF_DATASET
 
-    return TASKS[settings.data.dataset]
+    return TASK_OF_DATASET[settings.data.dataset]
 
 
 def _load_tokenizer(path: str):
@@ -247,7 +244,7 @@ def _sparsity(pruner) -> dict:
 
 def _latency(model, compacted, sequence: int) -> list[dict]:
     """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed alternately."""
-    from hfprune.latency import interleaved_latency, random_inputs
+    from hfprune.cli.latency import interleaved_latency, random_inputs
 
     if compacted is None:
         return []
@@ -266,11 +263,11 @@ def _structure(model, pruner) -> dict:
     live heads and neurons, sparsity."""
     from torch import nn
 
-    from hfprune.structure import model_structure
+    from hfprune.compaction.structure import model_structure
 
     modules = dict(model.named_modules())
     layer_keep = {name: keep for name, keep in pruner.compaction_plan().items() if isinstance(modules.get(name), nn.ModuleList)}
-    return model_structure(model, layer_keep)
+    return model_structure(model, pruner.registry.architectures, layer_keep)
 
 
 def _layer_parameters(structure: dict) -> int:
@@ -279,143 +276,15 @@ def _layer_parameters(structure: dict) -> int:
 
 
 def _save_model(model, settings: RunSettings) -> None:
-    from hfprune.compaction import save_compacted
+    from hfprune.compaction.compact import save_compacted
 
     save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer_from=settings.model_path, replace=True)
 
 
 def _loader(model) -> str:
     """How to load the saved model: plain transformers when its config is stock."""
-    from hfprune.compaction import LAYOUT_KEY
+    from hfprune.compaction.compact import LAYOUT_KEY
 
     if getattr(model.config, LAYOUT_KEY, None):
         return "hfprune.load_compacted"
     return f"transformers.{type(model).__name__}.from_pretrained"
-
-
-def _write_results(output_dir: Path, report: dict, headline: str) -> None:
-    """Both reports, each written beside its final name and renamed into place, then the picture."""
-    from hfprune.plot import plot_pruning
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _replace(output_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    _replace(output_dir / REPORT_MD, _markdown(report))
-    pairs, compared = _comparison(report, headline)
-    plot_pruning(report["structure"], output_dir / PICTURE, pairs, title=f"{Path(report['recipe']).name}: {report['task']}", compared=compared)
-
-
-def _replace(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
-def _comparison(report: dict, headline: str) -> tuple[dict[str, tuple[float, float]] | None, tuple[str, str]]:
-    """The picture's pairs and what they compare: the dense baseline (when run) or the full-size pruned model,
-    against the compacted one; latency is the full-size architecture's either way. None when there is nothing to compare."""
-    scores, metric = report["scores"], report["metric"]
-    after = scores["compacted"] or scores["pruned"]
-    if scores["baseline"]:
-        before, compared = scores["baseline"], ("dense", "pruned")
-    elif scores["compacted"]:
-        before, compared = scores["pruned"], ("full size", "compacted")
-    else:
-        return None, ("", "")
-    pairs = {metric: (before[headline], after[headline])}
-    for row in report["latency"]:
-        pairs[f"latency ms, batch {row['batch']}"] = (row["full_size_ms"], row["compacted_ms"])
-    return pairs, compared
-
-
-def _summary(report: dict, headline: str) -> str:
-    """The line printed at the end: the headline score (``headline`` is its key in the scores), size and speed-up."""
-    scores, metric = report["scores"], report["metric"]
-    final = scores["compacted"] or scores["pruned"]
-    text = f"done in {report['seconds']:.0f} s: {metric} {final[headline]:.3f}"
-    if scores["baseline"]:
-        text += f" (dense {scores['baseline'][headline]:.3f})"
-    parameters = report["parameters"]
-    if parameters["compacted"]:
-        text += f", {parameters['full_size'] / parameters['compacted']:.2f}x fewer parameters"
-    if report["latency"]:
-        text += ", " + ", ".join(f"{row['speedup']:.2f}x faster at batch {row['batch']}" for row in report["latency"])
-    return text
-
-
-def _markdown(report: dict) -> str:
-    """report.md: the run, the scores, size and speed, what was pruned, how to load the model."""
-    scores, parameters = report["scores"], report["parameters"]
-    score_keys = list(scores["pruned"])
-    rows = [("dense baseline (no pruning)", scores["baseline"]), ("pruned, full size", scores["pruned"]), ("compacted", scores["compacted"])]
-    score_table = "\n".join(f"| {label} | " + " | ".join(f"{values[k]:.3f}" for k in score_keys) + " |" for label, values in rows if values)
-    size_lines = [_size_row("parameters", parameters["full_size"], parameters["compacted"]),
-                  _size_row("parameters in the layer stacks", parameters["layers_full_size"], parameters["layers_compacted"])]
-    size_lines += [f"| ms per batch of {row['batch']} x {row['sequence']} tokens | {row['full_size_ms']:.1f} | {row['compacted_ms']:.1f} | {row['speedup']:.2f}x |"
-                   for row in report["latency"]]
-    entries = "\n".join(f"| {label} | {value:.1%} |" for label, value in report["sparsity"]["entries"].items())
-    sparsity = (f"{report['sparsity']['global']:.1%} of the {parameters['targeted']:,} weights the recipe targets are zero.\n\n"
-                f"| recipe entry | zero weights |\n|---|---:|\n{entries}\n") if entries else ""
-    compaction = "The model was compacted; its outputs were checked against the pruned full-size model's." if report["compaction"] == "ok" \
-        else f"Nothing was compacted: {report['compaction']}"
-    metrics = "\n".join(f"- `{name}`: {value:g}" for name, value in report["strategy_metrics"].items())
-    shifts = [value for name, value in report["strategy_metrics"].items() if name.startswith("settle_shift/") and value > SETTLE_SHIFT_NOTE]
-    if shifts:
-        metrics += (f"\n\nlayer-lasso's gates had not reached 0 or 1 by themselves when its schedule ended: settling them moved a "
-                    f"layer's output by up to {max(shifts):.0%} (warnings in the log). A longer selection window or a higher "
-                    f"`gate_lr` lets the gates settle during training.")
-    return f"""# hfprune run
-
-- model: `{report['model']}`
-- recipe: `{report['recipe']}`
-- task: {report['task']}; {report['train_examples']} training and {report['test_examples']} test examples
-- training: {report['steps']} optimizer steps, {report['epochs']} epochs; {report['seconds']:.0f} s in all
-
-## Test set
-
-| model | {' | '.join(score_keys)} |
-|---|{'---:|' * len(score_keys)}
-{score_table}
-
-## Size and speed (this machine, CPU, timed alternately)
-
-| | full size | compacted | ratio |
-|---|---:|---:|---:|
-{chr(10).join(size_lines)}
-
-## What was pruned
-
-![what was pruned](pruning.png)
-
-{_layer_table(report['structure'])}
-{sparsity}
-{compaction}
-
-Strategy metrics at the end of training:
-
-{metrics or '(none)'}
-
-## Loading the model
-
-`model/` holds the model and its tokenizer; load it with `{report['loader']}("model")`.
-"""
-
-
-def _size_row(label: str, full_size: int, compacted: int | None) -> str:
-    if not compacted:
-        return f"| {label} | {full_size:,} | - | - |"
-    return f"| {label} | {full_size:,} | {compacted:,} | {full_size / compacted:.2f}x |"
-
-
-def _layer_table(structure: dict) -> str:
-    """Per layer of the trained full-size model: deleted or kept, live heads and neurons, zero weights."""
-
-    def groups(value: dict | None) -> str:
-        return "-" if value is None else f"{value['live']} of {value['of']}" if value["of"] else str(value["live"])
-
-    lines = []
-    for stack in structure["stacks"]:
-        lines += [f"`{stack['name']}`:", "", "| layer | | heads | neurons | zero weights |", "|---:|---|---:|---:|---:|"]
-        lines += [f"| {layer['index']} | {'kept' if layer['kept'] else 'deleted'} | {groups(layer['heads'])} | {groups(layer['neurons'])} | "
-                  f"{layer['sparsity']:.1%} |" for layer in stack["layers"]]
-        lines.append("")
-    return "\n".join(lines)

@@ -17,14 +17,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictStr, ValidationError
 
-from hfprune import recipes
+from hfprune.recipe import builtin as builtin_recipes
 from hfprune.errors import PluginError, Problem, RecipeError
 from hfprune.plugins import Registry, default_registry
-from hfprune.run_config import DataSection, ModelSection, TrainingSection
+from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection
 from hfprune.schedule import ScheduleSpec
 from hfprune.strategy import StrategyConfig
-from hfprune.targets import check_pattern
-from hfprune.yaml_source import KeyPath, YamlDocument, format_key_path, parse_yaml
+from hfprune.recipe.targets import check_pattern
+from hfprune.recipe.yaml_source import KeyPath, YamlDocument, format_key_path, parse_yaml
 
 
 def _usable_target(pattern: str) -> str:
@@ -53,7 +53,7 @@ class Recipe(BaseModel):
     """A validated recipe. Build one with :func:`load_recipe`.
 
     ``pruners`` is what the engine runs; ``model``, ``data`` and ``training`` are read only by
-    ``hfprune run`` (:mod:`hfprune.run_config`).
+    ``hfprune run`` (:mod:`hfprune.recipe.run_sections`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,7 +102,7 @@ def load_recipe(source: RecipeSource, registry: Registry | None = None) -> Recip
     if isinstance(source, dict):
         document = YamlDocument(data=source, source="<dict>")
     elif isinstance(source, os.PathLike) or _looks_like_path(source):
-        path = recipes.builtin_path(source) if isinstance(source, str) and recipes.is_builtin_name(source) else Path(source)
+        path = builtin_recipes.builtin_path(source) if isinstance(source, str) and builtin_recipes.is_builtin_name(source) else Path(source)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:

@@ -16,20 +16,24 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from hfprune.architecture import installed_adapters, unit_of
-from hfprune.compaction import LAYOUT_KEY, shrink_unit
+from hfprune.architecture import ArchitectureAdapter, unit_of
+from hfprune.compaction.compact import LAYOUT_KEY, shrink_unit
 from hfprune.errors import CompactionError
+from hfprune.plugins import default_registry
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
-def load_compacted(path: str | os.PathLike, model_class: type | None = None, **kwargs) -> nn.Module:
+def load_compacted(
+    path: str | os.PathLike, model_class: type | None = None, architectures: list[ArchitectureAdapter] | None = None, **kwargs,
+) -> nn.Module:
     """Load a model saved after ``compact``: ``model_class`` (default: the config's architecture), in eval mode.
 
     Stock configs go through ``model_class.from_pretrained(path, **kwargs)``; configs with
-    per-layer sizes are rebuilt shape by shape. Either way the result is an ordinary
-    transformers model.
+    per-layer sizes are rebuilt shape by shape, their blocks found by ``architectures``
+    (default: the installed plugins' adapters; pass a pruner's ``registry.architectures``
+    when it compacted with others). Either way the result is an ordinary transformers model.
     """
     config = transformers.AutoConfig.from_pretrained(path)
     model_class = model_class or _architecture(config)
@@ -37,7 +41,7 @@ def load_compacted(path: str | os.PathLike, model_class: type | None = None, **k
     if not layout:
         return model_class.from_pretrained(path, **kwargs)
     model = model_class(config)
-    adapters = installed_adapters()
+    adapters = default_registry().architectures if architectures is None else architectures
     for kind, sizes in layout.items():
         for name, kept in sizes.items():
             unit = unit_of(model.get_submodule(name), kind, adapters)

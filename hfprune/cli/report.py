@@ -1,7 +1,7 @@
 """``hfprune report MODEL_DIR``: the sparsity and structure of any saved model folder.
 
 Stock checkpoints and compacted ones (whose config.json records per-block sizes under
-``hfprune_layout``) load the same way, through :func:`hfprune.loading.load_compacted`.
+``hfprune_layout``) load the same way, through :func:`hfprune.compaction.loading.load_compacted`.
 transformers is imported inside the handler, so ``--help`` and usage errors stay fast.
 """
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from hfprune.errors import HfpruneError
-from hfprune.text_table import print_table
+from hfprune.cli.text_table import print_table
 
 CONFIG = "config.json"
 
@@ -37,9 +37,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_report(args: argparse.Namespace) -> int:
     path = Path(args.model_dir)
     model = _load(path)
-    from hfprune.structure import model_structure
+    from hfprune.compaction.structure import model_structure
+    from hfprune.plugins import default_registry
 
-    structure = model_structure(model)
+    structure = model_structure(model, default_registry().architectures)
     if args.json:
         print(json.dumps(structure, indent=2))
     else:
@@ -64,7 +65,7 @@ def _load(path: Path):
     from safetensors import SafetensorError
     from transformers.utils import logging
 
-    from hfprune.loading import load_compacted
+    from hfprune.compaction.loading import load_compacted
 
     bar = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # the report is the output; a weight-loading bar would only clutter it

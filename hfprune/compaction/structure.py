@@ -1,7 +1,7 @@
 """What is left of a model: its layers, live heads and neurons, and how many weights are exactly zero.
 
 One JSON-able description shared by ``hfprune report`` (any saved model folder), the main
-job's report and its picture (:func:`hfprune.plot.plot_pruning`). Layer stacks, heads and
+job's report and its picture (:func:`hfprune.cli.plot.plot_pruning`). Layer stacks, heads and
 neurons are found through the installed architecture adapters: they are the units
 compaction removes, so "live" means "what compaction would keep". A head (a key/value group
 under grouped-query attention, counted as its query heads) is live unless its
@@ -18,14 +18,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, find_layer_stacks, find_units, installed_adapters
-from hfprune.compaction import LAYOUT_KEY
+from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, find_layer_stacks, find_units
+from hfprune.compaction.compact import LAYOUT_KEY
 
 DIGITS = 4  # fractions are rounded so report.json stays readable
 
 
-def model_structure(model: nn.Module, layer_keep: Mapping[str, Sequence[bool] | torch.Tensor] | None = None) -> dict:
-    """A JSON-able description of ``model`` as it is now.
+def model_structure(
+    model: nn.Module, adapters: list[ArchitectureAdapter], layer_keep: Mapping[str, Sequence[bool] | torch.Tensor] | None = None,
+) -> dict:
+    """A JSON-able description of ``model`` as it is now, its layers, heads and neurons found by ``adapters``.
 
     ``layer_keep`` maps a layer stack's module name to one keep flag per layer, the form a
     layer-lasso compaction plan has: a layer whose gate is 0 still has non-zero weights, so
@@ -45,7 +47,6 @@ def model_structure(model: nn.Module, layer_keep: Mapping[str, Sequence[bool] | 
     fields keep the original sizes.
     """
     config = getattr(model, "config", None)
-    adapters = installed_adapters()
     zeros = {id(p): int((p.detach() == 0).sum()) for p in model.parameters()}
     total = sum(p.numel() for p in model.parameters())
     zero_total = sum(zeros.values())

@@ -5,8 +5,9 @@ the word embedding and the outputs of layers ``0 .. i-1``, and the stack's outpu
 concatenation of the embedding and every layer's output (Liu et al., 2018, arXiv 1804.07827,
 and the authors' ``LDRNN``). Because no layer's input depends on a single earlier layer
 alone, any layer can be deleted: layer-lasso's ``stack: dense`` gates multiply a layer's
-output wherever it is consumed, and compaction (:meth:`DenseLSTMPreTrainedModel.hfprune_delete_layers`)
-removes a deleted layer's columns from every later layer and from the head's projection.
+output wherever it is consumed, and compaction (through the plugin's architecture adapter,
+:meth:`DenseLSTMPreTrainedModel.delete_stack_layers`) removes a deleted layer's columns from
+every later layer and from the head's projection.
 
 Layer-wise dropout is done here, not by a hook: while training, each layer's output is
 replaced by zeros, with probability ``layer_dropout``, in the inputs of deeper layers, but it
@@ -14,7 +15,7 @@ still reaches the stack's output, so deeper layers learn not to depend on any on
 
 Importing this module registers ``DenseLSTMConfig`` (model type ``hfprune-dense-lstm``)
 with ``AutoConfig``, ``AutoModel`` and ``AutoModelForPreTraining``; importing
-:mod:`hfprune_layer_lasso.tagger` also with ``AutoModelForTokenClassification``.
+:mod:`hfprune_ldnet.tagger` also with ``AutoModelForTokenClassification``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class DenseLSTMConfig(PretrainedConfig):
     different numbers of layers from the two directions (None: the same). The language
     model projects each direction's stack output to ``projection_size`` and predicts words
     with an adaptive softmax (``cutoffs``: the frequency bands of the vocabulary). The tagger
-    (:class:`~hfprune_layer_lasso.tagger.DenseLSTMForTokenClassification`) reads words from a
+    (:class:`~hfprune_ldnet.tagger.DenseLSTMForTokenClassification`) reads words from a
     vocabulary of ``task_vocab_size`` whose first ``vocab_size`` ids are the language model's.
     """
 
@@ -184,13 +185,14 @@ class DenseLSTMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LSTM):
             module.reset_parameters()  # PyTorch's uniform init; a tagger loaded from a language model needs it for its own
 
-    def hfprune_delete_layers(self, stacks: dict[str, torch.Tensor]) -> list[int] | None:
-        """Compaction's entry point: delete the layers ``stacks`` flags False (or gates at 0), by stack module name.
+    def delete_stack_layers(self, stacks: dict[str, torch.Tensor]) -> list[int] | None:
+        """Delete the layers ``stacks`` flags False (or gates at 0), by stack module name; the ``hidden_states`` left.
 
         Later layers lose the deleted layers' input columns, and so do the head's weights
         reading the stacks' outputs (:meth:`fold_stack_output`); gate values other than 1 are
         folded into those columns. Returns the indices of the ``hidden_states`` the smaller
-        model still has, or None when no layer was deleted.
+        model still has, or None when no layer was deleted. Compaction calls it through the
+        LD-Net plugin's architecture adapter (:class:`hfprune_ldnet.DenseLSTMAdapter`).
         """
         base = self.base_model
         if base is self:
