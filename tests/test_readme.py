@@ -25,10 +25,12 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test in ci_lines
 
 
-def python_block(section: str) -> str:
-    """The first ```python block under the README heading ``section``."""
-    text = (ROOT / "README.md").read_text()
-    return re.search(rf"## {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S).group(1)
+def python_block(path: Path, section: str) -> str:
+    """The first ```python block under the markdown heading ``section`` (any level) of the file at ``path``."""
+    text = path.read_text()
+    found = re.search(rf"^#+ {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S | re.M)
+    assert found, f"{path.relative_to(ROOT)} has no python block under a heading {section!r}"
+    return found.group(1)
 
 
 def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
@@ -40,7 +42,7 @@ def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
     model_dir = tmp_path / "my-bert"
     tiny_bert().save_pretrained(model_dir)
     monkeypatch.chdir(tmp_path)  # "out" and "small" land here
-    code = python_block("With your Trainer")
+    code = python_block(ROOT / "README.md", "With your Trainer")
     assert '"my-bert"' in code and 'PruneCallback("block-lasso")' in code
     namespace = {"train": TokenDataset(size=64)}
     exec(compile(code, "README.md", "exec"), namespace)
@@ -51,16 +53,16 @@ def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_the_peft_example_runs_as_written(tmp_path):
-    """The README's LoRA example on a tiny BERT: the merged model keeps the pruned zeros, and compacts."""
+    """docs/peft.md's LoRA example on a tiny BERT: the merged model keeps the pruned zeros, and compacts."""
     from conftest import TokenDataset, tiny_bert
     from transformers import TrainingArguments
 
-    code = python_block("With peft (LoRA)")
+    code = python_block(ROOT / "docs" / "peft.md", "Prune the base while LoRA trains")
     # A small learning rate: the built-in lam, made for MiniLM, would shrink all of a tiny model's frozen weights to zero.
     args = TrainingArguments(str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-5,
                              save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
     namespace = {"base": tiny_bert(), "args": args, "train": TokenDataset(size=64)}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/peft.md", "exec"), namespace)
     merged, small = namespace["merged"], namespace["small"]
     assert type(merged).__name__ == "BertForSequenceClassification"
     query = merged.bert.encoder.layer[0].attention.self.query.weight
