@@ -16,32 +16,39 @@ timed alternately in one loop. Prints a table, writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import math
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from block_compaction import (
+from common import (
+    LATENCY_SEQ,
+    SPLIT_SEED,
+    TEST_FRACTION,
+    add_polarity_data_argument,
     add_run_arguments,
+    benchmark_parser,
     encoder_flops,
+    entry,
     interleaved_latency,
+    machine,
     minilm_tokenizer,
     quick_limits,
+    recipe,
+    report,
+    settings,
     speedup_cells,
+    training_arguments,
+    training_steps,
     vs_dense_cell,
 )
-from overhead import entry, recipe
-from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, report
 from transformers import Trainer, TrainingArguments
 
 from hfprune import PruneCallback
 from hfprune.architecture import delete_residual_layers
+from hfprune.cli.tasks import load_task
 from hfprune.data.polarity import read_polarity
 from hfprune.recipe.run_sections import DataSection
-from hfprune.cli.tasks import load_task
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_selection.json"
 STACK = "encoder.layer"
@@ -54,14 +61,14 @@ TASKS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--keeps", type=int, nargs="+", default=[4, 3, 2], help="depths to compare")
     parser.add_argument("--baselines", nargs="*", choices=["bottom", "spaced"], default=["bottom", "spaced"])
     parser.add_argument("--l0", type=float, default=0.05, help="layer-lasso regularizer weight")
     parser.add_argument("--gate-lr", type=float, default=0.05, help="layer-lasso gate learning rate")
     parser.add_argument("--window", type=float, nargs=2, default=list(SELECTION_WINDOW), metavar=("START", "END"))
-    parser.add_argument("--polarity-data", type=Path, help="the polarity CSV (default: downloaded once and cached)")
+    add_polarity_data_argument(parser, "--polarity-data")
     add_run_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 examples, keep 3, 2 timing repeats")
     args = parser.parse_args(argv)
     if args.quick:
@@ -106,14 +113,10 @@ class Task:
         return self.task.model(path)
 
     def arguments(self, output_dir: str, seed: int) -> TrainingArguments:
-        return TrainingArguments(
-            output_dir=output_dir, num_train_epochs=self.epochs, per_device_train_batch_size=self.batch_size,
-            per_device_eval_batch_size=64, learning_rate=self.lr, weight_decay=0.01, seed=seed, data_seed=seed,
-            save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True, use_cpu=True,
-        )
+        return training_arguments(self, output_dir, seed, group_by_length=False)
 
     def steps(self) -> int:
-        return int(math.ceil(len(self.train) / self.batch_size) * self.epochs)
+        return training_steps(self, len(self.train))
 
     def score(self, model, output_dir: str, seed: int) -> float:
         trainer = Trainer(model=model, args=self.arguments(output_dir, seed), data_collator=self.collator)
@@ -148,7 +151,7 @@ def run_row(task: Task, args, kind: str, keep: int, workdir: Path) -> tuple[dict
         final = callbacks[0].compact(model)
     row["layers"] = layers
     row["score"] = task.score(final, str(workdir / "eval"), args.seed)
-    row["encoder_flops"] = encoder_flops(final, 128)
+    row["encoder_flops"] = encoder_flops(final, LATENCY_SEQ)
     return row, final
 
 
@@ -177,9 +180,9 @@ def main(argv=None) -> int:
                   f"{row['train_seconds']:.0f} s", flush=True)
     result = {
         "benchmark": "layer_selection",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "tasks": {name: dict(zip(("epochs", "batch_size", "lr"), TASKS[name])) for name in args.tasks},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine(),
         "rows": rows, "verdicts": verdicts(rows),
     }
     report(result, args.output, table(rows), "\n".join(result["verdicts"]))

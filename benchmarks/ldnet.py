@@ -23,9 +23,7 @@ Prints a table beside the paper's figures and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -34,17 +32,27 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from rpp_vs_magnitude import SPLIT_SEED, TEST_FRACTION, report
-from transformers import Trainer, TrainingArguments
-
-from hfprune import PruneCallback
-from hfprune.data import split, wnut
-from hfprune.data.austen import read_austen
-from hfprune.cli.latency import interleaved_times
-from hfprune.cli.metrics import load_metric
+from common import (
+    SPLIT_SEED,
+    TEST_FRACTION,
+    add_limit_arguments,
+    add_output_arguments,
+    benchmark_parser,
+    machine,
+    quick_data_limits,
+    report,
+    settings,
+)
 from hfprune_ldnet.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling
 from hfprune_ldnet.tagger import DenseLSTMForTokenClassification
 from hfprune_ldnet.words import WordVocabulary, split_words
+from transformers import Trainer, TrainingArguments
+
+from hfprune import PruneCallback
+from hfprune.cli.latency import interleaved_times
+from hfprune.cli.metrics import load_metric
+from hfprune.data import split, wnut
+from hfprune.data.austen import read_austen
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "ldnet.json"
 RECIPE = Path(__file__).resolve().parent / "recipes" / "ldnet-tagger.yaml"
@@ -58,7 +66,7 @@ PAPER = {  # LD-Net (Liu et al., 2018), CoNLL03 NER, from the authors' README
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--vocab", type=int, default=10000, help="language-model vocabulary, special tokens included")
     parser.add_argument("--embedding", type=int, default=100)
@@ -74,15 +82,13 @@ def parse_args(argv=None):
     parser.add_argument("--tagger-lr", type=float, default=2e-3)
     parser.add_argument("--timing-repeats", type=int, default=5)
     parser.add_argument("--austen", type=Path, help="the novels as JSON, name to lines (default: downloaded once and cached)")
-    parser.add_argument("--train-limit", type=int, help="WNUT training tweets")
-    parser.add_argument("--test-limit", type=int, help="WNUT test tweets")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--quick", action="store_true", help="smoke run: vocabulary 2000, width 16, 3 layers, 30 LM steps, one seed")
+    add_limit_arguments(parser, "WNUT training tweets", "WNUT test tweets")
+    add_output_arguments(parser, DEFAULT_OUTPUT, "smoke run: vocabulary 2000, width 16, 3 layers, 30 LM steps, one seed")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.vocab, args.embedding, args.hidden, args.layers = [0], 2000, 16, 16, 3
         args.lm_steps, args.tagger_epochs, args.timing_repeats = 30, 2.0, 1
-        args.train_limit, args.test_limit = args.train_limit or 128, args.test_limit or 64
+    quick_data_limits(args, 128, 64)
     return args
 
 
@@ -293,8 +299,8 @@ def main(argv=None) -> int:
                       f"({row['train_seconds']:.0f} s)", flush=True)
     result = {
         "benchmark": "ldnet",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "settings": settings(args),
+        "machine": machine(),
         "language_model": language_model, "wnut": {"train": len(data.train), "test": len(data.test), "labels": data.labels},
         "rows": rows, "summary": {kind: summary(rows, kind) for kind in ("unpruned", "pruned")},
         "words_per_second": words_per_second(timed, data, args.timing_repeats), "paper": PAPER,

@@ -21,11 +21,8 @@ one, on a structured and an unstructured pattern, timed alternately. Writes JSON
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import math
-import platform
 import statistics
 import tempfile
 import time
@@ -35,27 +32,35 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from block_compaction import (
+from common import (
+    ENCODER_LINEARS,
     LAM_SCALE,
+    MAX_LENGTH,
+    add_polarity_data_argument,
     add_run_arguments,
-    block_recipe,
+    add_training_arguments,
+    benchmark_parser,
+    block_lasso_from_rule,
     encoder_parameters,
-    evaluate,
-    lams_from_rule,
+    machine,
+    minilm_classifier,
     minilm_tokenizer,
     polarity_data,
     quick_limits,
+    report,
+    settings,
+    test_accuracy,
+    training_arguments,
+    training_steps,
 )
-from overhead import ENCODER_LINEARS
 from peft import LoraConfig, TaskType, get_peft_model
-from rpp_vs_magnitude import MAX_LENGTH, lr_sum_over_window, report, training_arguments
 from torch import nn
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainerCallback
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
 from hfprune import PruneCallback, Pruner
 from hfprune.cli import latency
-from hfprune.integrations.lora import keep_sparse, lora_layers, merge_lora
 from hfprune.cli.text_table import print_table
+from hfprune.integrations.lora import keep_sparse, lora_layers, merge_lora
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "lora_recovery.json"
 RATIO = 0.5  # of heads and of FFN neurons: 2x fewer encoder parameters
@@ -67,16 +72,14 @@ MASKED_ROW = "LoRA on the masked model (merged, sparsity kept)"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=float, default=2.0, help="length T of the dense and the pruned run")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of full fine-tuning")
+    parser = benchmark_parser(__doc__)
+    add_training_arguments(parser, epochs=2.0, epochs_help="length T of the dense and the pruned run", lr_help="learning rate of full fine-tuning")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8, help=f"LoRA rank r (lora_alpha {LORA_ALPHA})")
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lam-scale", type=float, default=LAM_SCALE, help="multiply the rule's lam by this")
     parser.add_argument("--window", type=float, nargs=2, default=list(RECOVERY_WINDOW), metavar=("START", "END"),
                         help="lasso phase, fractions of training; the mask is fixed at END")
-    parser.add_argument("--data", type=Path, help="the polarity CSV (default: downloaded once and cached)")
+    add_polarity_data_argument(parser)
     parser.add_argument("--cost-repeats", type=int, default=10, help="timed training steps per model in the masking-cost table")
     add_run_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 sentences at batch 8, one epoch (8 steps, 3 to recover)")
     args = parser.parse_args(argv)
@@ -118,11 +121,6 @@ class Snapshot(TrainerCallback):
             self.model, self.step = copy.deepcopy(model), state.global_step
 
 
-def minilm_classifier(args) -> nn.Module:
-    torch.manual_seed(args.seed)  # the new classifier head's initialisation
-    return AutoModelForSequenceClassification.from_pretrained(str(args.model_path), num_labels=2)
-
-
 def train(model: nn.Module, train_set, tokenizer, arguments, callbacks: list[TrainerCallback]) -> None:
     collator = DataCollatorWithPadding(tokenizer)
     Trainer(model=model, args=arguments, train_dataset=train_set, data_collator=collator, callbacks=callbacks).train()
@@ -142,19 +140,18 @@ def row(name: str, trainable: int, encoder: int, step_seconds: list[float], accu
 
 def dense_row(args, data, tokenizer, workdir: Path) -> dict:
     train_set, test = data
-    model, clock = minilm_classifier(args), StepClock()
+    model, clock = minilm_classifier(args, args.seed), StepClock()
     train(model, train_set, tokenizer, training_arguments(args, str(workdir / "dense"), args.seed), [clock])
     return row("dense fine-tuning", trainable_parameters(model), encoder_parameters(model), clock.seconds,
-               evaluate(model, test, tokenizer, workdir, args))
+               test_accuracy(model, test, tokenizer, workdir, args))
 
 
 def pruned_rows(args, data, tokenizer, workdir: Path) -> tuple[list[dict], nn.Module, nn.Module, Pruner]:
     """Block-lasso for T steps: rows for the model when its mask is fixed and at the end; that model, compacted too; the pruner."""
     train_set, test = data
-    model = minilm_classifier(args)
-    total_steps = int(math.ceil(len(train_set) / args.batch_size) * args.epochs)
-    rule = lams_from_rule(model, RATIO, lr_sum_over_window(args, total_steps, args.window), tile=False)
-    pruning = PruneCallback(block_recipe(RATIO, {group: args.lam_scale * lam for group, lam in rule.items()}, False, args.window))
+    model = minilm_classifier(args, args.seed)
+    total_steps = training_steps(args, len(train_set))
+    pruning = PruneCallback(block_lasso_from_rule(model, RATIO, args, total_steps)[0])
     clock, snapshot = StepClock(), Snapshot(pruning.pruner)
     train(model, train_set, tokenizer, training_arguments(args, str(workdir / "pruned"), args.seed), [pruning, clock, snapshot])
     if snapshot.model is None:
@@ -163,7 +160,7 @@ def pruned_rows(args, data, tokenizer, workdir: Path) -> tuple[list[dict], nn.Mo
     trainable = trainable_parameters(model)
     compacted = pruner.compact(snapshot.model)
     encoder = encoder_parameters(compacted)  # the structure is fixed: the final model's is the same
-    before, after = (evaluate(m, test, tokenizer, workdir, args) for m in (snapshot.model, model))
+    before, after = (test_accuracy(m, test, tokenizer, workdir, args) for m in (snapshot.model, model))
     rows = [
         row("pruned, before recovery", trainable, encoder, clock.seconds[: snapshot.step], before),
         row("full fine-tuning with the mask", trainable, encoder, clock.seconds[snapshot.step:], after)
@@ -197,10 +194,10 @@ def lora_row(name: str, base: nn.Module, steps: int, args, data, tokenizer, work
     arguments = dataclasses.replace(training_arguments(args, str(workdir / "lora"), args.seed), learning_rate=args.lora_lr, max_steps=steps)
     train(peft_model, train_set, tokenizer, arguments, [clock])
     trainable = trainable_parameters(peft_model)
-    before_merge = evaluate(peft_model, test, tokenizer, workdir, args)
+    before_merge = test_accuracy(peft_model, test, tokenizer, workdir, args)
     stock_fill = stock_merge_fill(peft_model)
     merged = merge_lora(peft_model)
-    accuracy = evaluate(merged, test, tokenizer, workdir, args)
+    accuracy = test_accuracy(merged, test, tokenizer, workdir, args)
     checks = {
         "zero_base_weights": int(sum(z.sum() for z in zeros.values())),
         "zeros_kept": all(bool((p[zeros[n]] == 0).all()) for n, p in merged.base_model.encoder.named_parameters()),
@@ -222,7 +219,7 @@ def masking_cost(args) -> list[dict]:
     inputs = latency.random_inputs(30522, batch, MAX_LENGTH, seed=args.seed) | {"labels": torch.zeros(batch, dtype=torch.long)}
     rows = []
     for pattern, prune in (("heads and neurons (rows and columns)", prune_heads_and_neurons), ("unstructured", prune_at_random)):
-        base = minilm_classifier(args)
+        base = minilm_classifier(args, args.seed)
         prune(base)
         torch.manual_seed(args.seed)
         stock = get_peft_model(copy.deepcopy(base), lora_config(args))
@@ -287,11 +284,10 @@ def main(argv=None) -> int:
         r["vs_dense_points"] = 100 * (r["accuracy"] - dense["accuracy"])
     result = {
         "benchmark": "lora_recovery",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "lora": {"r": args.rank, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS, "lr": args.lora_lr},
         "train_sentences": len(train_set), "test_sentences": len(test),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
-                    "peft": peft.__version__, "threads": torch.get_num_threads()},
+        "machine": machine(transformers=transformers.__version__, peft=peft.__version__),
         "rows": rows, "checks": checks(rows), "masking_cost": cost,
     }
     print()

@@ -39,28 +39,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import (
+    ENCODER_LAYERS,
+    add_output_arguments,
+    benchmark_parser,
+    busy_cpu_seconds,
+    entry,
+    other_load_line,
+    recipe,
+    report,
+)
+
 BATCH_SIZE = 32
 SEQ_LEN = 64
 TARGET_STEP_RATIO = 1.03  # the issue's target
 TARGET_MEMORY_RATIO = 1.15
-OTHER_LOAD_WARNING = 0.25  # cores busy with other processes above which the table carries a warning
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "overhead.json"
-
-# Every encoder Linear of a BERT: query/key/value, attention.output.dense, intermediate.dense, output.dense.
-ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-
-
-ENCODER_LAYERS = r"re:.*encoder\.layer\.\d+"  # whole layers: block-lasso finds heads and FFN neurons inside
-
-
-def entry(strategy: str, schedule: str, config: str, targets: str = ENCODER_LINEARS) -> str:
-    """One ``pruners:`` item as YAML text (schedule and config in YAML flow style)."""
-    return f"  - strategy: {strategy}\n    targets: ['{targets}']\n    schedule: {schedule}\n    config: {config}\n"
-
-
-def recipe(*entries: str) -> str:
-    return "version: 1\npruners:\n" + "".join(entries)
-
 
 # (row name, recipe YAML or None for no callback). Schedules count optimizer steps of the run (warm-up included).
 ROWS: list[tuple[str, str | None]] = [
@@ -293,13 +287,6 @@ class Worker:
         self.log.close()
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time all processes on this machine have used since boot (``/proc/stat``), in seconds."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def process_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
@@ -382,24 +369,17 @@ def table(result: dict) -> str:
         f"peak RSS: stock {result['stock']['peak_rss_mb']:.0f} MiB (VmHWM of the whole run)",
         f"targets: step-time ratio <= {TARGET_STEP_RATIO} (issue target), peak memory ratio <= {TARGET_MEMORY_RATIO}",
     ]
-    load = c["other_load_cores"]
-    if load > OTHER_LOAD_WARNING:
-        lines.append(
-            f"WARNING: other processes kept {load:.1f} of {c['cpu_count']} cores busy while the steps ran; "
-            "oversubscribed cores slow every parallel kernel, which distorts these times and typically inflates the ratios"
-        )
-    else:
-        lines.append(f"machine otherwise idle while timing (other processes: {load:.2f} cores busy on average)")
+    lines.append(other_load_line(c["other_load_cores"], c["cpu_count"]))
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per configuration (default 40)")
     parser.add_argument("--warmup", type=int, default=6, help="untimed steps at the start of each run (default 6)")
     parser.add_argument("--block", type=int, default=2, help="steps each configuration runs per turn (default 2)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
-    parser.add_argument("--quick", action="store_true", help="tiny random BERT instead of MiniLM: a smoke test in seconds")
+    add_output_arguments(parser, DEFAULT_OUTPUT, "tiny random BERT instead of MiniLM: a smoke test in seconds",
+                         output_help=f"JSON results (default {DEFAULT_OUTPUT})")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.block < 1:
@@ -449,11 +429,7 @@ def main(argv=None) -> int:
         ],
     }
     result["total_seconds"] = time.perf_counter() - began
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print()
-    print(table(result))
-    print(f"\nwrote {args.output} ({result['total_seconds']:.0f} s)")
+    report(result, args.output, table(result), seconds=result["total_seconds"])
     return 0
 
 

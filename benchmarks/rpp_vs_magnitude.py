@@ -20,80 +20,56 @@ shows what it did reach (``proximal``); the fix at the window's end sets the tar
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
-from overhead import ENCODER_LINEARS, entry, recipe
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
+from common import (
+    ENCODER_LINEARS,
+    add_limit_arguments,
+    add_output_arguments,
+    add_polarity_data_argument,
+    add_training_arguments,
+    benchmark_parser,
+    entry,
+    lr_sum_over_window,
+    machine,
+    minilm_classifier,
+    minilm_tokenizer,
+    polarity_data,
+    quick_data_limits,
+    recipe,
+    report,
+    settings,
+    training_arguments,
+    training_steps,
 )
+from transformers import DataCollatorWithPadding, Trainer
 
 from hfprune import PruneCallback
-from hfprune.data import split
-from hfprune.data.polarity import read_polarity
-from hfprune.cli.model_sources import default_model_path
 from hfprune.compaction.sparse_file import save_sparse
 from hfprune.recipe.targets import match_targets
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rpp_vs_magnitude.json"
-TEST_FRACTION = 0.2
-SPLIT_SEED = 0
 WINDOW = (0.1, 0.6)  # pruning acts from 10% to 60% of the optimizer steps; masked training after
-MAX_LENGTH = 64
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=["magnitude", "rpp"], choices=["magnitude", "rpp"])
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--train-limit", type=int, help="use only this many training sentences")
-    parser.add_argument("--test-limit", type=int, help="use only this many test sentences")
-    parser.add_argument("--data", type=Path, help="the polarity CSV (default: downloaded once and cached)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64/32 sentences, sparsity 0.5, seed 0")
+    add_training_arguments(parser, epochs=2.0)
+    add_limit_arguments(parser, "use only this many training sentences", "use only this many test sentences")
+    add_polarity_data_argument(parser)
+    add_output_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 sentences, sparsity 0.5, seed 0")
     args = parser.parse_args(argv)
     if args.quick:
         args.sparsities, args.seeds = [0.5], [0]
-        args.train_limit, args.test_limit = args.train_limit or 64, args.test_limit or 32
+    quick_data_limits(args, 64, 32)
     return args
-
-
-def encode(examples, tokenizer) -> list[dict]:
-    return [
-        {**tokenizer(text, truncation=True, max_length=MAX_LENGTH), "labels": label}
-        for text, label in examples
-    ]
-
-
-def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, learning_rate=args.lr, weight_decay=0.01, seed=seed, data_seed=seed,
-        save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True, use_cpu=True,
-        train_sampling_strategy="group_by_length",  # batches of similar length: about half the padding, same for every row
-    )
-
-
-def lr_sum_over_window(args, total_steps: int, window: tuple[float, float] = WINDOW) -> float:
-    """Sum of the Trainer's default (linear decay, no warm-up) learning rate over the pruning window."""
-    start, end = (round(f * total_steps) for f in window)
-    return sum(args.lr * (1 - step / total_steps) for step in range(start, end))
 
 
 def rpp_lam(encoder_weights: list[torch.Tensor], sparsity: float, lr_sum: float) -> float:
@@ -112,11 +88,10 @@ def pruning_recipe(method: str, sparsity: float, lam: float | None) -> str:
 
 def run_row(args, data, tokenizer, method: str, sparsity: float, seed: int, workdir: Path) -> dict:
     train, test = data
-    torch.manual_seed(seed)  # the new classifier head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(str(args.model_path), num_labels=2)
+    model = minilm_classifier(args, seed)
     encoder_weights = [module.weight for module in match_targets(model, [ENCODER_LINEARS], []).modules.values()]
-    total_steps = int(math.ceil(len(train) / args.batch_size) * args.epochs)
-    lam = rpp_lam(encoder_weights, sparsity, lr_sum_over_window(args, total_steps)) if method == "rpp" else None
+    total_steps = training_steps(args, len(train))
+    lam = rpp_lam(encoder_weights, sparsity, lr_sum_over_window(args, total_steps, WINDOW)) if method == "rpp" else None
     callbacks = [] if method == "dense" else [PruneCallback(pruning_recipe(method, sparsity, lam))]
     trainer = Trainer(
         model=model, args=training_arguments(args, str(workdir / "trainer"), seed), train_dataset=train,
@@ -202,12 +177,8 @@ def verdicts(summary: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()  # no load reports or shard progress bars between table lines
-    args.model_path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))
-    train, test = split(read_polarity(args.data), TEST_FRACTION, SPLIT_SEED)
-    train, test = train[: args.train_limit], test[: args.test_limit]
-    data = (encode(train, tokenizer), encode(test, tokenizer))
+    tokenizer = minilm_tokenizer(args)
+    data = train, test = polarity_data(args, tokenizer)
     plan = [("dense", 0.0)] + [(m, s) for s in args.sparsities for m in args.methods]
     rows = []
     print(f"{len(train)} train / {len(test)} test sentences; {len(plan) * len(args.seeds)} runs")
@@ -221,23 +192,13 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     result = {
         "benchmark": "rpp_vs_magnitude",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "window": WINDOW, "train_sentences": len(train), "test_sentences": len(test),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine(),
         "rows": rows, "summary": summary, "verdicts": verdicts(summary),
     }
     report(result, args.output, table(summary), "\n".join(result["verdicts"]))
     return 0
-
-
-def report(result: dict, output: Path, *sections: str) -> None:
-    """Write the JSON, then print each section (a table, the verdicts) and where the JSON went."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    for section in sections:
-        print()
-        print(section)
-    print(f"\nwrote {output}")
 
 
 if __name__ == "__main__":
