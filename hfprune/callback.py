@@ -28,19 +28,24 @@ class PruneCallback(TrainerCallback):
     fails before training. ``resume_from`` names the checkpoint folder whose pruning state to
     restore when it is neither ``args.resume_from_checkpoint`` nor
     ``output_dir/checkpoint-<step>`` (the Trainer does not tell callbacks which one it loaded).
+    ``teacher`` is a model to distill from (:mod:`hfprune.distill`), with the recipe's
+    ``distillation:`` settings or their defaults; it is never saved in checkpoints.
     """
 
-    def __init__(self, recipe: RecipeSource, resume_from: str | os.PathLike | None = None, registry: Registry | None = None):
-        self.pruner = Pruner(recipe, registry)
+    def __init__(
+        self, recipe: RecipeSource, resume_from: str | os.PathLike | None = None, registry: Registry | None = None,
+        teacher: nn.Module | None = None,
+    ):
+        self.pruner = Pruner(recipe, registry, teacher)
         self.resume_from = resume_from
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.pruner.attach(model)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         self.pruner.attach(model)  # again: model_init may have built a new model since __init__
-        self.pruner.start(state.max_steps)
+        self.pruner.start(state.max_steps, lr_scheduler)
         if state.global_step > 0:
             self._restore(args, state.global_step)
 

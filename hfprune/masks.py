@@ -7,18 +7,40 @@ zeroed where it bites, so no optimizer can regrow a pruned weight.
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from hfprune.errors import StateError
 from hfprune.integrations.sharding import WHOLE, Layout, kth_smallest_of_parts, layout_of
-from hfprune.strategy import StepContext, Strategy
+from hfprune.strategy import StepContext, Strategy, StrategyConfig
 
 MASK_PREFIX = "mask."
 ALPHA_PREFIX = "alpha."
+logger = logging.getLogger("hfprune.masks")
+
 Scope = Literal["layer", "global"]  # one threshold per tensor, or one across all of them
+Lam = Annotated[float, Field(gt=0.0)] | Literal["auto"]  # a proximal strategy's penalty weight, or derived (auto_lam)
+
+
+class ProximalConfig(StrategyConfig):
+    """The penalty weight of a proximal strategy (:class:`ReweightedPhaseStrategy`): a number, or ``auto``."""
+
+    lam: Lam = Field(
+        default="auto",
+        description="penalty weight; 'auto': lam_scale * q^2 / (2 * sum of lr over the phase), q the weight magnitude (block "
+        "norm) at the target's quantile when the phase starts, which brings about the target to zero by the phase's end",
+    )
+    lam_scale: float = Field(default=1.0, gt=0.0, description="with lam: auto, the fraction of that lam to use")
+
+    @model_validator(mode="after")
+    def _scale_goes_with_auto(self) -> ProximalConfig:
+        if self.lam != "auto" and self.lam_scale != 1.0:
+            raise ValueError("lam_scale scales lam: auto; with a number for lam, scale the number")
+        return self
 
 
 class MaskSet:
@@ -146,6 +168,30 @@ def _keep_largest(magnitude: torch.Tensor, sparsity: float, layout: Layout) -> t
     return magnitude > kth_smallest_of_parts([magnitude], [layout], k)
 
 
+@torch.no_grad()
+def magnitude_at_quantile(weights: list[torch.Tensor], fraction: float, scope: Scope, layouts: list[Layout]) -> float:
+    """The magnitude below which ``fraction`` of the weights lie: one threshold (``global``), or the root mean square of
+    every tensor's own (``layer``), weighted by size. What ``lam: auto`` aims the proximal phase at (collective when sharded)."""
+    if scope == "global":
+        total = sum(layout.whole_shape(w).numel() for w, layout in zip(weights, layouts))
+        magnitudes = [w.detach().abs().float() for w in weights]
+        return float(kth_smallest_of_parts(magnitudes, layouts, max(1, round(fraction * total))))
+    squares, total = 0.0, 0
+    for weight, layout in zip(weights, layouts):
+        numel = layout.whole_shape(weight).numel()
+        threshold = float(kth_smallest_of_parts([weight.detach().abs().float()], [layout], max(1, round(fraction * numel))))
+        squares, total = squares + numel * threshold**2, total + numel
+    return (squares / total) ** 0.5
+
+
+def auto_lam(quantile: float, summed_lr: float, scale: float) -> float:
+    """``scale * q**2 / (2 * sum(lr))``: with reweighting, a weight (block) of magnitude (norm) ``q`` loses about
+    ``2 * lr * lam`` of its square per proximal step, so this lam brings it to zero by the phase's end (docs/strategies.md)."""
+    if summed_lr <= 0:
+        raise ValueError("lam: auto needs a positive learning rate during the proximal phase")
+    return scale * quantile**2 / (2 * summed_lr)
+
+
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
     return kth_smallest_of_parts([values], [WHOLE], k)
@@ -187,6 +233,26 @@ class ReweightedPhaseStrategy(MaskingStrategy):
 
     alphas: list[torch.Tensor] | None
 
+    def __init__(self, config, targets, parameters, schedule):
+        super().__init__(config, targets, parameters, schedule)
+        # The penalty weight in use: the config's, or with ``lam: auto`` derived at the phase's first step.
+        self.lam: float | None = None if config.lam == "auto" else config.lam
+
+    def penalty_weight(self, ctx: StepContext, params: list[torch.Tensor]) -> float:
+        """``lam``; with ``lam: auto`` derived on first use (:func:`auto_lam`) from :meth:`phase_quantile` and the
+        learning rates of ``params``' group summed from this step to the phase's end, then kept (and saved)."""
+        if self.lam is None:
+            summed = ctx.summed_learning_rates(params[:1], self.schedule.end)[0]
+            self.lam = auto_lam(self.phase_quantile(), summed, self.config.lam_scale)
+            logger.info("%s: lam: auto is %.4g (target magnitude %.4g, learning rates summed over the phase %.4g%s)",
+                        type(self).__name__, self.lam, self.phase_quantile(), summed,
+                        "" if ctx.lr_scheduler is not None else ", no scheduler known: the current rate taken to hold")
+        return self.lam
+
+    def phase_quantile(self) -> float:
+        """The magnitude (block norm) the proximal phase should bring to zero: that at the target's quantile now."""
+        raise NotImplementedError
+
     def on_step_end(self, ctx: StepContext) -> None:
         if self.masks.active:
             return
@@ -214,13 +280,19 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         return [WHOLE] * len(self.alpha_names())
 
     def state_dict(self) -> dict:
+        derived = {"lam": self.lam} if self.config.lam == "auto" else {}
         if self.alphas is None:
-            return self.masks.state_dict()
+            return self.masks.state_dict() | derived
         pieces = zip(self.alpha_names(), self.alphas, self.alpha_layouts())
-        return {ALPHA_PREFIX + name: layout.gather(alpha).cpu() for name, alpha, layout in pieces}
+        return {ALPHA_PREFIX + name: layout.gather(alpha).cpu() for name, alpha, layout in pieces} | derived
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        if self.config.lam == "auto":
+            lam = state.get("lam")
+            if lam is not None and (type(lam) is not float or not lam > 0):
+                raise StateError(f"saved lam {lam!r} is not a positive number")
+            self.lam = lam
         self.masks.load_state_dict(state)
         if self.masks.active:
             self.alphas = None

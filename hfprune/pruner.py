@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hfprune.compaction.compact import compact_model
+from hfprune.distill import DistillationConfig, Distiller, load_teacher, teacher_mismatch
 from hfprune.errors import CompactionError, Problem, StateError, TargetError
 from hfprune.integrations.lora import adapter_weights_of_bases, keep_sparse, lora_layers, merge_lora, why_not_maskable
 from hfprune.integrations.peft_names import ModelView, model_view
@@ -72,11 +73,19 @@ def _wrapped(parameters: dict[str, nn.Parameter], view: ModelView) -> list[str]:
 
 
 class Pruner:
-    """Prunes one model according to one recipe."""
+    """Prunes one model according to one recipe, distilling from ``teacher`` when given or when the recipe names one.
 
-    def __init__(self, recipe: RecipeSource, registry: Registry | None = None):
+    A ``teacher`` passed here is used with the recipe's ``distillation:`` settings (their
+    defaults when the recipe has none) and wins over the recipe's ``teacher`` path.
+    """
+
+    def __init__(self, recipe: RecipeSource, registry: Registry | None = None, teacher: nn.Module | None = None):
         self.registry = registry or default_registry()
         self.recipe: Recipe = load_recipe(recipe, self.registry)
+        self.teacher = teacher
+        self.distiller: Distiller | None = None
+        self._model: nn.Module | None = None
+        self.lr_scheduler = None
         self.plans: list[EntryPlan] = []
         self.strategies: list[Strategy] = []
         self.step = 0
@@ -133,9 +142,11 @@ class Pruner:
             for refusal in filter(None, (why_not_maskable(n, adapter_layers[n]) for n in entry_wrapped)):
                 problems.append(self.recipe.problem(("pruners", index, "targets"), refusal))
             plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, targets, parameters))
+        problems.extend(self._teacher_problems(model))
         if problems:
             raise self.recipe.error(problems)
         self.plans = plans
+        self._model = model
         keep_sparse(model, sorted(wrapped))
         self._adapter_of_base = adapter_weights_of_bases(model)
         # A Trainer checkpoint of a PeftModel holds only what trains (adapters, modules_to_save).
@@ -143,6 +154,29 @@ class Pruner:
             name: param for plan in plans for name, param in plan.parameters.items() if view.prefix and not param.requires_grad
         }
         return plans
+
+    def _teacher_problems(self, model: nn.Module) -> list[Problem]:
+        """Load the recipe's teacher if it is needed and not loaded yet; why it cannot teach ``model``, if it cannot."""
+        config = self.recipe.distillation
+        if self.teacher is None and config is None:
+            return []
+        where = ("distillation", "teacher")
+        config = config or DistillationConfig()
+        if self.teacher is None:
+            if config.teacher is None:
+                return [self.recipe.problem(where, "distillation needs a teacher: set distillation.teacher to a model folder, "
+                                                   "or pass teacher= to PruneCallback / Pruner")]
+            try:
+                self.teacher = load_teacher(config.teacher, model)
+            except ValueError as exc:
+                return [self.recipe.problem(where, str(exc))]
+        if self.distiller is not None:
+            self.distiller.close()  # attached to a model an earlier attach() was given
+        mismatch = teacher_mismatch(self.teacher, model, config)
+        if mismatch:
+            return [self.recipe.problem(where if self.recipe.distillation else ("distillation",), f"the teacher cannot teach this model: {mismatch}")]
+        self.distiller = Distiller(self.teacher, config)
+        return []
 
     def _sharding_problems(self, index: int, info: StrategyInfo, parameters: dict[str, nn.Parameter], view: ModelView) -> list[Problem]:
         """Why the entry cannot prune the parameters split across processes, if it cannot (README 'Many processes')."""
@@ -174,8 +208,12 @@ class Pruner:
             return [self.recipe.problem(where, f"the targeted parameters are {exc}")]
         return []
 
-    def start(self, total_steps: int | None) -> None:
-        """Build the strategies for a run of ``total_steps`` optimizer steps (None: unknown)."""
+    def start(self, total_steps: int | None, lr_scheduler=None) -> None:
+        """Build the strategies for a run of ``total_steps`` optimizer steps (None: unknown).
+
+        ``lr_scheduler`` is the run's learning-rate scheduler, if any: strategies with
+        ``lam: auto`` read the learning rates of their phase ahead from it.
+        """
         if not self.plans:
             raise RuntimeError("Pruner.start() needs a model first: call attach(model)")
         problems: list[Problem] = []
@@ -192,13 +230,18 @@ class Pruner:
             plan.strategy.cls(plan.config, plan.modules, plan.parameters, schedule)
             for plan, schedule in zip(self.plans, schedules)
         ]
+        if self.distiller is not None:
+            self.distiller.attach(self._model)
+        self.lr_scheduler = lr_scheduler
         self.step = 0
 
     def close(self) -> None:
-        """Take the strategies off the model (their hooks); training with this pruner needs ``start`` again."""
+        """Take the strategies and the teacher off the model (their hooks); training with this pruner needs ``start`` again."""
         for strategy in self.strategies:
             strategy.close()
         self.strategies = []
+        if self.distiller is not None:
+            self.distiller.close()
 
     # --- the hot path ---------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -256,6 +299,7 @@ class Pruner:
             world_size=dist.get_world_size() if distributed else 1,
             rank=dist.get_rank() if distributed else 0,
             grad_scale=self._scale_before or 1.0,
+            lr_scheduler=self.lr_scheduler,
         )
 
     # --- reporting ------------------------------------------------------------------------
@@ -280,6 +324,8 @@ class Pruner:
         values = self.sparsity()
         for plan, strategy in zip(self.plans, self.strategies):
             values.update({f"{name}/{plan.label}": v for name, v in strategy.metrics().items()})
+        if self.distiller is not None:
+            values.update(self.distiller.last.as_metrics())
         return values
 
     # --- state ----------------------------------------------------------------------------

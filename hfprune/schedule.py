@@ -66,6 +66,20 @@ class Schedule:
         """True for steps in ``[start, end)``: where penalty and gate strategies act before fixing their result."""
         return self.start <= step < self.end
 
+    def last_update_step(self, step: int) -> int | None:
+        """The latest update step (:meth:`is_update_step`) at or before ``step``; None before ``start``.
+
+        Strategies that act at update steps compare it with the last one they acted for, so an
+        update that a skipped (fp16 overflow) step missed is made at the next real step.
+        """
+        if step < self.start:
+            return None
+        return self.end if step >= self.end else self.start + (step - self.start) // self.every * self.every
+
+    def cubic_ramp(self, step: int, final: float, initial: float = 0.0) -> float:
+        """``final + (initial - final) * (1 - progress)**3``: gradual pruning's target at ``step`` (Zhu & Gupta, 2017)."""
+        return final + (initial - final) * (1.0 - self.progress(step)) ** 3
+
     def progress(self, step: int) -> float:
         """Fraction of the way from start to end at ``step``, clipped to [0, 1]."""
         if step >= self.end:

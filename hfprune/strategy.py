@@ -17,6 +17,7 @@ from torch import nn
 
 from hfprune.architecture import ArchitectureAdapter
 from hfprune.errors import TargetError
+from hfprune.learning_rates import future_learning_rates
 from hfprune.schedule import Schedule
 
 StateValue = torch.Tensor | int | float | str | bool | None | list | dict
@@ -55,7 +56,9 @@ class StepContext:
     before any scheduler moves them. ``grad_scale`` is the fp16 loss scale this step's
     backward pass ran with (1 without a GradScaler): the optimizer's parameters have
     unscaled gradients before the step, but a tensor the optimizer does not own still has
-    its gradient multiplied by it.
+    its gradient multiplied by it. ``lr_scheduler`` is the run's scheduler when the driver
+    knows it (the Trainer's; what a hand-written loop passed to ``Pruner.start``), which
+    :meth:`summed_learning_rates` reads ahead.
     """
 
     step: int
@@ -64,6 +67,7 @@ class StepContext:
     world_size: int = 1
     rank: int = 0
     grad_scale: float = 1.0
+    lr_scheduler: object | None = None
 
     def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
         """The current learning rate of each parameter's optimizer group."""
@@ -75,6 +79,16 @@ class StepContext:
                 "a pruned parameter is not in any optimizer param group: add it to the optimizer, or, if it is frozen under "
                 "peft, wrap its layer with LoRA (its adapter's learning rate is then used) or leave it out of the recipe"
             ) from None
+
+    def summed_learning_rates(self, params: list[torch.Tensor], end: int) -> list[float]:
+        """Per parameter, its group's learning rate summed over the steps from this one up to ``end`` (not included).
+
+        Read ahead from a copy of ``lr_scheduler`` (:mod:`hfprune.learning_rates`); without one
+        the current rates are taken to hold.
+        """
+        self.learning_rates(params)  # the same error for a parameter in no group
+        per_group = future_learning_rates(self.optimizer, self.lr_scheduler, end - self.step)
+        return [sum(per_group[self.group_of[id(p)]]) for p in params]
 
 
 class Strategy:

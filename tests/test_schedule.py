@@ -50,8 +50,17 @@ pruners:
     pruner.attach(tiny_bert())
     pruner.start(total_steps=None)
     strategy = pruner.strategies[0]
-    assert strategy.target_sparsity(0) == pytest.approx(0.1)
-    assert strategy.target_sparsity(10) == pytest.approx(0.1)
-    assert strategy.target_sparsity(60) == pytest.approx(0.9 + (0.1 - 0.9) * 0.5**3)
-    assert strategy.target_sparsity(110) == pytest.approx(0.9)
-    assert strategy.target_sparsity(500) == pytest.approx(0.9)
+
+    def ramp(step: int) -> float:
+        return strategy.schedule.cubic_ramp(step, strategy.config.sparsity, strategy.config.initial_sparsity)
+
+    assert ramp(0) == pytest.approx(0.1)
+    assert ramp(10) == pytest.approx(0.1)
+    assert ramp(60) == pytest.approx(0.9 + (0.1 - 0.9) * 0.5**3)
+    assert ramp(110) == pytest.approx(0.9)
+    assert ramp(500) == pytest.approx(0.9)
+
+
+def test_the_last_update_step_catches_up_with_missed_updates():
+    schedule = Schedule(start=10, end=40, every=10)
+    assert [schedule.last_update_step(step) for step in (0, 9, 10, 19, 20, 39, 40, 99)] == [None, None, 10, 10, 20, 30, 40, 40]

@@ -68,9 +68,9 @@ def test_recipe_sections_set_the_run_and_flags_override_them(tmp_path):
     assert settings.model_path == "/models/some-bert"
     assert (settings.data.dataset, settings.data.train_limit, settings.data.test_limit) == ("polarity", 100, 5)
     training = settings.training
-    assert (training.epochs, training.batch_size, training.seed, training.learning_rate, training.baseline) == (2.0, 16, 7, 1e-4, False)
-    flags = RunSettings(run_args(str(recipe), "--output-dir", str(tmp_path / "out"), "--model", "/elsewhere", "--dataset", "wnut", "--baseline"))
-    assert flags.model_path == "/elsewhere" and flags.data.dataset == "wnut" and flags.training.baseline is True
+    assert (training.epochs, training.batch_size, training.seed, training.learning_rate, training.baseline) == (2.0, 16, 7, 1e-4, True)
+    flags = RunSettings(run_args(str(recipe), "--output-dir", str(tmp_path / "out"), "--model", "/elsewhere", "--dataset", "wnut", "--no-baseline"))
+    assert flags.model_path == "/elsewhere" and flags.data.dataset == "wnut" and flags.training.baseline is False
 
 
 def test_a_bad_run_section_fails_with_its_line(tmp_path):

@@ -46,6 +46,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in the output folder")
     model = run.add_argument_group("model and data (recipe sections model:, data:)")
     model.add_argument("--model", metavar="PATH", help=f"model folder with config.json, weights and a fast tokenizer; default: {DEFAULT_MODEL_HINT}")
+    model.add_argument("--teacher", metavar="PATH", help="a model already fine-tuned on this task, used as the dense reference "
+                       "and as the teacher (recipe distillation:) instead of fine-tuning one first")
     model.add_argument("--dataset", choices=["wnut", "polarity"], help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy")
     model.add_argument("--train-limit", type=_positive(int), metavar="N", help="train on the first N training examples only (quick runs)")
     model.add_argument("--test-limit", type=_positive(int), metavar="N", help="score on the first N test examples only")
@@ -55,8 +57,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     training.add_argument("--batch-size", metavar="N", type=_positive(int), help=f"examples per step (default: {TrainingSection().batch_size})")
     training.add_argument("--learning-rate", metavar="LR", type=_positive(float), help=f"peak learning rate, decayed linearly to 0 (default: {TrainingSection().learning_rate:g})")
     training.add_argument("--seed", metavar="N", type=int, help=f"seed for the split, the new head and training (default: {TrainingSection().seed})")
-    training.add_argument("--baseline", action="store_true", default=None,
-                          help="first fine-tune the same model without pruning, to report what pruning cost (doubles the time)")
+    training.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                          help="first fine-tune the same model without pruning: the dense score beside the pruned one, and the "
+                          "teacher when the recipe distills (default: on; --no-baseline skips it, halving the time)")
     run.set_defaults(handler=run_main)
 
 
@@ -82,13 +85,20 @@ class RunSettings:
     def __init__(self, args: argparse.Namespace):
         self.recipe_path = builtin_recipes.resolve(args.recipe)
         self.recipe = load_recipe(self.recipe_path)  # a bad recipe fails here, before transformers is imported
-        model = merge(self.recipe.model, ModelSection, {"path": args.model})
+        model = merge(self.recipe.model, ModelSection, {"path": args.model, "teacher": args.teacher})
         self.data = merge(self.recipe.data, DataSection, {"dataset": args.dataset, "train_limit": args.train_limit, "test_limit": args.test_limit})
         self.training = merge(self.recipe.training, TrainingSection, {
             "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
             "learning_rate": args.learning_rate, "seed": args.seed, "baseline": args.baseline,
         })
         self.model_path = model.path or default_model_path()
+        self.teacher_path = model.teacher
+        distillation = self.recipe.distillation
+        # The dense model the run needs as its teacher, if the recipe distills and names no teacher of its own.
+        self.needs_teacher = distillation is not None and distillation.teacher is None
+        if self.needs_teacher and not (self.teacher_path or self.training.baseline):
+            raise HfpruneError(f"{self.recipe_path} distills from the dense model, and --no-baseline skips fine-tuning it: "
+                               "drop --no-baseline, or pass --teacher PATH (a model already fine-tuned on this task)")
         self.output_dir = Path(args.output_dir)
         _check_output_dir(self.output_dir, args.overwrite)
 
@@ -115,11 +125,11 @@ def run_main(args: argparse.Namespace) -> int:
 
     task = load_task(settings.data, _load_tokenizer(settings.model_path), settings.training.seed)
     print(f"data: {len(task.train_examples)} training and {len(task.test_examples)} test examples, {len(task.labels)} labels")
-    baseline = None
-    if settings.training.baseline:
-        print("baseline: fine-tuning without pruning")
-        baseline = task.score(_predict(_train(task, settings, callbacks=[])[0], task, settings))
-    callback = PruneCallback(settings.recipe)
+    dense = _dense_model(task, settings)
+    baseline = task.score(_predict(dense, task, settings)) if dense is not None else None
+    if baseline is not None:
+        print(f"dense: {task.metric} {baseline[task.headline]:.3f}")
+    callback = PruneCallback(settings.recipe, teacher=dense if settings.needs_teacher else None)
     model, trainer = _train(task, settings, callbacks=[callback])
     compacted, compaction = _compact(callback, model)
     report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {"compaction": compaction}
@@ -132,6 +142,17 @@ def run_main(args: argparse.Namespace) -> int:
     print(f"results: {settings.output_dir / REPORT_MD}, {settings.output_dir / REPORT_JSON}, {settings.output_dir / PICTURE}; "
           f"model: {settings.output_dir / MODEL_FOLDER}/")
     return 0
+
+
+def _dense_model(task, settings: RunSettings):
+    """The dense reference (and teacher): loaded from ``--teacher``, or fine-tuned here without pruning; None if skipped."""
+    if settings.teacher_path:
+        print(f"dense: {settings.teacher_path}, already fine-tuned")
+        return task.model(settings.teacher_path, fine_tuned=True)
+    if settings.training.baseline:
+        print("dense: fine-tuning without pruning first (the reference" + (" and the teacher)" if settings.needs_teacher else ")"))
+        return _train(task, settings, callbacks=[])[0]
+    return None
 
 
 def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: dict | None) -> dict:
@@ -151,6 +172,7 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "settings": settings.training.model_dump() | {"dataset": settings.data.dataset, "max_length": settings.data.max_length},
+        "teacher": _teacher_source(settings, pruner),
         "scores": {"baseline": baseline, "pruned": task.score(_predict(model, task, settings)), "compacted": compacted_score},
         "sparsity": _sparsity(pruner),
         "strategy_metrics": {k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")},
@@ -164,6 +186,15 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
         "latency": _latency(model, compacted, settings.data.max_length),
         "structure": structure,
     }
+
+
+def _teacher_source(settings: RunSettings, pruner) -> str | None:
+    """Where the teacher came from, or None when the recipe does not distill."""
+    if pruner.distiller is None:
+        return None
+    if settings.needs_teacher:
+        return settings.teacher_path or "the dense model fine-tuned first"
+    return settings.recipe.distillation.teacher
 
 
 def _task_class(settings: RunSettings):

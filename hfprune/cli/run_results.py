@@ -63,7 +63,7 @@ def _markdown(report: dict) -> str:
     """report.md: the run, the scores, size and speed, what was pruned, how to load the model."""
     scores, parameters = report["scores"], report["parameters"]
     score_keys = list(scores["pruned"])
-    rows = [("dense baseline (no pruning)", scores["baseline"]), ("pruned, full size", scores["pruned"]), ("compacted", scores["compacted"])]
+    rows = [("dense (no pruning)", scores["baseline"]), ("pruned, full size", scores["pruned"]), ("compacted", scores["compacted"])]
     score_table = "\n".join(f"| {label} | " + " | ".join(f"{values[k]:.3f}" for k in score_keys) + " |" for label, values in rows if values)
     size_lines = [_size_row("parameters", parameters["full_size"], parameters["compacted"]),
                   _size_row("parameters in the layer stacks", parameters["layers_full_size"], parameters["layers_compacted"])]
@@ -86,6 +86,7 @@ def _markdown(report: dict) -> str:
 - recipe: `{report['recipe']}`
 - task: {report['task']}; {report['train_examples']} training and {report['test_examples']} test examples
 - training: {report['steps']} optimizer steps, {report['epochs']} epochs; {report['seconds']:.0f} s in all
+- distillation: {('from ' + report['teacher']) if report['teacher'] else 'none'}
 
 ## Test set
 

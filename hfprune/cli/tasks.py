@@ -33,17 +33,25 @@ class Task(ABC):
         self.labels = self.label_names(examples)  # from all examples: ids do not depend on the limits
         self.train_set, self.test_set = self.encode(self.train_examples), self.encode(self.test_examples)
 
-    def model(self, path: str):
-        """The pretrained model at ``path`` with a new head for this task's labels (named in the config)."""
+    def model(self, path: str, fine_tuned: bool = False):
+        """The pretrained model at ``path`` with a new head for this task's labels (named in the config).
+
+        ``fine_tuned``: a model already trained on this task, loaded with its own head, which
+        must predict this task's labels.
+        """
         import transformers
 
+        labels = {} if fine_tuned else {
+            "num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }
         try:
-            return getattr(transformers, self.auto_class).from_pretrained(
-                path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
-                label2id={label: i for i, label in enumerate(self.labels)},
-            )
+            model = getattr(transformers, self.auto_class).from_pretrained(path, **labels)
         except (OSError, ValueError) as exc:
             raise HfpruneError(f"cannot load a model for {self.description} from {path}: {str(exc).splitlines()[0]}") from None
+        if fine_tuned and model.config.num_labels != len(self.labels):
+            raise HfpruneError(f"{path} predicts {model.config.num_labels} labels; {self.description} has {len(self.labels)}")
+        return model
 
     @abstractmethod
     def read(self) -> list:

@@ -25,6 +25,10 @@ class ModelSection(_Section):
     """Which pretrained model to fine-tune."""
 
     path: StrictStr | None = Field(default=None, min_length=1, description="folder with config.json, weights and a fast tokenizer")
+    teacher: StrictStr | None = Field(
+        default=None, min_length=1,
+        description="a model already fine-tuned on this task: the dense reference and the teacher, instead of fine-tuning one first",
+    )
 
 
 class DataSection(_Section):
@@ -45,7 +49,11 @@ class TrainingSection(_Section):
     batch_size: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=DEFAULT_LEARNING_RATE, gt=0.0)
     seed: int = 42
-    baseline: bool = Field(default=False, description="also fine-tune without pruning, to report what pruning cost")
+    baseline: bool = Field(
+        default=True,
+        description="first fine-tune without pruning: the dense score pruning is measured against, and the teacher when "
+        "the recipe distills",
+    )
 
 
 RUN_SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection}

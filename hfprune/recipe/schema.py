@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictStr, ValidationError
 
 from hfprune.recipe import builtin as builtin_recipes
+from hfprune.distill import DistillationConfig
 from hfprune.errors import PluginError, Problem, RecipeError
 from hfprune.plugins import Registry, default_registry
 from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection
@@ -52,7 +53,8 @@ class PrunerEntry(BaseModel):
 class Recipe(BaseModel):
     """A validated recipe. Build one with :func:`load_recipe`.
 
-    ``pruners`` is what the engine runs; ``model``, ``data`` and ``training`` are read only by
+    ``pruners`` is what the engine runs, with a teacher when ``distillation`` is set
+    (:mod:`hfprune.distill`); ``model``, ``data`` and ``training`` are read only by
     ``hfprune run`` (:mod:`hfprune.recipe.run_sections`).
     """
 
@@ -60,6 +62,7 @@ class Recipe(BaseModel):
 
     version: Literal[1]
     pruners: list[PrunerEntry] = Field(min_length=1)
+    distillation: DistillationConfig | None = None
     model: ModelSection | None = None
     data: DataSection | None = None
     training: TrainingSection | None = None
@@ -83,12 +86,16 @@ class Recipe(BaseModel):
         return RecipeError(self.source, problems)
 
     def to_yaml(self) -> str:
-        absent = {name for name in ("model", "data", "training") if getattr(self, name) is None}
+        absent = {name for name in ("distillation", "model", "data", "training") if getattr(self, name) is None}
         return yaml.safe_dump(self.model_dump(mode="json", exclude=absent), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """Stable hash of what the engine runs (not the run sections), stored with pruning state to catch a mismatched resume."""
-        canonical = json.dumps(self.model_dump(mode="json", include={"version", "pruners"}), sort_keys=True)
+        """Stable hash of what the engine runs (not the run sections), stored with pruning state to catch a mismatched resume.
+
+        A recipe without distillation hashes as before the section existed, so earlier checkpoints still resume.
+        """
+        engine = {"version", "pruners"} | ({"distillation"} if self.distillation is not None else set())
+        canonical = json.dumps(self.model_dump(mode="json", include=engine), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -11,23 +11,22 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from hfprune import StrategyConfig, hookimpl
+from hfprune import hookimpl
 from hfprune.errors import TargetError
-from hfprune.masks import ReweightedPhaseStrategy, Scope, kth_smallest
+from hfprune.masks import ProximalConfig, ReweightedPhaseStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
 
-from hfprune_block_lasso.blocks import BlockSet, block_norms, build_block_sets
+from hfprune.blocks import BlockSet, block_norms, build_block_sets
 
 Group = Literal["tile", "row", "column", "head", "neuron"]
 
 
-class BlockLassoConfig(StrategyConfig):
+class BlockLassoConfig(ProximalConfig):
     """``config:`` of the block-lasso strategy."""
 
     group: Group = Field(description="what one block is: a tile of one matrix, a whole row or column, an attention head, an FFN neuron")
     block: tuple[int, int] | None = Field(default=None, description="tile shape (rows, columns) in nn.Linear orientation; only for group 'tile'")
     ratio: float = Field(ge=0.0, lt=1.0, description="fraction of blocks the hard prune at schedule end removes")
-    lam: float = Field(gt=0.0, description="penalty weight of the group lasso")
     form: Literal["proximal", "penalty"] = Field(
         default="proximal",
         description="'proximal': block soft threshold after each step; 'penalty': the penalty's gradient added before it",
@@ -51,6 +50,9 @@ class BlockLassoConfig(StrategyConfig):
             raise ValueError(f"block sides must be at least 1, got {list(self.block)}")
         if self.multiple_of > 1 and self.scope != "layer":
             raise ValueError("multiple_of rounds each set's kept blocks, so it needs scope 'layer'")
+        if self.lam == "auto" and (self.form != "proximal" or self.squared):
+            raise ValueError("lam: auto follows the proximal step's shrinkage: it needs form 'proximal' and squared false; "
+                             "set a number for lam")
         return self
 
     def planned_sparsity(self) -> float:
@@ -78,12 +80,14 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     the architecture adapters name (Q, K, V rows and output-projection columns; up/gate rows
     and down-projection columns), so once pruned they can be removed by compaction.
 
-    Choosing ``lam`` (proximal form): between reweightings a block's squared norm falls by
-    about ``2 * lr * lam`` per step, so ``lam = q**2 / (2 * sum(lr))``, with ``q`` the block
-    norm at the ``ratio`` quantile and ``sum(lr)`` over the phase, shrinks about ``ratio`` of
-    the blocks to zero by the end. ``zero_blocks`` in the logs says how many it reached. That
-    lam also shrinks the blocks that survive; in a fine-tuning run a fraction of it keeps more
-    accuracy (0.3 of it on MiniLM, BENCHMARKS.md), the hard prune doing the rest.
+    ``lam`` (proximal form): between reweightings a block's squared norm falls by about
+    ``2 * lr * lam`` per step, so ``lam: auto`` (the default) sets ``lam = lam_scale * q**2 /
+    (2 * sum(lr))`` at the phase's first step, with ``q`` the block norm at the ``ratio``
+    quantile then and ``sum(lr)`` read ahead from the run's scheduler over the phase: at
+    ``lam_scale: 1`` about ``ratio`` of the blocks reach zero by the end, on any model and run
+    length. ``zero_blocks`` in the logs says how many did. That lam also shrinks the blocks
+    that survive; in a fine-tuning run a fraction of it keeps more accuracy (``lam_scale:
+    0.3`` on MiniLM, BENCHMARKS.md), the hard prune doing the rest (docs/strategies.md).
     """
 
     Config = BlockLassoConfig
@@ -119,9 +123,9 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
             norms = None if self.config.squared else block_norms(self.sets)
             for index, (block_set, alpha) in enumerate(zip(self.sets, self.alphas)):
                 if self.config.squared:
-                    coefficient = alpha * (2 * self.config.lam)
+                    coefficient = alpha * (2 * self.lam)
                 else:
-                    coefficient = alpha * self.config.lam / norms[index].clamp_min_(1e-12)
+                    coefficient = alpha * self.lam / norms[index].clamp_min_(1e-12)
                 block_set.add_to_grads(coefficient)
 
     @torch.no_grad()
@@ -129,9 +133,10 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         if self.masks.active:
             self.masks.apply_to_weights()
         elif self._lasso_acts(ctx, "proximal"):
+            lam = self.penalty_weight(ctx, self._lr_params)
             norms = [None] * len(self.sets) if self.config.squared else block_norms(self.sets)
             for block_set, alpha, lr, norm in zip(self.sets, self.alphas, ctx.learning_rates(self._lr_params), norms):
-                threshold = alpha * (lr * self.config.lam)
+                threshold = alpha * (lr * lam)
                 if self.config.squared:
                     factor = threshold.mul_(2).add_(1).reciprocal_()
                 else:
@@ -157,6 +162,12 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
                 norms.square_()
             alpha.copy_(norms.add_(self.config.eps).reciprocal_())
         self.weighted = True
+
+    @torch.no_grad()
+    def phase_quantile(self) -> float:
+        """The block norm at the ``ratio`` quantile over all of this entry's blocks."""
+        everything = torch.cat([norms.flatten() for norms in block_norms(self.sets)])
+        return float(kth_smallest(everything, max(1, round(self.config.ratio * everything.numel()))))
 
     @torch.no_grad()
     def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -204,7 +215,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         """``zero_blocks``: the fraction of blocks whose weights are all zero (pruned, or thresholded to zero)."""
         norms = block_norms(self.sets)
         zeros = torch.stack([(n == 0).sum() for n in norms]).sum().item()
-        return {"zero_blocks": zeros / sum(n.numel() for n in norms)}
+        return {"zero_blocks": zeros / sum(n.numel() for n in norms)} | ({"lam": self.lam} if self.lam is not None else {})
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
         """Once the pattern is fixed: each parameter's keep-mask, whose all-False slices compaction removes."""

@@ -49,22 +49,11 @@ class MagnitudeStrategy(MaskingStrategy):
         super().__init__(config, targets, parameters, schedule)
         self.updated_for: int | None = None  # the update step the masks were last computed for
 
-    def target_sparsity(self, step: int) -> float:
-        remaining = 1.0 - self.schedule.progress(step)
-        return self.config.sparsity + (self.config.initial_sparsity - self.config.sparsity) * remaining**3
-
-    def last_update_step(self, step: int) -> int | None:
-        """The latest schedule update step at or before ``step``; None before ``start``."""
-        start, end, every = self.schedule.start, self.schedule.end, self.schedule.every
-        if step < start:
-            return None
-        return end if step >= end else start + (step - start) // every * every
-
     def on_step_end(self, ctx: StepContext) -> None:
         # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real one.
-        due = self.last_update_step(ctx.step)
+        due = self.schedule.last_update_step(ctx.step)
         if due is not None and due != self.updated_for:
-            sparsity = self.target_sparsity(due)
+            sparsity = self.schedule.cubic_ramp(due, self.config.sparsity, self.config.initial_sparsity)
             masks = largest_magnitude_masks(self.masks.weights(), sparsity, self.config.scope, self.masks.layouts)
             self.masks.set(masks, ctx.optimizer)
             self.updated_for = due

@@ -9,19 +9,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from hfprune import StrategyConfig, hookimpl
-from hfprune.masks import ReweightedPhaseStrategy, Scope, largest_magnitude_masks
+from hfprune import hookimpl
+from hfprune.masks import ProximalConfig, ReweightedPhaseStrategy, Scope, largest_magnitude_masks, magnitude_at_quantile
 from hfprune.integrations.sharding import count_zeros
 from hfprune.strategy import StepContext
 
-class RPPConfig(StrategyConfig):
+class RPPConfig(ProximalConfig):
     """``config:`` of the rpp strategy."""
 
     sparsity: float = Field(ge=0.0, lt=1.0, description="fraction of weights zero once the pattern is fixed at schedule end")
-    lam: float = Field(
-        default=0.1, gt=0.0,
-        description="penalty weight: a weight w reaches zero after about w**2 / (2 * lr * lam) proximal steps",
-    )
     eps: float = Field(default=1e-3, gt=0.0, description="keeps alpha = 1 / (|w| + eps) finite for weights at zero")
     reweight_every: int = Field(default=10, ge=1, description="optimizer steps between recomputations of alpha")
     scope: Scope = Field(
@@ -45,13 +41,14 @@ class RPPStrategy(ReweightedPhaseStrategy):
     ``1 / (|w| + eps)`` every ``reweight_every`` steps, which approximates an L0 penalty:
     small weights are pushed harder than large ones.
 
-    Choosing ``lam``: between reweightings a weight shrinks by about ``lr * lam / |w|`` per
-    step, so ``w**2`` falls by ``2 * lr * lam`` per step and, if its gradient did not pull it
-    back, a weight of magnitude ``q`` reaches zero once the learning rates summed over the
-    proximal phase reach ``q**2 / (2 * lam)``. So ``lam = q**2 / (2 * sum(lr))``, with ``q``
-    the magnitude at the target quantile of the weights, makes the phase produce about the
-    target's zeros by itself (the default 0.1 does that for 50% of MiniLM's encoder over 100
-    steps at lr 1e-4 to 3e-5). ``proximal_sparsity`` in the logs says what it reached.
+    ``lam``: between reweightings a weight shrinks by about ``lr * lam / |w|`` per step, so
+    ``w**2`` falls by ``2 * lr * lam`` per step and, if its gradient did not pull it back, a
+    weight of magnitude ``q`` reaches zero once the learning rates summed over the proximal
+    phase reach ``q**2 / (2 * lam)``. ``lam: auto`` (the default) sets ``lam = q**2 / (2 *
+    sum(lr))`` at the phase's first step, with ``q`` the magnitude at the target quantile
+    then and ``sum(lr)`` read ahead from the run's scheduler, so the phase produces about the
+    target's zeros by itself on any model and run length (docs/strategies.md).
+    ``proximal_sparsity`` in the logs says what it reached.
 
     At step ``end`` the pattern is fixed at exactly ``sparsity``: a keep-mask zeroes the
     smallest magnitudes, and training continues with the mask applied after every step, so
@@ -75,19 +72,19 @@ class RPPStrategy(ReweightedPhaseStrategy):
         if self.masks.active:
             self.masks.apply_to_weights()
         elif self.schedule.in_phase(ctx.step):
-            self.proximal_step(ctx.learning_rates(self.masks.params))
+            self.proximal_step(ctx.learning_rates(self.masks.params), self.penalty_weight(ctx, self.masks.params))
             if ctx.step == self.schedule.end - 1:
                 self.proximal_sparsity = self._zero_fraction()
 
     @torch.no_grad()
-    def proximal_step(self, learning_rates: list[float]) -> None:
+    def proximal_step(self, learning_rates: list[float], lam: float) -> None:
         """Soft threshold every targeted weight at ``lr * lam * alpha``, all tensors at once.
 
         Computed as ``w - clamp(w, -t, t)``, which equals ``sign(w) * max(|w| - t, 0)``
         with two temporaries per tensor instead of four.
         """
         weights = self.masks.weights()
-        thresholds = torch._foreach_mul(self.alphas, [lr * self.config.lam for lr in learning_rates])
+        thresholds = torch._foreach_mul(self.alphas, [lr * lam for lr in learning_rates])
         clamped = torch._foreach_minimum(weights, thresholds)
         torch._foreach_neg_(thresholds)
         torch._foreach_maximum_(clamped, thresholds)
@@ -101,6 +98,9 @@ class RPPStrategy(ReweightedPhaseStrategy):
         torch._foreach_add_(self.alphas, self.config.eps)
         torch._foreach_reciprocal_(self.alphas)
 
+    def phase_quantile(self) -> float:
+        return magnitude_at_quantile(self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts)
+
     def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
         """End the proximal phase: mask the smallest magnitudes up to the target sparsity, for good."""
         masks = largest_magnitude_masks(self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts)
@@ -112,7 +112,8 @@ class RPPStrategy(ReweightedPhaseStrategy):
         return count_zeros(self.masks.params, self.masks.layouts) / sum(p.numel() for p in self.masks.params)
 
     def metrics(self) -> dict[str, float]:
-        return {} if self.proximal_sparsity is None else {"proximal_sparsity": self.proximal_sparsity}
+        values = {} if self.proximal_sparsity is None else {"proximal_sparsity": self.proximal_sparsity}
+        return values | ({"lam": self.lam} if self.lam is not None else {})
 
     def alpha_names(self) -> list[str]:
         return self.masks.names

@@ -1,5 +1,8 @@
 """Blocks as views: every group of weights is one slot of a reshaped view of its matrices.
 
+Shared by the structured strategies (block-lasso's penalties, importance's ranking): the
+engine's way of seeing heads, neurons, rows, columns and tiles as blocks.
+
 A :class:`BlockSet` is the blocks that compete with each other: the heads of one attention
 block, the neurons of one FFN, or the tiles of one matrix. Each of its matrices is seen
 through a view whose group axes enumerate the blocks and whose other axes run over a
@@ -87,6 +90,14 @@ class GroupedMatrix(BlockedMatrix):
         shape[self.member.dim] = grid[0]
         return tuple(shape)
 
+    def mask_gradient(self) -> torch.Tensor | None:
+        """``sum(W * dL/dW)`` over each group's slice: on a consumer (a head's output-projection columns, a neuron's
+        down-projection column) the loss gradient of a mask multiplying the group's output, at mask 1; None without a gradient."""
+        grad = self.param.grad
+        if grad is None:
+            return None
+        return self.view(self.param.detach() * grad).sum(dim=self.reduce_axes)
+
 
 class TiledMatrix(BlockedMatrix):
     """A matrix cut into (rows, cols) tiles, stated in nn.Linear orientation: a 4-D view (R, rows, C, cols)."""
@@ -113,6 +124,21 @@ class BlockSet:
 
     name: str
     matrices: tuple[BlockedMatrix, ...]
+
+    def mask_gradient(self) -> torch.Tensor | None:
+        """Per group of a head or neuron set, the loss gradient of a mask on the group's output (at 1), summed over the
+        matrices that consume it; None when they had no gradient this step. See :meth:`GroupedMatrix.mask_gradient`."""
+        parts = [m.mask_gradient() for m in self.matrices if isinstance(m, GroupedMatrix) and m.member.side == "in"]
+        parts = [part for part in parts if part is not None]
+        return torch.stack(parts).sum(0) if parts else None
+
+    def kept_groups(self, keeps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One flag per block: does any of its matrices' keep-masks (bool, whole, by parameter name) keep part of it?"""
+        kept = None
+        for matrix in self.matrices:
+            flags = matrix.view(keeps[matrix.name]).any(dim=matrix.reduce_axes)
+            kept = flags if kept is None else kept | flags
+        return kept
 
     def norms(self) -> torch.Tensor:
         """Each block's L2 norm across all its matrices (shape: the block grid); see :func:`block_norms`."""

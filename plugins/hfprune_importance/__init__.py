@@ -1,0 +1,196 @@
+"""Built-in plugin: importance-based structured pruning of attention heads and FFN neurons.
+
+Shipped inside hfprune but found exactly as a third-party plugin is: through the
+``importance`` entry point in the ``hfprune`` group.
+
+A head's (or neuron's) importance is how much the loss moves when it is switched off. With a
+mask variable ``m`` multiplying the head's output (the columns of the output projection it
+feeds, or a neuron's column of the down projection), the loss gradient at ``m = 1`` is
+
+    dL/dm = sum over those columns of  W * dL/dW
+
+(the projection's input times its input gradient, summed over positions, is exactly this),
+so it comes from the weights and the gradients the training step already has, after
+accumulation and after DDP averaged them: every rank ranks the same numbers. ``taylor``
+accumulates ``|dL/dm|`` (first-order Taylor, Molchanov et al. 2019; Michel et al. 2019),
+``fisher`` accumulates ``(dL/dm)**2`` (the diagonal empirical Fisher of the masks, Kwon et al.
+2022), both as moving averages over the training steps (ALGORITHMS.md section 5). Groups are
+pruned along the cubic ramp of gradual magnitude pruning, least important first, and stay
+pruned; from ``end`` on the pattern is fixed and compaction removes it like block-lasso's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from hfprune import StrategyConfig, hookimpl
+from hfprune.blocks import BlockSet, block_norms, build_block_sets
+from hfprune.errors import StateError, TargetError
+from hfprune.masks import MaskingStrategy, Scope, kth_smallest
+from hfprune.strategy import StepContext
+
+SCORE_PREFIX = "score."
+
+
+class ImportanceConfig(StrategyConfig):
+    """``config:`` of the importance strategy."""
+
+    group: Literal["head", "neuron"] = Field(description="what is pruned: attention heads (key/value groups) or FFN neurons")
+    ratio: float = Field(ge=0.0, lt=1.0, description="fraction of heads or neurons pruned by schedule end")
+    criterion: Literal["taylor", "fisher"] = Field(
+        default="taylor", description="'taylor': moving average of |dL/dm|; 'fisher': of (dL/dm)^2",
+    )
+    beta: float = Field(default=0.9, ge=0.0, lt=1.0, description="moving-average factor of the importance, per optimizer step")
+    scope: Scope = Field(
+        default="layer",
+        description="'layer': every attention or FFN block loses `ratio` of its groups; 'global': one ranking, each "
+        "block's importances normalized to unit L2 norm first (Michel et al.)",
+    )
+    multiple_of: int = Field(
+        default=1, ge=1, description="with scope 'layer', the groups each block keeps at the end are a multiple of this",
+    )
+
+    @model_validator(mode="after")
+    def _multiple_of_needs_layer_scope(self) -> ImportanceConfig:
+        if self.multiple_of > 1 and self.scope != "layer":
+            raise ValueError("multiple_of rounds each block's kept groups, so it needs scope 'layer'")
+        return self
+
+    def planned_sparsity(self) -> float:
+        return self.ratio
+
+
+class ImportanceStrategy(MaskingStrategy):
+    """Gradual structured pruning of the heads or neurons whose removal moves the loss least.
+
+    Before every real optimizer step before ``end`` the importance of each group is updated
+    from ``dL/dm`` (see the module docstring). At every schedule update step the target ratio
+    ``ratio * (1 - (1 - progress)**3)`` of the groups is pruned, least important first
+    (groups already pruned stay so); a pruned group is one mask over all its matrices (Q, K, V
+    rows and output-projection columns; up/gate rows and down-projection columns). From
+    ``end`` on the mask is fixed, training goes on masked, and compaction removes the groups.
+    """
+
+    Config = ImportanceConfig
+
+    def __init__(self, config, targets, parameters, schedule):
+        super().__init__(config, targets, parameters, schedule)
+        self.sets: list[BlockSet] = build_block_sets(targets, config.group, None, targets.architectures)
+        self.scores = [torch.zeros_like(norms) for norms in block_norms(self.sets)]  # importance per group
+        self.updated_for: int | None = None
+
+    @classmethod
+    def select_parameters(cls, targets, config):
+        sets = build_block_sets(targets, config.group, None, targets.architectures)
+        selected = {matrix.name: matrix.param for block_set in sets for matrix in block_set.matrices}
+        frozen = [name for name, param in selected.items() if not param.requires_grad]
+        if frozen:
+            raise TargetError(
+                f"importance is measured from weight gradients, and {frozen[0]} is frozen (a LoRA base weight?): "
+                "prune frozen weights with block-lasso (form: proximal) instead"
+            )
+        return selected
+
+    # --- the hot path -------------------------------------------------------------------
+    @torch.no_grad()
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.step < self.schedule.end:
+            self._accumulate()
+        super().before_optimizer_step(ctx)
+
+    def _accumulate(self) -> None:
+        beta = self.config.beta
+        for block_set, score in zip(self.sets, self.scores):
+            gradient = block_set.mask_gradient()
+            if gradient is None:  # no gradient reached these matrices this step
+                continue
+            value = gradient.abs_() if self.config.criterion == "taylor" else gradient.square_()
+            score.mul_(beta).add_(value, alpha=1 - beta)
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real one.
+        due = self.schedule.last_update_step(ctx.step)
+        if due is not None and due != self.updated_for:
+            self._prune(self.schedule.cubic_ramp(due, self.config.ratio), final=due == self.schedule.end, optimizer=ctx.optimizer)
+            self.updated_for = due
+
+    @torch.no_grad()
+    def _prune(self, ratio: float, final: bool, optimizer: torch.optim.Optimizer | None) -> None:
+        """Mask the least important ``ratio`` of the groups; groups pruned before stay pruned."""
+        pruned = self._pruned_groups()
+        ranked = [score.masked_fill(gone, -1.0) for score, gone in zip(self.scores, pruned)]  # scores are >= 0
+        if self.config.scope == "global":
+            keeps = self._global_keeps(ranked, ratio)
+        else:
+            keeps = [self._largest(rank, self._kept_count(rank.numel(), ratio, final)) for rank in ranked]
+        masks = {name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in zip(self.masks.names, self.masks.params)}
+        for block_set, keep in zip(self.sets, keeps):
+            block_set.keep_masks(keep, masks)
+        self.masks.set([masks[name] for name in self.masks.names], optimizer)
+
+    def _pruned_groups(self) -> list[torch.Tensor]:
+        if not self.masks.active:
+            return [torch.zeros_like(score, dtype=torch.bool) for score in self.scores]
+        keep = dict(zip(self.masks.names, self.masks.keep()))
+        return [~block_set.kept_groups(keep) for block_set in self.sets]
+
+    def _global_keeps(self, ranked: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+        """One threshold over every block's importances, each normalized to unit L2 norm; every block keeps one group."""
+        normalized = [rank / rank.clamp_min(0).norm().clamp_min(1e-30) for rank in ranked]
+        everything = torch.cat(normalized)
+        threshold = kth_smallest(everything, round(ratio * everything.numel()))
+        keeps = [rank > threshold for rank in normalized]
+        for rank, keep in zip(normalized, keeps):
+            if not keep.any():
+                keep[rank.argmax()] = True
+        return keeps
+
+    def _kept_count(self, groups: int, ratio: float, final: bool) -> int:
+        kept = max(1, groups - round(ratio * groups))
+        step = self.config.multiple_of
+        if final and step > 1:
+            return min(groups, max(step, step * round(kept / step)))
+        return kept
+
+    @staticmethod
+    def _largest(rank: torch.Tensor, count: int) -> torch.Tensor:
+        keep = torch.zeros_like(rank, dtype=torch.bool)
+        keep[rank.topk(count).indices] = True
+        return keep
+
+    # --- reporting and state ----------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """``pruned_groups``: the fraction of heads or neurons masked so far."""
+        pruned = self._pruned_groups()
+        return {"pruned_groups": sum(int(p.sum()) for p in pruned) / sum(p.numel() for p in pruned)}
+
+    def compaction_plan(self) -> dict[str, torch.Tensor] | None:
+        """Once the pattern is fixed (``end`` reached): each parameter's keep-mask, whose all-False slices compaction removes."""
+        if self.updated_for != self.schedule.end:
+            return None
+        return dict(zip(self.masks.names, self.masks.keep()))
+
+    def state_dict(self) -> dict:
+        scores = {SCORE_PREFIX + block_set.name: score.cpu() for block_set, score in zip(self.sets, self.scores)}
+        return {**super().state_dict(), **scores, "updated_for": self.updated_for}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for block_set, score in zip(self.sets, self.scores):
+            saved = state.get(SCORE_PREFIX + block_set.name)
+            if not torch.is_tensor(saved) or saved.shape != score.shape:
+                raise StateError(f"saved importance for {block_set.name} is missing or has the wrong shape")
+            score.copy_(saved)
+        updated_for = state.get("updated_for")
+        if updated_for is not None and type(updated_for) is not int:
+            raise StateError(f"saved updated_for {updated_for!r} is not a step number")
+        self.updated_for = updated_for
+
+
+@hookimpl
+def hfprune_register_strategies(register):
+    register("importance", ImportanceStrategy)
