@@ -179,7 +179,7 @@ class Pruner:
         return []
 
     def _sharding_problems(self, index: int, info: StrategyInfo, parameters: dict[str, nn.Parameter], view: ModelView) -> list[Problem]:
-        """Why the entry cannot prune the parameters split across processes, if it cannot (README 'Many processes')."""
+        """Why the entry cannot prune the parameters split across processes, if it cannot (docs/distributed.md)."""
         where = ("pruners", index, "targets")
         layouts = []
         for name, param in parameters.items():
@@ -189,7 +189,7 @@ class Pruner:
                 return [self.recipe.problem(
                     where, f"{name} is {exc}: hfprune prunes parameters each process holds whole, or FSDP2 shards by rows",
                     hint="train with DDP (accelerate launch --multi_gpu) or FSDP2 (fully_shard), or leave these modules out "
-                    "of the sharding; README 'Many processes' says what is supported",
+                    "of the sharding; docs/distributed.md says what is supported",
                 )]
         split = [name for name, layout in zip(parameters, layouts) if layout.sharded]
         if not split:

@@ -69,7 +69,7 @@ def test_word_tags_maps_predictions_back_and_fills_truncated_words(minilm_tokeni
     assert features.word_tags(predicted, {0: "B-person", 1: "O"}) == [["B-person", "B-person", "O", "O", "O", "O"]]
 
 
-REPORT_FIELDS = {  # what the README promises in report.json
+REPORT_FIELDS = {  # what docs/main-job.md promises in report.json
     "model", "recipe", "task", "metric", "train_examples", "test_examples", "steps", "epochs", "settings", "scores",
     "sparsity", "strategy_metrics", "parameters", "compaction", "latency", "structure", "loader", "seconds", "teacher",
 }
