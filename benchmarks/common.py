@@ -12,7 +12,8 @@ instead of importing another benchmark's script:
 - recipes: the encoder's target patterns, ``pruners:`` entries as YAML text, block-lasso on
   heads and neurons with its lam rule;
 - measures: encoder parameters and FLOPs, test accuracy, latency timed alternately, and how
-  busy other processes kept the machine (the warning a table carries when timings were taken on a loaded machine);
+  busy other processes kept the machine (the warning a table carries when timings were taken on a loaded
+  machine);
 - results: the JSON's settings and machine sections, shared table cells, and :func:`report`,
   which writes the JSON and prints the tables.
 
@@ -38,31 +39,41 @@ if TYPE_CHECKING:
 
 # --- arguments ------------------------------------------------------------------------------------
 def benchmark_parser(doc: str, **options) -> argparse.ArgumentParser:
-    """A parser described by the first paragraph of the script's docstring: the question the benchmark answers."""
+    """A parser described by the first paragraph of the script's docstring: the question the benchmark
+    answers."""
     return argparse.ArgumentParser(description=doc.split("\n\n")[0], **options)
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, output: Path, quick_help: str, output_help: str | None = None) -> None:
-    """``--output`` (where the JSON goes, ``output`` by default) and ``--quick`` (the smoke run), which every benchmark takes."""
+def add_output_arguments(
+    parser: argparse.ArgumentParser, output: Path, quick_help: str, output_help: str | None = None
+) -> None:
+    """``--output`` (where the JSON goes, ``output`` by default) and ``--quick`` (the smoke run), which every
+    benchmark takes."""
     parser.add_argument("--output", type=Path, default=output, help=output_help)
     parser.add_argument("--quick", action="store_true", help=quick_help)
 
 
-def add_limit_arguments(parser: argparse.ArgumentParser, train_help: str | None = None, test_help: str | None = None) -> None:
-    """``--train-limit`` and ``--test-limit``: only the first this many examples of each split (what ``--quick`` cuts)."""
+def add_limit_arguments(
+    parser: argparse.ArgumentParser, train_help: str | None = None, test_help: str | None = None
+) -> None:
+    """``--train-limit`` and ``--test-limit``: only the first this many examples of each split (what
+    ``--quick`` cuts)."""
     parser.add_argument("--train-limit", type=int, help=train_help)
     parser.add_argument("--test-limit", type=int, help=test_help)
 
 
 def quick_data_limits(args: argparse.Namespace, train: int, test: int) -> None:
-    """Under ``--quick``: ``train`` training and ``test`` test examples, unless ``--train-limit``/``--test-limit`` say otherwise."""
+    """Under ``--quick``: ``train`` training and ``test`` test examples, unless
+    ``--train-limit``/``--test-limit`` say otherwise."""
     if args.quick:
         args.train_limit, args.test_limit = args.train_limit or train, args.test_limit or test
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, epochs: float, epochs_help: str | None = None,
-                           lr_help: str | None = None) -> None:
-    """``--epochs``, ``--lr`` and ``--batch-size``: the fine-tuning run that :func:`training_arguments` sets up."""
+def add_training_arguments(
+    parser: argparse.ArgumentParser, epochs: float, epochs_help: str | None = None, lr_help: str | None = None
+) -> None:
+    """``--epochs``, ``--lr`` and ``--batch-size``: the fine-tuning run that :func:`training_arguments` sets
+    up."""
     parser.add_argument("--epochs", type=float, default=epochs, help=epochs_help)
     parser.add_argument("--lr", type=float, default=1e-4, help=lr_help)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -74,15 +85,19 @@ def add_polarity_data_argument(parser: argparse.ArgumentParser, flag: str = "--d
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, output: Path, quick_help: str) -> None:
-    """The flags every compact-and-time benchmark takes: seed, timing repeats, data limits, output, --quick."""
+    """The flags every compact-and-time benchmark takes: seed, timing repeats, data limits, output,
+    --quick."""
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--latency-repeats", type=int, nargs=2, default=[40, 6], metavar=("BATCH1", "BATCH32"))
+    parser.add_argument(
+        "--latency-repeats", type=int, nargs=2, default=[40, 6], metavar=("BATCH1", "BATCH32")
+    )
     add_limit_arguments(parser)
     add_output_arguments(parser, output, quick_help)
 
 
 def quick_limits(args: argparse.Namespace) -> argparse.Namespace:
-    """Under --quick (with :func:`add_run_arguments`): 64 training and 32 test examples (unless given), 2 and 1 timing repeats."""
+    """Under --quick (with :func:`add_run_arguments`): 64 training and 32 test examples (unless given), 2 and
+    1 timing repeats."""
     if args.quick:
         args.latency_repeats = [2, 1]
     quick_data_limits(args, 64, 32)
@@ -98,7 +113,8 @@ MAX_LENGTH = 64  # tokens per sentence in the fine-tuning benchmarks
 
 
 def encode(examples, tokenizer) -> list[dict]:
-    """``(text, label)`` pairs tokenized (at most ``MAX_LENGTH`` tokens) with their labels: what ``DataCollatorWithPadding`` batches."""
+    """``(text, label)`` pairs tokenized (at most ``MAX_LENGTH`` tokens) with their labels: what
+    ``DataCollatorWithPadding`` batches."""
     return [
         {**tokenizer(text, truncation=True, max_length=MAX_LENGTH), "labels": label}
         for text, label in examples
@@ -118,7 +134,8 @@ def minilm_tokenizer(args: argparse.Namespace):
 
 
 def minilm_classifier(args: argparse.Namespace, seed: int) -> torch.nn.Module:
-    """MiniLM (``args.model_path``) with a new two-class head, initialised from ``seed`` so that every row starts alike."""
+    """MiniLM (``args.model_path``) with a new two-class head, initialised from ``seed`` so that every row
+    starts alike."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -137,21 +154,33 @@ def polarity_data(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
 
 # --- training -------------------------------------------------------------------------------------
 def training_arguments(run, output_dir: str, seed: int, group_by_length: bool = True) -> TrainingArguments:
-    """The Trainer's settings for a fine-tuning run on the CPU: ``run`` has ``epochs``, ``batch_size`` and ``lr``
+    """The Trainer's settings for a fine-tuning run on the CPU: ``run`` has ``epochs``, ``batch_size`` and
+    ``lr``
     (the flags of :func:`add_training_arguments`, or a task's own settings)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=run.epochs, per_device_train_batch_size=run.batch_size,
-        per_device_eval_batch_size=64, learning_rate=run.lr, weight_decay=0.01, seed=seed, data_seed=seed,
-        save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True, use_cpu=True,
+        output_dir=output_dir,
+        num_train_epochs=run.epochs,
+        per_device_train_batch_size=run.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=run.lr,
+        weight_decay=0.01,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        use_cpu=True,
         # batches of similar length: about half the padding, same for every row
         train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
 
 
 def training_steps(run, examples: int) -> int:
-    """The optimizer steps of ``run`` (``epochs``, ``batch_size``) over ``examples``: what a schedule's fractions are of."""
+    """The optimizer steps of ``run`` (``epochs``, ``batch_size``) over ``examples``: what a schedule's
+    fractions are of."""
     return int(math.ceil(examples / run.batch_size) * run.epochs)
 
 
@@ -166,13 +195,19 @@ def lr_sum_over_window(args, total_steps: int, window: tuple[float, float]) -> f
 
 # --- recipes --------------------------------------------------------------------------------------
 # Every encoder Linear of a BERT: query/key/value, attention.output.dense, intermediate.dense, output.dense.
-ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+ENCODER_LINEARS = (
+    r"re:.*encoder\.layer\.\d+\."
+    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
 ENCODER_LAYERS = r"re:.*encoder\.layer\.\d+"  # whole layers: block-lasso finds heads and FFN neurons inside
 
 
 def entry(strategy: str, schedule: str, config: str, targets: str = ENCODER_LINEARS) -> str:
     """One ``pruners:`` item as YAML text (schedule and config in YAML flow style)."""
-    return f"  - strategy: {strategy}\n    targets: ['{targets}']\n    schedule: {schedule}\n    config: {config}\n"
+    return (
+        f"  - strategy: {strategy}\n    targets: ['{targets}']\n    schedule: {schedule}\n    config: "
+        f"{config}\n"
+    )
 
 
 def recipe(*entries: str) -> str:
@@ -187,21 +222,40 @@ LAM_SCALE = 0.3
 LASSO_WINDOW = (0.05, 0.4)
 
 
-def block_recipe(ratio: float, lams: dict[str, float], tile: bool, window=LASSO_WINDOW, scope: str = "layer") -> str:
-    """Block-lasso on every encoder layer's heads and FFN neurons (or on 16x16 tiles of its matrices, ``tile``)."""
+def block_recipe(
+    ratio: float, lams: dict[str, float], tile: bool, window=LASSO_WINDOW, scope: str = "layer"
+) -> str:
+    """Block-lasso on every encoder layer's heads and FFN neurons (or on 16x16 tiles of its matrices,
+    ``tile``)."""
     schedule = f"{{start: {window[0]}, end: {window[1]}}}"
     if tile:
-        return recipe(entry("block-lasso", schedule, f"{{group: tile, block: [16, 16], ratio: {ratio}, lam: {lams['tile']:.6g}, scope: {scope}}}"))
-    # Neurons kept in multiples of 16 (at ratio 0.67, 512 rather than 507): odd sizes cost about 8% of FFN speed on CPU.
+        return recipe(
+            entry(
+                "block-lasso",
+                schedule,
+                f"{{group: tile, block: [16, 16], ratio: {ratio}, lam: {lams['tile']:.6g}, scope: {scope}}}",
+            )
+        )
+    # Neurons kept in multiples of 16 (at ratio 0.67, 512 rather than 507): odd sizes cost about 8% of FFN
+    # speed on CPU.
     rounding = {"head": "", "neuron": ", multiple_of: 16" if scope == "layer" else ""}
-    return recipe(*(
-        entry("block-lasso", schedule, f"{{group: {group}, ratio: {ratio}, lam: {lams[group]:.6g}, scope: {scope}{rounding[group]}}}", ENCODER_LAYERS)
-        for group in ("head", "neuron")
-    ))
+    return recipe(
+        *(
+            entry(
+                "block-lasso",
+                schedule,
+                f"{{group: {group}, ratio: {ratio}, lam: {lams[group]:.6g}, scope: "
+                f"{scope}{rounding[group]}}}",
+                ENCODER_LAYERS,
+            )
+            for group in ("head", "neuron")
+        )
+    )
 
 
 def lams_from_rule(model, ratio: float, lr_sum: float, tile: bool) -> dict[str, float]:
-    """``q**2 / (2 * sum lr)`` per entry of :func:`block_recipe`, q the pretrained block norm at the ratio's quantile
+    """``q**2 / (2 * sum lr)`` per entry of :func:`block_recipe`, q the pretrained block norm at the ratio's
+    quantile
     (before any ``--lam-scale``)."""
     import torch
 
@@ -219,9 +273,11 @@ def lams_from_rule(model, ratio: float, lr_sum: float, tile: bool) -> dict[str, 
     return lams
 
 
-def block_lasso_from_rule(model, ratio: float, args: argparse.Namespace, total_steps: int, tile: bool = False,
-                          scope: str = "layer") -> tuple[str, dict[str, float]]:
-    """Block-lasso at ``ratio`` over the ``--window`` fractions of ``total_steps``, lams from :func:`lams_from_rule` times
+def block_lasso_from_rule(
+    model, ratio: float, args: argparse.Namespace, total_steps: int, tile: bool = False, scope: str = "layer"
+) -> tuple[str, dict[str, float]]:
+    """Block-lasso at ``ratio`` over the ``--window`` fractions of ``total_steps``, lams from
+    :func:`lams_from_rule` times
     ``--lam-scale``: (the recipe's text, the lams), so that a benchmark's rows prune by the same rule."""
     rule = lams_from_rule(model, ratio, lr_sum_over_window(args, total_steps, args.window), tile)
     lams = {group: args.lam_scale * lam for group, lam in rule.items()}
@@ -252,7 +308,8 @@ def encoder_flops(model, seq: int) -> int:
 
 
 def interleaved_latency(dense, compacted, batch: int, repeats: int, vocab: int) -> dict:
-    """Median milliseconds per forward of the dense and the compacted model on the same inputs, timed alternately."""
+    """Median milliseconds per forward of the dense and the compacted model on the same inputs, timed
+    alternately."""
     import torch
 
     from hfprune.cli import latency
@@ -260,14 +317,23 @@ def interleaved_latency(dense, compacted, batch: int, repeats: int, vocab: int) 
     with torch.no_grad():
         inputs = latency.random_inputs(vocab, batch, LATENCY_SEQ, seed=batch)
         times = latency.interleaved_latency({"dense": dense, "compacted": compacted}, inputs, repeats)
-    return {"dense_ms": times["dense"], "compacted_ms": times["compacted"], "speedup": times["dense"] / times["compacted"]}
+    return {
+        "dense_ms": times["dense"],
+        "compacted_ms": times["compacted"],
+        "speedup": times["dense"] / times["compacted"],
+    }
 
 
 def test_accuracy(model, test, tokenizer, workdir: Path, args) -> float:
-    """Accuracy of a sequence classifier on the encoded ``test`` split, predicted by a Trainer with ``args``' settings."""
+    """Accuracy of a sequence classifier on the encoded ``test`` split, predicted by a Trainer with ``args``'
+    settings."""
     from transformers import DataCollatorWithPadding, Trainer
 
-    trainer = Trainer(model=model, args=training_arguments(args, str(workdir / "eval"), args.seed), data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(args, str(workdir / "eval"), args.seed),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     predictions = trainer.predict(test)
     return float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
 
@@ -285,12 +351,14 @@ def busy_cpu_seconds() -> float:
 
 
 def other_load_line(load: float, cpu_count: int | None) -> str:
-    """The table's last line: a warning if other processes kept more than ``OTHER_LOAD_WARNING`` cores busy on average
+    """The table's last line: a warning if other processes kept more than ``OTHER_LOAD_WARNING`` cores busy on
+    average
     (``load``) while the timed steps ran, otherwise how idle the machine was."""
     if load > OTHER_LOAD_WARNING:
         return (
             f"WARNING: other processes kept {load:.1f} of {cpu_count} cores busy while the steps ran; "
-            "oversubscribed cores slow every parallel kernel, which distorts these times and typically inflates the ratios"
+            "oversubscribed cores slow every parallel kernel, which distorts these times and typically "
+            "inflates the ratios"
         )
     return f"machine otherwise idle while timing (other processes: {load:.2f} cores busy on average)"
 
@@ -302,10 +370,16 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def machine(**versions: str) -> dict:
-    """The JSON's ``machine``: platform, torch, ``versions`` of other libraries the benchmark times, torch's threads."""
+    """The JSON's ``machine``: platform, torch, ``versions`` of other libraries the benchmark times, torch's
+    threads."""
     import torch
 
-    return {"platform": platform.platform(), "torch": torch.__version__, **versions, "threads": torch.get_num_threads()}
+    return {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        **versions,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def vs_dense_cell(row: dict) -> str:
@@ -315,11 +389,14 @@ def vs_dense_cell(row: dict) -> str:
 
 def speedup_cells(row: dict, note=lambda measured: "") -> list[str]:
     """Table cells for the batch-1 and batch-32 speed-ups of a row ('' where it was not timed)."""
-    return [f"{m['speedup']:.2f}x{note(m)}" if (m := row.get("latency", {}).get(b)) else "" for b in ("1", "32")]
+    return [
+        f"{m['speedup']:.2f}x{note(m)}" if (m := row.get("latency", {}).get(b)) else "" for b in ("1", "32")
+    ]
 
 
 def report(result: dict, output: Path, *sections: str, seconds: float | None = None) -> None:
-    """Write the JSON, then print each section (a table, the verdicts) and where the JSON went (and how long the run took)."""
+    """Write the JSON, then print each section (a table, the verdicts) and where the JSON went (and how long
+    the run took)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for section in sections:

@@ -1,4 +1,5 @@
-"""Does learned layer selection beat fixed choices at the same depth, and is the speed-up close to the layer ratio?
+"""Does learned layer selection beat fixed choices at the same depth, and is the speed-up close to the layer
+ratio?
 
 Fine-tunes MiniLM (all-MiniLM-L6-v2, 6 layers) on two tasks: WNUT-16 named entities
 (entity F1, seqeval) and the movie-review polarity sentences (accuracy). For every task:
@@ -21,6 +22,14 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import Trainer, TrainingArguments
+
+from hfprune import PruneCallback
+from hfprune.architecture import delete_residual_layers
+from hfprune.cli.tasks import load_task
+from hfprune.data.polarity import read_polarity
+from hfprune.recipe.run_sections import DataSection
+
 from common import (
     LATENCY_SEQ,
     SPLIT_SEED,
@@ -42,17 +51,11 @@ from common import (
     training_steps,
     vs_dense_cell,
 )
-from transformers import Trainer, TrainingArguments
-
-from hfprune import PruneCallback
-from hfprune.architecture import delete_residual_layers
-from hfprune.cli.tasks import load_task
-from hfprune.data.polarity import read_polarity
-from hfprune.recipe.run_sections import DataSection
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_selection.json"
 STACK = "encoder.layer"
-SELECTION_WINDOW = (0.05, 0.5)  # gates learn from 5% to 50% of training (as hfprune/recipes/layer-lasso.yaml); the kept layers train on after
+# Gates learn from 5% to 50% of training (as in the built-in layer-lasso recipe); kept layers train on after.
+SELECTION_WINDOW = (0.05, 0.5)
 TASKS = {
     # task: (epochs, batch size, learning rate); about 200-360 optimizer steps each
     "wnut": (3.0, 16, 5e-5),
@@ -67,7 +70,9 @@ def parse_args(argv=None):
     parser.add_argument("--baselines", nargs="*", choices=["bottom", "spaced"], default=["bottom", "spaced"])
     parser.add_argument("--l0", type=float, default=0.05, help="layer-lasso regularizer weight")
     parser.add_argument("--gate-lr", type=float, default=0.05, help="layer-lasso gate learning rate")
-    parser.add_argument("--window", type=float, nargs=2, default=list(SELECTION_WINDOW), metavar=("START", "END"))
+    parser.add_argument(
+        "--window", type=float, nargs=2, default=list(SELECTION_WINDOW), metavar=("START", "END")
+    )
     add_polarity_data_argument(parser, "--polarity-data")
     add_run_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 examples, keep 3, 2 timing repeats")
     args = parser.parse_args(argv)
@@ -78,7 +83,9 @@ def parse_args(argv=None):
 
 def selection_recipe(keep: int, args) -> str:
     schedule = f"{{start: {args.window[0]}, end: {args.window[1]}}}"
-    return recipe(entry("layer-lasso", schedule, f"{{keep: {keep}, l0: {args.l0}, gate_lr: {args.gate_lr}}}", STACK))
+    return recipe(
+        entry("layer-lasso", schedule, f"{{keep: {keep}, l0: {args.l0}, gate_lr: {args.gate_lr}}}", STACK)
+    )
 
 
 def fixed_layers(kind: str, keep: int, depth: int) -> list[int]:
@@ -97,13 +104,19 @@ def truncate(model, layers: list[int]):
 
 
 class Task:
-    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.cli.tasks`: split, encoding, head, score), with this
+    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.cli.tasks`: split, encoding, head, score), with
+    this
     benchmark's split seed and training settings."""
 
     def __init__(self, name: str, args, tokenizer):
         self.name = name
         self.epochs, self.batch_size, self.lr = TASKS[name]
-        data = DataSection(dataset=name, test_fraction=TEST_FRACTION, train_limit=args.train_limit, test_limit=args.test_limit)
+        data = DataSection(
+            dataset=name,
+            test_fraction=TEST_FRACTION,
+            train_limit=args.train_limit,
+            test_limit=args.test_limit,
+        )
         examples = read_polarity(args.polarity_data) if name == "polarity" else None
         self.task = load_task(data, tokenizer, SPLIT_SEED, examples)
         self.train, self.test = self.task.train_set, self.task.test_set
@@ -133,17 +146,29 @@ def run_row(task: Task, args, kind: str, keep: int, workdir: Path) -> tuple[dict
         truncate(model, layers)
     elif kind == "layer-lasso":
         callbacks = [PruneCallback(selection_recipe(keep, args))]
-    trainer = Trainer(model=model, args=task.arguments(str(workdir / "trainer"), args.seed), train_dataset=task.train,
-                      data_collator=task.collator, callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=task.arguments(str(workdir / "trainer"), args.seed),
+        train_dataset=task.train,
+        data_collator=task.collator,
+        callbacks=callbacks,
+    )
     started = time.perf_counter()
     trainer.train()
-    row = {"task": task.name, "kind": kind, "depth": depth, "keep": keep if kind != "dense" else depth, "train_seconds": time.perf_counter() - started}
+    row = {
+        "task": task.name,
+        "kind": kind,
+        "depth": depth,
+        "keep": keep if kind != "dense" else depth,
+        "train_seconds": time.perf_counter() - started,
+    }
     final = model
     if callbacks:
         strategy = callbacks[0].pruner.strategies[0]
         row["gates_history"] = [
             {k.split("/")[1]: v for k, v in log.items() if k.startswith("gate/")} | {"step": log["step"]}
-            for log in trainer.state.log_history if any(k.startswith("gate/") for k in log)
+            for log in trainer.state.log_history
+            if any(k.startswith("gate/") for k in log)
         ]
         row["settle_shift"] = strategy.settle_shift
         layers = [i for i, kept in enumerate(strategy.settled) if kept]
@@ -162,7 +187,11 @@ def main(argv=None) -> int:
     for name in args.tasks:
         task = Task(name, args, tokenizer)
         plan = [("dense", 0)] + [(kind, k) for k in args.keeps for kind in ("layer-lasso", *args.baselines)]
-        print(f"{name}: {len(task.train)} train / {len(task.test)} test examples, {task.steps()} steps per run, {len(plan)} runs", flush=True)
+        print(
+            f"{name}: {len(task.train)} train / {len(task.test)} test examples, {task.steps()} steps per "
+            f"run, {len(plan)} runs",
+            flush=True,
+        )
         dense_model = None
         for kind, keep in plan:
             with tempfile.TemporaryDirectory() as workdir:
@@ -174,29 +203,42 @@ def main(argv=None) -> int:
                 row["flop_reduction"] = dense_row["encoder_flops"] / row["encoder_flops"]
             if kind == "layer-lasso":
                 vocab = dense_model.config.vocab_size
-                row["latency"] = {str(b): interleaved_latency(dense_model, final, b, n, vocab) for b, n in zip((1, 32), args.latency_repeats)}
+                row["latency"] = {
+                    str(b): interleaved_latency(dense_model, final, b, n, vocab)
+                    for b, n in zip((1, 32), args.latency_repeats)
+                }
             rows.append(row)
-            print(f"  {kind:<12} keep {row['keep']}: layers {row['layers']}, {task.metric} {row['score']:.3f}, "
-                  f"{row['train_seconds']:.0f} s", flush=True)
+            print(
+                f"  {kind:<12} keep {row['keep']}: layers {row['layers']}, {task.metric} {row['score']:.3f}, "
+                f"{row['train_seconds']:.0f} s",
+                flush=True,
+            )
     result = {
         "benchmark": "layer_selection",
         "settings": settings(args),
         "tasks": {name: dict(zip(("epochs", "batch_size", "lr"), TASKS[name])) for name in args.tasks},
         "machine": machine(),
-        "rows": rows, "verdicts": verdicts(rows),
+        "rows": rows,
+        "verdicts": verdicts(rows),
     }
     report(result, args.output, table(rows), "\n".join(result["verdicts"]))
     return 0
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | model | depth | layers kept | score | vs dense | speed-up b1 | speed-up b32 | layer ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | model | depth | layers kept | score | vs dense | speed-up b1 | speed-up b32 | layer ratio "
+        "|",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         vs, speed = vs_dense_cell(row), speedup_cells(row)
         ratio = f"{row['depth'] / row['keep']:.2f}x" if row.get("latency") else ""
-        lines.append(f"| {row['task']} | {row['kind']} | {row['keep']} | {row['layers']} | {row['score']:.3f} | {vs} | "
-                     f"{speed[0]} | {speed[1]} | {ratio} |")
+        lines.append(
+            f"| {row['task']} | {row['kind']} | {row['keep']} | {row['layers']} | {row['score']:.3f} | {vs} "
+            "| "
+            f"{speed[0]} | {speed[1]} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -206,15 +248,26 @@ def verdicts(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["kind"] != "layer-lasso":
             continue
-        fixed = [r for r in rows if r["task"] == row["task"] and r["keep"] == row["keep"] and r["kind"] in ("bottom", "spaced")]
+        fixed = [
+            r
+            for r in rows
+            if r["task"] == row["task"] and r["keep"] == row["keep"] and r["kind"] in ("bottom", "spaced")
+        ]
         if fixed:
             best = max(fixed, key=lambda r: r["score"])
             verdict = "beats" if row["score"] > best["score"] else "does not beat"
-            lines.append(f"{row['task']}, depth {row['keep']}: learned {row['layers']} scores {row['score']:.3f}, best fixed "
-                         f"({best['kind']} {best['layers']}) {best['score']:.3f}: learned selection {verdict} it")
+            lines.append(
+                f"{row['task']}, depth {row['keep']}: learned {row['layers']} scores {row['score']:.3f}, "
+                "best fixed "
+                f"({best['kind']} {best['layers']}) {best['score']:.3f}: learned selection {verdict} it"
+            )
         for batch, measured in row["latency"].items():
-            lines.append(f"{row['task']}, depth {row['keep']}, batch {batch}: speed-up {measured['speedup']:.2f}x for a "
-                         f"{row['depth'] / row['keep']:.2f}x layer ratio ({measured['speedup'] * row['keep'] / row['depth']:.2f} of it)")
+            lines.append(
+                f"{row['task']}, depth {row['keep']}, batch {batch}: speed-up {measured['speedup']:.2f}x "
+                "for a "
+                f"{row['depth'] / row['keep']:.2f}x layer ratio "
+                f"({measured['speedup'] * row['keep'] / row['depth']:.2f} of it)"
+            )
     return lines
 
 

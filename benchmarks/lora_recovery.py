@@ -1,4 +1,5 @@
-"""After a 2x structured prune of MiniLM, how much accuracy does LoRA recover, with how many trainable parameters, vs full fine-tuning with the mask?
+"""After a 2x structured prune of MiniLM, how much accuracy does LoRA recover, with how many trainable
+parameters, vs full fine-tuning with the mask?
 
 Fine-tunes MiniLM (all-MiniLM-L6-v2) on the movie-review polarity sentences (the split of
 ``rpp_vs_magnitude.py``) for T steps (2 epochs, batch 32, lr 1e-4), dense, and with
@@ -16,7 +17,8 @@ costs: LoRA training steps (batch 32 x 64 tokens) with peft's update and with hf
 one, on a structured and an unstructured pattern, timed alternately. Writes JSON.
 
     python benchmarks/lora_recovery.py            # the full tables (about 10 minutes on 2 cores)
-    python benchmarks/lora_recovery.py --quick    # smoke run: 64/32 sentences at batch 8, 8 steps, 3 to recover
+    python benchmarks/lora_recovery.py --quick    # smoke run: 64/32 sentences at batch 8, 8 steps, 3 to
+    recover
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ from pathlib import Path
 import peft
 import torch
 import transformers
+from peft import LoraConfig, TaskType, get_peft_model
+from torch import nn
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
+
+from hfprune import PruneCallback, Pruner
+from hfprune.cli import latency
+from hfprune.cli.text_table import print_table
+from hfprune.integrations.lora import keep_sparse, lora_layers, merge_lora
+
 from common import (
     ENCODER_LINEARS,
     LAM_SCALE,
@@ -53,18 +64,13 @@ from common import (
     training_arguments,
     training_steps,
 )
-from peft import LoraConfig, TaskType, get_peft_model
-from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
-
-from hfprune import PruneCallback, Pruner
-from hfprune.cli import latency
-from hfprune.cli.text_table import print_table
-from hfprune.integrations.lora import keep_sparse, lora_layers, merge_lora
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "lora_recovery.json"
 RATIO = 0.5  # of heads and of FFN neurons: 2x fewer encoder parameters
-RECOVERY_WINDOW = (0.05, 0.5)  # lasso phase; the mask is fixed half-way, so half of training is left to recover
+RECOVERY_WINDOW = (
+    0.05,
+    0.5,
+)  # lasso phase; the mask is fixed half-way, so half of training is left to recover
 LORA_TARGETS = ENCODER_LINEARS.removeprefix("re:")  # peft takes the bare regex; the pooler is not in it
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.05
@@ -73,15 +79,33 @@ MASKED_ROW = "LoRA on the masked model (merged, sparsity kept)"
 
 def parse_args(argv=None):
     parser = benchmark_parser(__doc__)
-    add_training_arguments(parser, epochs=2.0, epochs_help="length T of the dense and the pruned run", lr_help="learning rate of full fine-tuning")
+    add_training_arguments(
+        parser,
+        epochs=2.0,
+        epochs_help="length T of the dense and the pruned run",
+        lr_help="learning rate of full fine-tuning",
+    )
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8, help=f"LoRA rank r (lora_alpha {LORA_ALPHA})")
     parser.add_argument("--lam-scale", type=float, default=LAM_SCALE, help="multiply the rule's lam by this")
-    parser.add_argument("--window", type=float, nargs=2, default=list(RECOVERY_WINDOW), metavar=("START", "END"),
-                        help="lasso phase, fractions of training; the mask is fixed at END")
+    parser.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=list(RECOVERY_WINDOW),
+        metavar=("START", "END"),
+        help="lasso phase, fractions of training; the mask is fixed at END",
+    )
     add_polarity_data_argument(parser)
-    parser.add_argument("--cost-repeats", type=int, default=10, help="timed training steps per model in the masking-cost table")
-    add_run_arguments(parser, DEFAULT_OUTPUT, "smoke run: 64/32 sentences at batch 8, one epoch (8 steps, 3 to recover)")
+    parser.add_argument(
+        "--cost-repeats",
+        type=int,
+        default=10,
+        help="timed training steps per model in the masking-cost table",
+    )
+    add_run_arguments(
+        parser, DEFAULT_OUTPUT, "smoke run: 64/32 sentences at batch 8, one epoch (8 steps, 3 to recover)"
+    )
     args = parser.parse_args(argv)
     if args.quick:  # small batches: more steps per stage for the time
         args.batch_size, args.epochs, args.cost_repeats = 8, 1.0, 1
@@ -89,7 +113,8 @@ def parse_args(argv=None):
 
 
 class StepClock(TrainerCallback):
-    """Seconds of each optimizer step (``on_step_begin`` to ``on_step_end``): set-up, data loading and evaluation left out.
+    """Seconds of each optimizer step (``on_step_begin`` to ``on_step_end``): set-up, data loading and
+    evaluation left out.
 
     Registered after the PruneCallback, so its work counts, and before the Snapshot, so the copy does not.
     """
@@ -106,7 +131,8 @@ class StepClock(TrainerCallback):
 
 
 class Snapshot(TrainerCallback):
-    """A copy of the model at the first step end where every strategy's structure is fixed: pruned, before any recovery.
+    """A copy of the model at the first step end where every strategy's structure is fixed: pruned, before any
+    recovery.
 
     Registered after the PruneCallback, whose mask has been applied to the weights by then.
     """
@@ -123,7 +149,9 @@ class Snapshot(TrainerCallback):
 
 def train(model: nn.Module, train_set, tokenizer, arguments, callbacks: list[TrainerCallback]) -> None:
     collator = DataCollatorWithPadding(tokenizer)
-    Trainer(model=model, args=arguments, train_dataset=train_set, data_collator=collator, callbacks=callbacks).train()
+    Trainer(
+        model=model, args=arguments, train_dataset=train_set, data_collator=collator, callbacks=callbacks
+    ).train()
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -132,28 +160,47 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def row(name: str, trainable: int, encoder: int, step_seconds: list[float], accuracy: float) -> dict:
-    """A table row, announced as it comes (the full run takes minutes); the median step leaves the first step's warm-up out."""
+    """A table row, announced as it comes (the full run takes minutes); the median step leaves the first
+    step's warm-up out."""
     print(f"  {name}: accuracy {accuracy:.1%} after {len(step_seconds)} steps", flush=True)
-    return {"row": name, "trainable_parameters": trainable, "encoder_parameters": encoder, "training_steps": len(step_seconds),
-            "accuracy": accuracy, "seconds_per_step": statistics.median(step_seconds)}
+    return {
+        "row": name,
+        "trainable_parameters": trainable,
+        "encoder_parameters": encoder,
+        "training_steps": len(step_seconds),
+        "accuracy": accuracy,
+        "seconds_per_step": statistics.median(step_seconds),
+    }
 
 
 def dense_row(args, data, tokenizer, workdir: Path) -> dict:
     train_set, test = data
     model, clock = minilm_classifier(args, args.seed), StepClock()
     train(model, train_set, tokenizer, training_arguments(args, str(workdir / "dense"), args.seed), [clock])
-    return row("dense fine-tuning", trainable_parameters(model), encoder_parameters(model), clock.seconds,
-               test_accuracy(model, test, tokenizer, workdir, args))
+    return row(
+        "dense fine-tuning",
+        trainable_parameters(model),
+        encoder_parameters(model),
+        clock.seconds,
+        test_accuracy(model, test, tokenizer, workdir, args),
+    )
 
 
 def pruned_rows(args, data, tokenizer, workdir: Path) -> tuple[list[dict], nn.Module, nn.Module, Pruner]:
-    """Block-lasso for T steps: rows for the model when its mask is fixed and at the end; that model, compacted too; the pruner."""
+    """Block-lasso for T steps: rows for the model when its mask is fixed and at the end; that model,
+    compacted too; the pruner."""
     train_set, test = data
     model = minilm_classifier(args, args.seed)
     total_steps = training_steps(args, len(train_set))
     pruning = PruneCallback(block_lasso_from_rule(model, RATIO, args, total_steps)[0])
     clock, snapshot = StepClock(), Snapshot(pruning.pruner)
-    train(model, train_set, tokenizer, training_arguments(args, str(workdir / "pruned"), args.seed), [pruning, clock, snapshot])
+    train(
+        model,
+        train_set,
+        tokenizer,
+        training_arguments(args, str(workdir / "pruned"), args.seed),
+        [pruning, clock, snapshot],
+    )
     if snapshot.model is None:
         raise SystemExit(f"the mask was not fixed before the last of {total_steps} steps: lower --window END")
     pruner = pruning.pruner
@@ -163,35 +210,51 @@ def pruned_rows(args, data, tokenizer, workdir: Path) -> tuple[list[dict], nn.Mo
     before, after = (test_accuracy(m, test, tokenizer, workdir, args) for m in (snapshot.model, model))
     rows = [
         row("pruned, before recovery", trainable, encoder, clock.seconds[: snapshot.step], before),
-        row("full fine-tuning with the mask", trainable, encoder, clock.seconds[snapshot.step:], after)
+        row("full fine-tuning with the mask", trainable, encoder, clock.seconds[snapshot.step :], after)
         | {"masked_to_zero": sum(int((~keep).sum()) for keep in pruner.compaction_plan().values())},
     ]
     return rows, snapshot.model, compacted, pruner
 
 
 def lora_config(args) -> LoraConfig:
-    """Plain LoRA on the encoder's Linear layers; SEQ_CLS makes the new classifier head train (and merge) too."""
-    return LoraConfig(task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=LORA_TARGETS)
+    """Plain LoRA on the encoder's Linear layers; SEQ_CLS makes the new classifier head train (and merge)
+    too."""
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=args.rank,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=LORA_DROPOUT,
+        target_modules=LORA_TARGETS,
+    )
 
 
 @torch.no_grad()
 def stock_merge_fill(peft_model: nn.Module) -> int:
-    """How many zero base weights peft's own ``merge_and_unload`` would make non-zero: where ``B A * scaling`` is not zero there."""
+    """How many zero base weights peft's own ``merge_and_unload`` would make non-zero: where ``B A * scaling``
+    is not zero there."""
     return sum(
         int(((layer.get_base_layer().weight == 0) & (layer.get_delta_weight(adapter) != 0)).sum())
-        for layer in lora_layers(peft_model).values() for adapter in layer.lora_A
+        for layer in lora_layers(peft_model).values()
+        for adapter in layer.lora_A
     )
 
 
-def lora_row(name: str, base: nn.Module, steps: int, args, data, tokenizer, workdir: Path) -> tuple[dict, nn.Module]:
-    """LoRA on ``base`` (wrapped in place) for ``steps`` steps, its zeros kept, then merged: the row with its merge checks, the merged model."""
+def lora_row(
+    name: str, base: nn.Module, steps: int, args, data, tokenizer, workdir: Path
+) -> tuple[dict, nn.Module]:
+    """LoRA on ``base`` (wrapped in place) for ``steps`` steps, its zeros kept, then merged: the row with its
+    merge checks, the merged model."""
     train_set, test = data
     zeros = {n: p == 0 for n, p in base.base_model.encoder.named_parameters()}
     torch.manual_seed(args.seed)  # the adapters' initialisation
     peft_model = get_peft_model(base, lora_config(args))
     keep_sparse(peft_model)
     clock = StepClock()
-    arguments = dataclasses.replace(training_arguments(args, str(workdir / "lora"), args.seed), learning_rate=args.lora_lr, max_steps=steps)
+    arguments = dataclasses.replace(
+        training_arguments(args, str(workdir / "lora"), args.seed),
+        learning_rate=args.lora_lr,
+        max_steps=steps,
+    )
     train(peft_model, train_set, tokenizer, arguments, [clock])
     trainable = trainable_parameters(peft_model)
     before_merge = test_accuracy(peft_model, test, tokenizer, workdir, args)
@@ -200,34 +263,57 @@ def lora_row(name: str, base: nn.Module, steps: int, args, data, tokenizer, work
     accuracy = test_accuracy(merged, test, tokenizer, workdir, args)
     checks = {
         "zero_base_weights": int(sum(z.sum() for z in zeros.values())),
-        "zeros_kept": all(bool((p[zeros[n]] == 0).all()) for n, p in merged.base_model.encoder.named_parameters()),
+        "zeros_kept": all(
+            bool((p[zeros[n]] == 0).all()) for n, p in merged.base_model.encoder.named_parameters()
+        ),
         "stock_merge_would_fill": stock_fill,
         "accuracy_before_merge": before_merge,
         "accuracy_unchanged_by_merge": before_merge == accuracy,
     }
-    return row(name, trainable, encoder_parameters(merged), clock.seconds, accuracy) | {"merge_checks": checks}, merged
+    return row(name, trainable, encoder_parameters(merged), clock.seconds, accuracy) | {
+        "merge_checks": checks
+    }, merged
 
 
 def masking_cost(args) -> list[dict]:
-    """Milliseconds per training step (forward and backward) of LoRA on a pruned MiniLM: peft's update against hfprune's masked one.
+    """Milliseconds per training step (forward and backward) of LoRA on a pruned MiniLM: peft's update against
+    hfprune's masked one.
 
     One pattern hfprune masks through the factors (half the heads and neurons: whole rows and
     columns), one it masks as a matrix (half of every matrix's weights, at random); the two
     models of a pattern are timed alternately on the same batch.
     """
     batch = 4 if args.quick else args.batch_size
-    inputs = latency.random_inputs(30522, batch, MAX_LENGTH, seed=args.seed) | {"labels": torch.zeros(batch, dtype=torch.long)}
+    inputs = latency.random_inputs(30522, batch, MAX_LENGTH, seed=args.seed) | {
+        "labels": torch.zeros(batch, dtype=torch.long)
+    }
     rows = []
-    for pattern, prune in (("heads and neurons (rows and columns)", prune_heads_and_neurons), ("unstructured", prune_at_random)):
+    for pattern, prune in (
+        ("heads and neurons (rows and columns)", prune_heads_and_neurons),
+        ("unstructured", prune_at_random),
+    ):
         base = minilm_classifier(args, args.seed)
         prune(base)
         torch.manual_seed(args.seed)
         stock = get_peft_model(copy.deepcopy(base), lora_config(args))
         masked = get_peft_model(base, lora_config(args))
         keep_sparse(masked)
-        times = latency.interleaved_times({"peft": training_step(stock, inputs), "hfprune": training_step(masked, inputs)}, args.cost_repeats)
-        rows.append({"pattern": pattern, "peft_ms": times["peft"], "hfprune_ms": times["hfprune"], "ratio": times["hfprune"] / times["peft"]})
-        print(f"  {pattern}: {times['peft']:.0f} ms with peft's update, {times['hfprune']:.0f} ms masked", flush=True)
+        times = latency.interleaved_times(
+            {"peft": training_step(stock, inputs), "hfprune": training_step(masked, inputs)},
+            args.cost_repeats,
+        )
+        rows.append(
+            {
+                "pattern": pattern,
+                "peft_ms": times["peft"],
+                "hfprune_ms": times["hfprune"],
+                "ratio": times["hfprune"] / times["peft"],
+            }
+        )
+        print(
+            f"  {pattern}: {times['peft']:.0f} ms with peft's update, {times['hfprune']:.0f} ms masked",
+            flush=True,
+        )
     return rows
 
 
@@ -235,12 +321,14 @@ def training_step(model: nn.Module, inputs: dict) -> Callable[[], None]:
     def step() -> None:
         model.train()(**inputs).loss.backward()
         model.zero_grad(set_to_none=True)
+
     return step
 
 
 @torch.no_grad()
 def prune_heads_and_neurons(model: nn.Module) -> None:
-    """Zero every other head (its 32 rows of Q, K, V and columns of the output projection) and every other FFN neuron."""
+    """Zero every other head (its 32 rows of Q, K, V and columns of the output projection) and every other FFN
+    neuron."""
     for layer in model.base_model.encoder.layer:
         attention = layer.attention
         heads = torch.arange(attention.self.query.out_features) // attention.self.attention_head_size % 2 == 1
@@ -272,9 +360,13 @@ def main(argv=None) -> int:
         rows += pruned
         steps = rows[-1]["training_steps"]  # LoRA recovers for as long as the masked half
         masked, merged = lora_row(MASKED_ROW, copy.deepcopy(snapshot), steps, args, data, tokenizer, workdir)
-        masked["encoder_parameters"] = encoder_parameters(pruner.compact(merged))  # compact checks the outputs are unchanged
+        masked["encoder_parameters"] = encoder_parameters(
+            pruner.compact(merged)
+        )  # compact checks the outputs are unchanged
         masked["merge_checks"]["compacted_with_pruned_plan"] = True
-        compacted, _ = lora_row("LoRA on the compacted model", compacted_snapshot, steps, args, data, tokenizer, workdir)
+        compacted, _ = lora_row(
+            "LoRA on the compacted model", compacted_snapshot, steps, args, data, tokenizer, workdir
+        )
         rows += [masked, compacted]
     print("masking cost: LoRA training steps on a pruned MiniLM", flush=True)
     cost = masking_cost(args)
@@ -285,18 +377,39 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "lora_recovery",
         "settings": settings(args),
-        "lora": {"r": args.rank, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS, "lr": args.lora_lr},
-        "train_sentences": len(train_set), "test_sentences": len(test),
+        "lora": {
+            "r": args.rank,
+            "lora_alpha": LORA_ALPHA,
+            "lora_dropout": LORA_DROPOUT,
+            "target_modules": LORA_TARGETS,
+            "lr": args.lora_lr,
+        },
+        "train_sentences": len(train_set),
+        "test_sentences": len(test),
         "machine": machine(transformers=transformers.__version__, peft=peft.__version__),
-        "rows": rows, "checks": checks(rows), "masking_cost": cost,
+        "rows": rows,
+        "checks": checks(rows),
+        "masking_cost": cost,
     }
     print()
-    print_table(("row", "trainable parameters", "encoder parameters", "training steps", "accuracy", "vs pruned (points)",
-                 "vs dense (points)", "seconds per step"),
-                [table_row(r) for r in rows])
+    print_table(
+        (
+            "row",
+            "trainable parameters",
+            "encoder parameters",
+            "training steps",
+            "accuracy",
+            "vs pruned (points)",
+            "vs dense (points)",
+            "seconds per step",
+        ),
+        [table_row(r) for r in rows],
+    )
     print()
-    print_table(("pruned pattern", "ms per step, peft's update", "ms per step, masked (hfprune)", "ratio"),
-                [(c["pattern"], f"{c['peft_ms']:.0f}", f"{c['hfprune_ms']:.0f}", f"{c['ratio']:.3f}") for c in cost])
+    print_table(
+        ("pruned pattern", "ms per step, peft's update", "ms per step, masked (hfprune)", "ratio"),
+        [(c["pattern"], f"{c['peft_ms']:.0f}", f"{c['hfprune_ms']:.0f}", f"{c['ratio']:.3f}") for c in cost],
+    )
     report(result, args.output, "\n".join(result["checks"]))
     return 0
 
@@ -305,8 +418,16 @@ def table_row(r: dict) -> tuple:
     masked = f" ({r['masked_to_zero']:,} held at zero)" if "masked_to_zero" in r else ""
     vs_pruned = "" if r["row"] == "pruned, before recovery" else f"{r['vs_pruned_points']:+.1f}"
     vs_dense = "" if r["row"] == "dense fine-tuning" else f"{r['vs_dense_points']:+.1f}"
-    return (r["row"], f"{r['trainable_parameters']:,}{masked}", f"{r['encoder_parameters']:,}", r["training_steps"],
-            f"{r['accuracy']:.1%}", vs_pruned, vs_dense, f"{r['seconds_per_step']:.2f}")
+    return (
+        r["row"],
+        f"{r['trainable_parameters']:,}{masked}",
+        f"{r['encoder_parameters']:,}",
+        r["training_steps"],
+        f"{r['accuracy']:.1%}",
+        vs_pruned,
+        vs_dense,
+        f"{r['seconds_per_step']:.2f}",
+    )
 
 
 def checks(rows: list[dict]) -> list[str]:
@@ -316,14 +437,21 @@ def checks(rows: list[dict]) -> list[str]:
         if "merge_checks" not in r:
             continue
         c = r["merge_checks"]
-        lines.append(f"{r['row']}: {c['zero_base_weights']:,} base weights were zero; after merge_lora "
-                     f"{'all are still exactly zero' if c['zeros_kept'] else 'SOME ARE NOT ZERO'}; "
-                     f"peft's stock merge_and_unload would have made {c['stock_merge_would_fill']:,} of them non-zero.")
-        lines.append(f"{r['row']}: accuracy {c['accuracy_before_merge']:.1%} before the merge, {r['accuracy']:.1%} after: "
-                     f"{'unchanged' if c['accuracy_unchanged_by_merge'] else 'CHANGED'}.")
+        lines.append(
+            f"{r['row']}: {c['zero_base_weights']:,} base weights were zero; after merge_lora "
+            f"{'all are still exactly zero' if c['zeros_kept'] else 'SOME ARE NOT ZERO'}; "
+            f"peft's stock merge_and_unload would have made {c['stock_merge_would_fill']:,} of them non-zero."
+        )
+        lines.append(
+            f"{r['row']}: accuracy {c['accuracy_before_merge']:.1%} before the merge, {r['accuracy']:.1%} "
+            "after: "
+            f"{'unchanged' if c['accuracy_unchanged_by_merge'] else 'CHANGED'}."
+        )
         if c.get("compacted_with_pruned_plan"):
-            lines.append(f"{r['row']}: the merged model compacts with the pruned run's plan, outputs unchanged, to "
-                         f"{r['encoder_parameters']:,} encoder parameters.")
+            lines.append(
+                f"{r['row']}: the merged model compacts with the pruned run's plan, outputs unchanged, to "
+                f"{r['encoder_parameters']:,} encoder parameters."
+            )
     return lines
 
 

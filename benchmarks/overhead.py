@@ -56,7 +56,8 @@ TARGET_STEP_RATIO = 1.03  # the issue's target
 TARGET_MEMORY_RATIO = 1.15
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "overhead.json"
 
-# (row name, recipe YAML or None for no callback). Schedules count optimizer steps of the run (warm-up included).
+# (row name, recipe YAML or None for no callback). Schedules count optimizer steps of the run (warm-up
+# included).
 ROWS: list[tuple[str, str | None]] = [
     # A second stock process: its ratio is this benchmark's noise floor (process-to-process and
     # round-to-round variation), the yardstick for reading the rows below.
@@ -64,19 +65,35 @@ ROWS: list[tuple[str, str | None]] = [
     # Masks set at step 0 (a warm-up step), then only applied: the cost every masked step pays.
     ("magnitude, fixed masks", recipe(entry("magnitude", "{start: 0, end: 0}", "{sparsity: 0.5}"))),
     # Ramp over the whole run, masks recomputed every 10 steps; recomputation steps are timed too.
-    ("magnitude, during ramp", recipe(entry("magnitude", "{start: 0, end: 1.0, every: 10}", "{sparsity: 0.9}"))),
+    (
+        "magnitude, during ramp",
+        recipe(entry("magnitude", "{start: 0, end: 1.0, every: 10}", "{sparsity: 0.9}")),
+    ),
     # The proximal phase over the whole run: a soft threshold after every step, alpha reweighted every 10.
     # (Once its pattern is fixed, rpp pays what "magnitude, fixed masks" pays.)
-    ("rpp, proximal phase", recipe(entry("rpp", "{start: 0, end: 1.0}", "{sparsity: 0.5, reweight_every: 10}"))),
+    (
+        "rpp, proximal phase",
+        recipe(entry("rpp", "{start: 0, end: 1.0}", "{sparsity: 0.5, reweight_every: 10}")),
+    ),
     # Heads and neurons of every layer in the lasso phase over the whole run: a block soft
     # threshold after every step, alpha reweighted every 10. (Once pruned, it pays what fixed masks pay.)
-    ("block-lasso, lasso phase", recipe(
-        entry("block-lasso", "{start: 0, end: 1.0}", "{group: head, ratio: 0.5, lam: 1500}", ENCODER_LAYERS),
-        entry("block-lasso", "{start: 0, end: 1.0}", "{group: neuron, ratio: 0.5, lam: 30}", ENCODER_LAYERS),
-    )),
+    (
+        "block-lasso, lasso phase",
+        recipe(
+            entry(
+                "block-lasso", "{start: 0, end: 1.0}", "{group: head, ratio: 0.5, lam: 1500}", ENCODER_LAYERS
+            ),
+            entry(
+                "block-lasso", "{start: 0, end: 1.0}", "{group: neuron, ratio: 0.5, lam: 30}", ENCODER_LAYERS
+            ),
+        ),
+    ),
     # Gates on all 6 layers learning over the whole run: the gated residual in every forward
     # pass, the gates' gradient in every backward, one Adam step on 6 numbers after each step.
-    ("layer-lasso, gates learning", recipe(entry("layer-lasso", "{start: 0, end: 1.0}", "{keep: 1}", "encoder.layer"))),
+    (
+        "layer-lasso, gates learning",
+        recipe(entry("layer-lasso", "{start: 0, end: 1.0}", "{keep: 1}", "encoder.layer")),
+    ),
 ]
 
 
@@ -146,7 +163,13 @@ def worker(args) -> None:
         """Tweets tokenized once to SEQ_LEN tokens; label = index parity (arbitrary, but a real loss)."""
 
         def __init__(self):
-            encoded = tokenizer([" ".join(tokens) for tokens, _ in read_wnut()], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+            encoded = tokenizer(
+                [" ".join(tokens) for tokens, _ in read_wnut()],
+                padding="max_length",
+                truncation=True,
+                max_length=SEQ_LEN,
+                return_tensors="pt",
+            )
             self.columns = dict(encoded)
             self.size = encoded["input_ids"].shape[0]
 
@@ -169,7 +192,8 @@ def worker(args) -> None:
             self.clock.started = time.perf_counter()
 
     class Clock(TrainerCallback):
-        """Registered last: stops after every other callback's on_step_end, then yields the turn every ``block`` steps."""
+        """Registered last: stops after every other callback's on_step_end, then yields the turn every
+        ``block`` steps."""
 
         def __init__(self):
             self.times: list[float] = []
@@ -197,10 +221,17 @@ def worker(args) -> None:
     recipe_text = None if args.worker == 0 else ROWS[args.worker - 1][1]
     torch.manual_seed(0)  # the same classifier-head init in every configuration
     if args.quick:
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=SEQ_LEN, num_labels=2,
-        ))
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=SEQ_LEN,
+                num_labels=2,
+            )
+        )
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
@@ -235,15 +266,20 @@ def worker(args) -> None:
         say("ready")
         wait_for_turn()  # train()'s own set-up and tear-down also run only in this worker's turn
         trainer.train()
-    say("result " + json.dumps({
-        "times": clock.times,
-        "engine_seconds": clock.engine_seconds,
-        "peak_rss_mb": peak_rss_mb(),
-        "ready_rss_mb": ready_rss,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-    }))
+    say(
+        "result "
+        + json.dumps(
+            {
+                "times": clock.times,
+                "engine_seconds": clock.engine_seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "ready_rss_mb": ready_rss,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 # --- conductor ------------------------------------------------------------------------------------
@@ -253,13 +289,30 @@ class Worker:
     def __init__(self, index: int, name: str, args):
         self.index, self.name = index, name
         self.log = tempfile.TemporaryFile("w+")
-        command = [sys.executable, os.path.abspath(__file__), "--worker", str(index),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--block", str(args.block)]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            str(index),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--block",
+            str(args.block),
+        ]
         if args.quick:
             command.append("--quick")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                        text=True, bufsize=1, env=env)
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
         self.result: dict | None = None
 
     def expect(self, *words: str) -> str:
@@ -269,7 +322,8 @@ class Worker:
             self.process.wait()
             self.log.seek(0)
             raise RuntimeError(
-                f"worker {self.name!r} (exit {self.process.returncode}) said {line!r}, expected {' or '.join(words)}; "
+                f"worker {self.name!r} (exit {self.process.returncode}) said {line!r}, expected "
+                f"{' or '.join(words)}; "
                 f"its stderr ends with:\n{self.log.read()[-4000:]}"
             )
         if word == "result":
@@ -350,8 +404,10 @@ def summarize(stock: list[float], other: list[float], engine: list[float], warmu
 
 
 def table(result: dict) -> str:
-    header = (f"{'configuration':<26} {'stock ms':>9} {'with ms':>9} {'ratio':>7} {'mean ratio':>10} "
-              f"{'engine ms':>9} {'engine %':>8} {'peak RSS ratio':>14}")
+    header = (
+        f"{'configuration':<26} {'stock ms':>9} {'with ms':>9} {'ratio':>7} {'mean ratio':>10} "
+        f"{'engine ms':>9} {'engine %':>8} {'peak RSS ratio':>14}"
+    )
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
         lines.append(
@@ -362,12 +418,17 @@ def table(result: dict) -> str:
     lines.append("-" * len(header))
     c = result["config"]
     lines += [
-        f"{c['model']}, batch {c['batch_size']}, length {c['seq_len']}, {c['steps']} timed steps each after {c['warmup']} "
-        f"warm-up, in turns of {c['block']} steps, one process per configuration; torch {c['torch']}, {c['threads']} threads",
-        "ms: median step time; ratio: median over rounds of paired (with / stock) round means; mean ratio: mean with / mean stock",
-        "engine ms: mean time per step inside the pruning engine (timed directly); engine %: that over the stock mean step",
+        f"{c['model']}, batch {c['batch_size']}, length {c['seq_len']}, {c['steps']} timed steps each after "
+        f"{c['warmup']} "
+        f"warm-up, in turns of {c['block']} steps, one process per configuration; torch {c['torch']}, "
+        f"{c['threads']} threads",
+        "ms: median step time; ratio: median over rounds of paired (with / stock) round means; mean ratio: "
+        "mean with / mean stock",
+        "engine ms: mean time per step inside the pruning engine (timed directly); engine %: that over the "
+        "stock mean step",
         f"peak RSS: stock {result['stock']['peak_rss_mb']:.0f} MiB (VmHWM of the whole run)",
-        f"targets: step-time ratio <= {TARGET_STEP_RATIO} (issue target), peak memory ratio <= {TARGET_MEMORY_RATIO}",
+        f"targets: step-time ratio <= {TARGET_STEP_RATIO} (issue target), peak memory ratio <= "
+        f"{TARGET_MEMORY_RATIO}",
     ]
     lines.append(other_load_line(c["other_load_cores"], c["cpu_count"]))
     return "\n".join(lines)
@@ -375,11 +436,21 @@ def table(result: dict) -> str:
 
 def parse_args(argv=None):
     parser = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per configuration (default 40)")
-    parser.add_argument("--warmup", type=int, default=6, help="untimed steps at the start of each run (default 6)")
-    parser.add_argument("--block", type=int, default=2, help="steps each configuration runs per turn (default 2)")
-    add_output_arguments(parser, DEFAULT_OUTPUT, "tiny random BERT instead of MiniLM: a smoke test in seconds",
-                         output_help=f"JSON results (default {DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="timed optimizer steps per configuration (default 40)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=6, help="untimed steps at the start of each run (default 6)"
+    )
+    parser.add_argument(
+        "--block", type=int, default=2, help="steps each configuration runs per turn (default 2)"
+    )
+    add_output_arguments(
+        parser,
+        DEFAULT_OUTPUT,
+        "tiny random BERT instead of MiniLM: a smoke test in seconds",
+        output_help=f"JSON results (default {DEFAULT_OUTPUT})",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.block < 1:
@@ -395,17 +466,28 @@ def main(argv=None) -> int:
 
     began = time.perf_counter()
     configs = ["stock", *(name for name, _ in ROWS)]
-    print(f"timing {len(configs)} configurations, {args.warmup}+{args.steps} steps each, in turns of {args.block} ...", flush=True)
+    print(
+        f"timing {len(configs)} configurations, {args.warmup}+{args.steps} steps each, in turns of "
+        f"{args.block} ...",
+        flush=True,
+    )
     results, other_load = conduct(args, configs)
 
     stock = results[0]
-    timed_stock = stock["times"][args.warmup:]
+    timed_stock = stock["times"][args.warmup :]
     result = {
         "config": {
             "model": "tiny random BERT (--quick)" if args.quick else "all-MiniLM-L6-v2",
-            "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "steps": args.steps, "warmup": args.warmup, "block": args.block,
-            "torch": stock["torch"], "transformers": stock["transformers"], "threads": stock["threads"],
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "batch_size": BATCH_SIZE,
+            "seq_len": SEQ_LEN,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "block": args.block,
+            "torch": stock["torch"],
+            "transformers": stock["transformers"],
+            "threads": stock["threads"],
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
             "other_load_cores": other_load,
         },
         "targets": {"step_time_ratio": TARGET_STEP_RATIO, "memory_ratio": TARGET_MEMORY_RATIO},

@@ -26,6 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DataCollatorWithPadding, Trainer
+
+from hfprune import PruneCallback
+from hfprune.compaction.sparse_file import save_sparse
+from hfprune.recipe.targets import match_targets
+
 from common import (
     ENCODER_LINEARS,
     add_limit_arguments,
@@ -46,11 +52,6 @@ from common import (
     training_arguments,
     training_steps,
 )
-from transformers import DataCollatorWithPadding, Trainer
-
-from hfprune import PruneCallback
-from hfprune.compaction.sparse_file import save_sparse
-from hfprune.recipe.targets import match_targets
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rpp_vs_magnitude.json"
 WINDOW = (0.1, 0.6)  # pruning acts from 10% to 60% of the optimizer steps; masked training after
@@ -75,27 +76,46 @@ def parse_args(argv=None):
 def rpp_lam(encoder_weights: list[torch.Tensor], sparsity: float, lr_sum: float) -> float:
     """``q**2 / (2 * sum lr)``: see the module docstring."""
     magnitudes = torch.cat([w.detach().abs().flatten() for w in encoder_weights])
-    sample = magnitudes[torch.randperm(magnitudes.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    sample = magnitudes[
+        torch.randperm(magnitudes.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]
+    ]
     quantile = sample.quantile(sparsity).item()
     return quantile**2 / (2 * lr_sum)
 
 
 def pruning_recipe(method: str, sparsity: float, lam: float | None) -> str:
-    schedule = f"{{start: {WINDOW[0]}, end: {WINDOW[1]}, every: 10}}" if method == "magnitude" else f"{{start: {WINDOW[0]}, end: {WINDOW[1]}}}"
-    config = f"{{sparsity: {sparsity}}}" if method == "magnitude" else f"{{sparsity: {sparsity}, lam: {lam:.6g}, reweight_every: 10}}"
+    schedule = (
+        f"{{start: {WINDOW[0]}, end: {WINDOW[1]}, every: 10}}"
+        if method == "magnitude"
+        else f"{{start: {WINDOW[0]}, end: {WINDOW[1]}}}"
+    )
+    config = (
+        f"{{sparsity: {sparsity}}}"
+        if method == "magnitude"
+        else f"{{sparsity: {sparsity}, lam: {lam:.6g}, reweight_every: 10}}"
+    )
     return recipe(entry(method, schedule, config))
 
 
 def run_row(args, data, tokenizer, method: str, sparsity: float, seed: int, workdir: Path) -> dict:
     train, test = data
     model = minilm_classifier(args, seed)
-    encoder_weights = [module.weight for module in match_targets(model, [ENCODER_LINEARS], []).modules.values()]
+    encoder_weights = [
+        module.weight for module in match_targets(model, [ENCODER_LINEARS], []).modules.values()
+    ]
     total_steps = training_steps(args, len(train))
-    lam = rpp_lam(encoder_weights, sparsity, lr_sum_over_window(args, total_steps, WINDOW)) if method == "rpp" else None
+    lam = (
+        rpp_lam(encoder_weights, sparsity, lr_sum_over_window(args, total_steps, WINDOW))
+        if method == "rpp"
+        else None
+    )
     callbacks = [] if method == "dense" else [PruneCallback(pruning_recipe(method, sparsity, lam))]
     trainer = Trainer(
-        model=model, args=training_arguments(args, str(workdir / "trainer"), seed), train_dataset=train,
-        data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks,
+        model=model,
+        args=training_arguments(args, str(workdir / "trainer"), seed),
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
     )
     started = time.perf_counter()
     trainer.train()
@@ -104,9 +124,13 @@ def run_row(args, data, tokenizer, method: str, sparsity: float, seed: int, work
     accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
     zeros = sum(int((w == 0).sum()) for w in encoder_weights)
     row = {
-        "method": method, "target_sparsity": sparsity if method != "dense" else 0.0, "seed": seed,
-        "accuracy": accuracy, "encoder_sparsity": zeros / sum(w.numel() for w in encoder_weights),
-        "train_seconds": seconds, "optimizer_steps": trainer.state.global_step,
+        "method": method,
+        "target_sparsity": sparsity if method != "dense" else 0.0,
+        "seed": seed,
+        "accuracy": accuracy,
+        "encoder_sparsity": zeros / sum(w.numel() for w in encoder_weights),
+        "train_seconds": seconds,
+        "optimizer_steps": trainer.state.global_step,
     }
     if method == "rpp":
         row["lam"] = lam
@@ -116,7 +140,8 @@ def run_row(args, data, tokenizer, method: str, sparsity: float, seed: int, work
 
 
 def file_sizes(model, workdir: Path) -> dict:
-    """The dense checkpoint ``save_pretrained`` writes against the bitmask-plus-values file of the same weights."""
+    """The dense checkpoint ``save_pretrained`` writes against the bitmask-plus-values file of the same
+    weights."""
     model.save_pretrained(workdir / "model")
     dense = (workdir / "model" / "model.safetensors").stat().st_size
     sparse = save_sparse(model.state_dict(), workdir / "sparse.safetensors").stat().st_size
@@ -128,13 +153,21 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["target_sparsity"]), []).append(row)
-    dense = statistics.mean(r["accuracy"] for r in groups.get(("dense", 0.0), [])) if ("dense", 0.0) in groups else None
+    dense = (
+        statistics.mean(r["accuracy"] for r in groups.get(("dense", 0.0), []))
+        if ("dense", 0.0) in groups
+        else None
+    )
     summary = []
     for (method, sparsity), members in groups.items():
         accuracies = [r["accuracy"] for r in members]
         entry = {
-            "method": method, "target_sparsity": sparsity, "seeds": len(members),
-            "accuracy_mean": statistics.mean(accuracies), "accuracy_min": min(accuracies), "accuracy_max": max(accuracies),
+            "method": method,
+            "target_sparsity": sparsity,
+            "seeds": len(members),
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_min": min(accuracies),
+            "accuracy_max": max(accuracies),
             "encoder_sparsity": statistics.mean(r["encoder_sparsity"] for r in members),
             "vs_dense_points": None if dense is None else 100 * (statistics.mean(accuracies) - dense),
             "sparse_file_ratio": statistics.mean(r["sparse_file_mb"] / r["dense_file_mb"] for r in members),
@@ -148,15 +181,21 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     lines = [
-        "| method | target | encoder sparsity | accuracy (mean, min..max) | vs dense | rpp proximal zeros | sparse file / dense |",
+        "| method | target | encoder sparsity | accuracy (mean, min..max) | vs dense | rpp proximal zeros | "
+        "sparse file / dense |",
         "|---|---|---|---|---|---|---|",
     ]
     for e in summary:
-        vs_dense = "" if e["vs_dense_points"] is None or e["method"] == "dense" else f"{e['vs_dense_points']:+.1f} pt"
+        vs_dense = (
+            ""
+            if e["vs_dense_points"] is None or e["method"] == "dense"
+            else f"{e['vs_dense_points']:+.1f} pt"
+        )
         proximal = f"{e['proximal_sparsity']:.1%} (lam {e['lam']:.3g})" if e["method"] == "rpp" else ""
         lines.append(
             f"| {e['method']} | {e['target_sparsity']:.0%} | {e['encoder_sparsity']:.1%} | "
-            f"{e['accuracy_mean']:.1%} ({e['accuracy_min']:.1%}..{e['accuracy_max']:.1%}) | {vs_dense} | {proximal} | "
+            f"{e['accuracy_mean']:.1%} ({e['accuracy_min']:.1%}..{e['accuracy_max']:.1%}) | {vs_dense} | "
+            f"{proximal} | "
             f"{e['sparse_file_ratio']:.2f} |"
         )
     return "\n".join(lines)
@@ -170,7 +209,9 @@ def verdicts(summary: list[dict]) -> list[str]:
         rpp, magnitude = by_key.get(("rpp", sparsity)), by_key.get(("magnitude", sparsity))
         if rpp and magnitude:
             gap = 100 * (rpp["accuracy_mean"] - magnitude["accuracy_mean"])
-            verdict = "keeps more accuracy than" if gap > 0 else "keeps less accuracy than" if gap < 0 else "ties"
+            verdict = (
+                "keeps more accuracy than" if gap > 0 else "keeps less accuracy than" if gap < 0 else "ties"
+            )
             lines.append(f"at {sparsity:.0%}: rpp {verdict} magnitude ({gap:+.1f} points, mean over seeds)")
     return lines
 
@@ -187,15 +228,22 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as workdir:
                 row = run_row(args, data, tokenizer, method, sparsity, seed, Path(workdir))
             rows.append(row)
-            print(f"  {method:<9} {sparsity:>4.0%} seed {seed}: accuracy {row['accuracy']:.1%}, "
-                  f"encoder sparsity {row['encoder_sparsity']:.1%}, {row['train_seconds']:.0f} s", flush=True)
+            print(
+                f"  {method:<9} {sparsity:>4.0%} seed {seed}: accuracy {row['accuracy']:.1%}, "
+                f"encoder sparsity {row['encoder_sparsity']:.1%}, {row['train_seconds']:.0f} s",
+                flush=True,
+            )
     summary = summarize(rows)
     result = {
         "benchmark": "rpp_vs_magnitude",
         "settings": settings(args),
-        "window": WINDOW, "train_sentences": len(train), "test_sentences": len(test),
+        "window": WINDOW,
+        "train_sentences": len(train),
+        "test_sentences": len(test),
         "machine": machine(),
-        "rows": rows, "summary": summary, "verdicts": verdicts(summary),
+        "rows": rows,
+        "summary": summary,
+        "verdicts": verdicts(summary),
     }
     report(result, args.output, table(summary), "\n".join(result["verdicts"]))
     return 0

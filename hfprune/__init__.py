@@ -35,7 +35,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The Trainer callback and the loader import transformers (seconds); plugins and the CLI's fast paths need not pay for it.
+    # The Trainer callback and the loader import transformers (seconds); plugins and the CLI's fast paths need
+    # not pay for it.
     if name == "PruneCallback":
         from hfprune.callback import PruneCallback
 
@@ -45,4 +46,3 @@ def __getattr__(name: str):
 
         return load_compacted
     raise AttributeError(f"module 'hfprune' has no attribute {name!r}")
-

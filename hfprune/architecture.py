@@ -46,7 +46,8 @@ def features(module: nn.Module, side: Side) -> int:
 
 @dataclass(frozen=True)
 class Member:
-    """One matrix's share of a unit: group ``g`` owns ``[offset + g*size, offset + (g+1)*size)`` along ``side``."""
+    """One matrix's share of a unit: group ``g`` owns ``[offset + g*size, offset + (g+1)*size)`` along
+    ``side``."""
 
     module: nn.Module
     side: Side
@@ -63,7 +64,8 @@ class Member:
         return tensor.narrow(self.dim, self.offset, count * self.size).unflatten(self.dim, (count, self.size))
 
     def nonzero_groups(self, tensor: torch.Tensor, count: int) -> torch.Tensor:
-        """One flag per group (on the CPU): does ``tensor`` (a weight or a keep-mask) hold anything non-zero in it?"""
+        """One flag per group (on the CPU): does ``tensor`` (a weight or a keep-mask) hold anything non-zero
+        in it?"""
         return self.blocked(tensor, count).movedim(self.dim, 0).reshape(count, -1).any(dim=1).cpu()
 
     def indices(self, groups: torch.Tensor) -> torch.Tensor:
@@ -123,14 +125,16 @@ class ArchitectureAdapter:
         return None
 
     def layer_stack(self, module: nn.Module) -> nn.ModuleList | None:
-        """The residual layer stack ``module`` holds as a direct attribute (BERT's encoder: ``layer``), or None."""
+        """The residual layer stack ``module`` holds as a direct attribute (BERT's encoder: ``layer``), or
+        None."""
         return None
 
     def resize(self, unit: Unit, kept_groups: int) -> None:
         """Update attributes (head counts, split sizes) after the unit's matrices lost groups."""
 
     def config_updates(self, config, kind: UnitKind, unit: Unit, kept_groups: int) -> dict | None:
-        """Config fields that give every layer ``kept_groups`` groups of ``kind``; None if the config cannot say it."""
+        """Config fields that give every layer ``kept_groups`` groups of ``kind``; None if the config cannot
+        say it."""
         return None
 
     def delete_layers(self, model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
@@ -163,7 +167,9 @@ def unit_of(module: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapte
     return None
 
 
-def find_units(root: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapter], prefix: str = "") -> Iterator[Unit]:
+def find_units(
+    root: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapter], prefix: str = ""
+) -> Iterator[Unit]:
     """Every unit of ``kind`` in ``root`` and below, in module order, named by qualified name."""
     for name, module in named_modules(root, prefix):
         unit = unit_of(module, kind, adapters)
@@ -172,7 +178,8 @@ def find_units(root: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapt
 
 
 def find_layer_stacks(root: nn.Module, adapters: list[ArchitectureAdapter]) -> list[nn.ModuleList]:
-    """The layer stacks adapters recognize in ``root`` and below (``root`` itself if it is one), in module order."""
+    """The layer stacks adapters recognize in ``root`` and below (``root`` itself if it is one), in module
+    order."""
     if isinstance(root, nn.ModuleList):
         return [root]
     stacks: dict[int, nn.ModuleList] = {}
@@ -186,7 +193,8 @@ def find_layer_stacks(root: nn.Module, adapters: list[ArchitectureAdapter]) -> l
 
 
 def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
-    """Delete, in place, the layers of a residual stack whose keep flag is False; the hidden-state indices left.
+    """Delete, in place, the layers of a residual stack whose keep flag is False; the hidden-state indices
+    left.
 
     None when every layer stays.
 
@@ -197,15 +205,21 @@ def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) ->
     """
     config = getattr(model, "config", None)
     if len(stacks) > 1:
-        raise CompactionError(f"layers can be deleted from one stack per model; the plan names {len(stacks)}: {', '.join(stacks)}")
+        raise CompactionError(
+            f"layers can be deleted from one stack per model; the plan names {len(stacks)}: "
+            f"{', '.join(stacks)}"
+        )
     ((name, keep),) = stacks.items()
     stack = model.get_submodule(name)
     depth = len(stack)
     if keep.shape != (depth,) or not keep.any():
-        raise CompactionError(f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}")
+        raise CompactionError(
+            f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}"
+        )
     if config is None or getattr(config, "num_hidden_layers", None) != depth:
         raise CompactionError(
-            f"{name} has {depth} layers, but the model's config states {getattr(config, 'num_hidden_layers', None)} "
+            f"{name} has {depth} layers, but the model's config states "
+            f"{getattr(config, 'num_hidden_layers', None)} "
             "(num_hidden_layers): only the stack the config describes can lose layers and still load"
         )
     if keep.all():
@@ -213,8 +227,10 @@ def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) ->
     kept = keep.nonzero().flatten().tolist()
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
         raise CompactionError(
-            "this model scales attention by 1 / (layer position + 1) (scale_attn_by_inverse_layer_idx): a layer that moves "
-            "down would be scaled differently once the smaller model is loaded; only the top layers can be deleted"
+            "this model scales attention by 1 / (layer position + 1) (scale_attn_by_inverse_layer_idx): a "
+            "layer that moves "
+            "down would be scaled differently once the smaller model is loaded; only the top layers can be "
+            "deleted"
         )
     for index in reversed(range(depth)):
         if index not in kept:
@@ -232,8 +248,11 @@ def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) ->
     return [0] + [i + 1 for i in kept[:-1]] + [depth]
 
 
-def stack_owner(model: nn.Module, stack_name: str, adapters: list[ArchitectureAdapter]) -> ArchitectureAdapter | None:
-    """The first adapter that recognizes the layer stack ``stack_name`` of ``model`` (as its parent's stack), or None."""
+def stack_owner(
+    model: nn.Module, stack_name: str, adapters: list[ArchitectureAdapter]
+) -> ArchitectureAdapter | None:
+    """The first adapter that recognizes the layer stack ``stack_name`` of ``model`` (as its parent's stack),
+    or None."""
     parent_name, _, _ = stack_name.rpartition(".")
     stack, parent = model.get_submodule(stack_name), model.get_submodule(parent_name)
     return next((adapter for adapter in adapters if adapter.layer_stack(parent) is stack), None)

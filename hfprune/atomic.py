@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(temporary_path)``, then move that file over ``target``; on any failure remove it and re-raise.
+    """Call ``write(temporary_path)``, then move that file over ``target``; on any failure remove it and
+    re-raise.
 
     The temporary file has a unique name in ``target``'s folder (same file system, so the
     move is atomic), and concurrent writers never share one.

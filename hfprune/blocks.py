@@ -40,7 +40,8 @@ class BlockedMatrix:
     reduce_axes: tuple[int, ...]  # the view's axes that run over one block's weights
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (the weight, its gradient or a mask, all shaped like the whole ``param``) with blocks as axes."""
+        """``tensor`` (the weight, its gradient or a mask, all shaped like the whole ``param``) with blocks as
+        axes."""
         raise NotImplementedError
 
     def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
@@ -53,7 +54,8 @@ class BlockedMatrix:
         return torch.linalg.vector_norm(self.view(weight), dim=self.reduce_axes).square()
 
     def multiply(self, tensor: torch.Tensor, per_block: torch.Tensor) -> None:
-        """``tensor`` (this process's part of the weight or its gradient) times its block's factor, in place."""
+        """``tensor`` (this process's part of the weight or its gradient) times its block's factor, in
+        place."""
         if self.layout.sharded:
             tensor.mul_(self._per_weight(per_block))
         else:
@@ -68,7 +70,8 @@ class BlockedMatrix:
             self.view(grad).addcmul_(self.view(weight), per_block.view(self.scale_shape(per_block.shape)))
 
     def _per_weight(self, per_block: torch.Tensor) -> torch.Tensor:
-        """Each local weight's block value: broadcast over the whole shape, then cut to this process's rows."""
+        """Each local weight's block value: broadcast over the whole shape, then cut to this process's
+        rows."""
         whole = per_block.new_ones(self.param.shape)
         self.view(whole).mul_(per_block.view(self.scale_shape(per_block.shape)))
         return self.layout.rows(whole)
@@ -91,8 +94,10 @@ class GroupedMatrix(BlockedMatrix):
         return tuple(shape)
 
     def mask_gradient(self) -> torch.Tensor | None:
-        """``sum(W * dL/dW)`` over each group's slice: on a consumer (a head's output-projection columns, a neuron's
-        down-projection column) the loss gradient of a mask multiplying the group's output, at mask 1; None without a gradient."""
+        """``sum(W * dL/dW)`` over each group's slice: on a consumer (a head's output-projection columns, a
+        neuron's
+        down-projection column) the loss gradient of a mask multiplying the group's output, at mask 1; None
+        without a gradient."""
         grad = self.param.grad
         if grad is None:
             return None
@@ -100,7 +105,8 @@ class GroupedMatrix(BlockedMatrix):
 
 
 class TiledMatrix(BlockedMatrix):
-    """A matrix cut into (rows, cols) tiles, stated in nn.Linear orientation: a 4-D view (R, rows, C, cols)."""
+    """A matrix cut into (rows, cols) tiles, stated in nn.Linear orientation: a 4-D view (R, rows, C,
+    cols)."""
 
     reduce_axes = (1, 3)
 
@@ -112,7 +118,9 @@ class TiledMatrix(BlockedMatrix):
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         rows, cols = self.tile
         matrix = tensor if self.out_dim == 0 else tensor.t()  # .t() is a view
-        return matrix.unflatten(0, (matrix.shape[0] // rows, rows)).unflatten(2, (matrix.shape[1] // cols, cols))
+        return matrix.unflatten(0, (matrix.shape[0] // rows, rows)).unflatten(
+            2, (matrix.shape[1] // cols, cols)
+        )
 
     def scale_shape(self, grid: torch.Size) -> tuple[int, ...]:
         return (grid[0], 1, grid[1], 1)
@@ -126,14 +134,19 @@ class BlockSet:
     matrices: tuple[BlockedMatrix, ...]
 
     def mask_gradient(self) -> torch.Tensor | None:
-        """Per group of a head or neuron set, the loss gradient of a mask on the group's output (at 1), summed over the
-        matrices that consume it; None when they had no gradient this step. See :meth:`GroupedMatrix.mask_gradient`."""
-        parts = [m.mask_gradient() for m in self.matrices if isinstance(m, GroupedMatrix) and m.member.side == "in"]
+        """Per group of a head or neuron set, the loss gradient of a mask on the group's output (at 1), summed
+        over the
+        matrices that consume it; None when they had no gradient this step. See
+        :meth:`GroupedMatrix.mask_gradient`."""
+        parts = [
+            m.mask_gradient() for m in self.matrices if isinstance(m, GroupedMatrix) and m.member.side == "in"
+        ]
         parts = [part for part in parts if part is not None]
         return torch.stack(parts).sum(0) if parts else None
 
     def kept_groups(self, keeps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One flag per block: does any of its matrices' keep-masks (bool, whole, by parameter name) keep part of it?"""
+        """One flag per block: does any of its matrices' keep-masks (bool, whole, by parameter name) keep part
+        of it?"""
         kept = None
         for matrix in self.matrices:
             flags = matrix.view(keeps[matrix.name]).any(dim=matrix.reduce_axes)
@@ -165,7 +178,8 @@ class BlockSet:
 
 @torch.no_grad()
 def block_norms(sets: list[BlockSet]) -> list[torch.Tensor]:
-    """Every set's block norms. Over matrices FSDP2 splits, the parts' squares are summed by one ``all_reduce`` for all sets."""
+    """Every set's block norms. Over matrices FSDP2 splits, the parts' squares are summed by one
+    ``all_reduce`` for all sets."""
     split, held = [], []  # per set: squared norms summed over sharded matrices, and over whole ones
     for block_set in sets:
         squares = [(m.norms_squared(), m.layout.sharded) for m in block_set.matrices]
@@ -180,7 +194,12 @@ def block_norms(sets: list[BlockSet]) -> list[torch.Tensor]:
     return [(s + h).sqrt_() for s, h in zip(split, held)]
 
 
-def build_block_sets(targets: dict[str, nn.Module], group: str, tile: tuple[int, int] | None, adapters: list[ArchitectureAdapter]) -> list[BlockSet]:
+def build_block_sets(
+    targets: dict[str, nn.Module],
+    group: str,
+    tile: tuple[int, int] | None,
+    adapters: list[ArchitectureAdapter],
+) -> list[BlockSet]:
     """The block sets for ``group`` ("tile", "row", "column", "head" or "neuron") in the matched modules."""
     if group in ("head", "neuron"):
         return list(_unit_sets(targets, group, adapters))
@@ -192,21 +211,30 @@ def _is_matrix(module: nn.Module) -> bool:
     return isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
-def _unit_sets(targets: dict[str, nn.Module], kind: str, adapters: list[ArchitectureAdapter]) -> Iterator[BlockSet]:
+def _unit_sets(
+    targets: dict[str, nn.Module], kind: str, adapters: list[ArchitectureAdapter]
+) -> Iterator[BlockSet]:
     seen: set[int] = set()
     for target_name, target in targets.items():
-        found = [u for u in find_units(target, kind, adapters, prefix=target_name) if id(u.module) not in seen]
+        found = [
+            u for u in find_units(target, kind, adapters, prefix=target_name) if id(u.module) not in seen
+        ]
         if not found and not any(id(m) in seen for m in target.modules()):
             known = ", ".join(a.name for a in adapters) or "none"
             raise TargetError(
-                f"{target_name} ({type(target).__name__}) contains no {'attention' if kind == 'head' else 'feed-forward'} block "
-                f"an architecture adapter recognizes (installed adapters: {known}); target the layers or their "
+                f"{target_name} ({type(target).__name__}) contains no "
+                f"{'attention' if kind == 'head' else 'feed-forward'} block "
+                f"an architecture adapter recognizes (installed adapters: {known}); target the layers or "
+                "their "
                 f"{'attention' if kind == 'head' else 'MLP'} modules, or install an adapter for this model"
             )
         for unit in found:
             seen.add(id(unit.module))
             names = {id(module): name for name, module in named_modules(unit.module, unit.name)}
-            yield BlockSet(unit.name, tuple(GroupedMatrix(f"{names[id(m.module)]}.weight", m, unit.count) for m in unit.members))
+            yield BlockSet(
+                unit.name,
+                tuple(GroupedMatrix(f"{names[id(m.module)]}.weight", m, unit.count) for m in unit.members),
+            )
 
 
 def _tile_set(name: str, module: nn.Module, group: str, tile: tuple[int, int] | None) -> BlockSet:
@@ -217,5 +245,7 @@ def _tile_set(name: str, module: nn.Module, group: str, tile: tuple[int, int] | 
     out_features, in_features = module.weight.shape[out_dim], module.weight.shape[1 - out_dim]
     rows, cols = {"row": (1, in_features), "column": (out_features, 1)}.get(group, tile)
     if out_features % rows or in_features % cols:
-        raise TargetError(f"{name}: a {out_features}x{in_features} matrix cannot be tiled into {rows}x{cols} blocks")
+        raise TargetError(
+            f"{name}: a {out_features}x{in_features} matrix cannot be tiled into {rows}x{cols} blocks"
+        )
     return BlockSet(name, (TiledMatrix(f"{name}.weight", module.weight, (rows, cols), out_dim),))

@@ -33,7 +33,10 @@ class PruneCallback(TrainerCallback):
     """
 
     def __init__(
-        self, recipe: RecipeSource, resume_from: str | os.PathLike | None = None, registry: Registry | None = None,
+        self,
+        recipe: RecipeSource,
+        resume_from: str | os.PathLike | None = None,
+        registry: Registry | None = None,
         teacher: nn.Module | None = None,
     ):
         self.pruner = Pruner(recipe, registry, teacher)
@@ -53,7 +56,9 @@ class PruneCallback(TrainerCallback):
         self.pruner.before_optimizer_step(optimizer)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.pruner.after_optimizer_step(optimizer, skipped=bool(getattr(optimizer, "step_was_skipped", False)))
+        self.pruner.after_optimizer_step(
+            optimizer, skipped=bool(getattr(optimizer, "step_was_skipped", False))
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = self.pruner.metrics()
@@ -63,15 +68,22 @@ class PruneCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
     def on_save(self, args, state, control, **kwargs):
-        # Every process builds the state (under FSDP2 that is collective); the one that saves checkpoints writes it.
-        self.pruner.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", write=args.should_save)
+        # Every process builds the state (under FSDP2 that is collective); the one that saves checkpoints
+        # writes it.
+        self.pruner.save(
+            Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", write=args.should_save
+        )
 
     def compact(self, model: nn.Module) -> nn.Module:
         """A smaller copy of ``model`` with pruned structure removed; ``model`` is left as it is."""
         return self.pruner.compact(model)
 
     def _restore(self, args, global_step: int) -> None:
-        candidates = [self.resume_from, args.resume_from_checkpoint, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{global_step}"]
+        candidates = [
+            self.resume_from,
+            args.resume_from_checkpoint,
+            Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{global_step}",
+        ]
         found = [Path(c) for c in candidates if c and (Path(c) / STATE_FILE).is_file()]
         if not found:
             searched = ", ".join(str(c) for c in candidates if c)
@@ -81,4 +93,7 @@ class PruneCallback(TrainerCallback):
             )
         self.pruner.load(found[0])
         if self.pruner.step != global_step:
-            raise StateError(f"pruning state in {found[0]} is at step {self.pruner.step}, the Trainer resumes at step {global_step}")
+            raise StateError(
+                f"pruning state in {found[0]} is at step {self.pruner.step}, the Trainer resumes at step "
+                f"{global_step}"
+            )

@@ -52,18 +52,27 @@ class DistillationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     teacher: StrictStr | None = Field(
-        default=None, min_length=1,
-        description="folder of the teacher model (save_pretrained); leave out when the teacher is passed in Python",
+        default=None,
+        min_length=1,
+        description="folder of the teacher model (save_pretrained); leave out when the teacher is passed in "
+        "Python",
     )
     temperature: float = Field(default=2.0, gt=0.0, description="softmax temperature T of the logit term")
-    logit_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="a: (1 - a) * task loss + a * T^2 * KL")
-    hidden_weight: float = Field(default=0.0, ge=0.0, description="weight of the hidden-state MSE term (0: off)")
+    logit_weight: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="a: (1 - a) * task loss + a * T^2 * KL"
+    )
+    hidden_weight: float = Field(
+        default=0.0, ge=0.0, description="weight of the hidden-state MSE term (0: off)"
+    )
     layers: list[int] | None = Field(
-        default=None, min_length=1, description="teacher layers whose outputs are matched, counted from 1; default: all",
+        default=None,
+        min_length=1,
+        description="teacher layers whose outputs are matched, counted from 1; default: all",
     )
     match: Literal["dynamic", "fixed"] = Field(
         default="dynamic",
-        description="'dynamic': each teacher layer against the closest student layer at or after the previous match "
+        description="'dynamic': each teacher layer against the closest student layer at or after the "
+        "previous match "
         "(CoFi); 'fixed': against the student layer of the same number",
     )
 
@@ -71,7 +80,9 @@ class DistillationConfig(BaseModel):
     @classmethod
     def _layers_count_from_one(cls, layers: list[int] | None) -> list[int] | None:
         if layers is not None and (min(layers) < 1 or sorted(set(layers)) != layers):
-            raise ValueError(f"layers are teacher layer numbers counted from 1, increasing, without repeats; got {layers}")
+            raise ValueError(
+                f"layers are teacher layer numbers counted from 1, increasing, without repeats; got {layers}"
+            )
         return layers
 
 
@@ -83,9 +94,13 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def logit_kl(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the positions ``mask`` marks (all if None).
+    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the positions ``mask`` marks
+    (all if None).
 
     ``student`` and ``teacher`` are logits with classes last; ``mask`` has their shape without it.
     """
@@ -96,7 +111,8 @@ def logit_kl(
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is set; trailing dimensions of ``values`` beyond the mask's are averaged too."""
+    """Mean of ``values`` where ``mask`` is set; trailing dimensions of ``values`` beyond the mask's are
+    averaged too."""
     if mask is None:
         return values.mean()
     mask = mask.to(values.dtype)
@@ -112,15 +128,21 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
 
 
 def match_layers(
-    student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: list[int], mask: torch.Tensor | None,
+    student: tuple[torch.Tensor, ...],
+    teacher: tuple[torch.Tensor, ...],
+    layers: list[int],
+    mask: torch.Tensor | None,
 ) -> list[int]:
-    """CoFi's dynamic layer map: for each teacher layer in ``layers`` (hidden-state index), the student layer at or
+    """CoFi's dynamic layer map: for each teacher layer in ``layers`` (hidden-state index), the student layer
+    at or
     after the previous match whose output is closest to it (mean squared difference over real tokens)."""
     matched: list[int] = []
     first = 1
     with torch.no_grad():
         for layer in layers:
-            distances = torch.stack([hidden_mse(student[j], teacher[layer], mask) for j in range(first, len(student))])
+            distances = torch.stack(
+                [hidden_mse(student[j], teacher[layer], mask) for j in range(first, len(student))]
+            )
             first += int(distances.argmin())
             matched.append(first)
     return matched
@@ -128,7 +150,8 @@ def match_layers(
 
 @dataclass
 class DistillationLosses:
-    """The terms of the last training step's loss, kept as tensors until someone reads them (no sync per step)."""
+    """The terms of the last training step's loss, kept as tensors until someone reads them (no sync per
+    step)."""
 
     task: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -140,7 +163,8 @@ class DistillationLosses:
 
 
 class _AskForHiddenStates(ModelHook):
-    """Forward pre-hook: in training, have the student return its hidden states (the hidden-state term reads them)."""
+    """Forward pre-hook: in training, have the student return its hidden states (the hidden-state term reads
+    them)."""
 
     def __call__(self, module, args, kwargs):
         if module.training:
@@ -161,7 +185,8 @@ class _DistillationLoss(ModelHook):
 
 
 class Distiller:
-    """Trains a student against ``teacher`` by rewriting the loss its forward pass returns (see the module docstring)."""
+    """Trains a student against ``teacher`` by rewriting the loss its forward pass returns (see the module
+    docstring)."""
 
     def __init__(self, teacher: nn.Module, config: DistillationConfig):
         self.teacher = teacher
@@ -204,54 +229,14 @@ class Distiller:
             hidden = self._hidden_term(output.hidden_states, teacher_output.hidden_states, mask)
             distilled = distilled + config.hidden_weight * hidden
         share = self._share_of_accumulated_batch(kwargs, causal)
-        if share is not None:  # the task loss is already normalized over the accumulated batch: weigh these alike
+        if (
+            share is not None
+        ):  # the task loss is normalized over the accumulated batch already: weigh these alike
             distilled = distilled * share
         loss = distilled if task is None else distilled + (1 - config.logit_weight) * task
-        self.last = DistillationLosses()
-        self._handles: list = []
-        teacher.eval().requires_grad_(False)
-
-    def attach(self, student: nn.Module) -> None:
-        """Put the hooks on ``student`` (taking off any this distiller put there before)."""
-        self.close()
-        if self.config.hidden_weight > 0:
-            self._handles.append(student.register_forward_pre_hook(_AskForHiddenStates(), with_kwargs=True))
-        self._handles.append(student.register_forward_hook(_DistillationLoss(self), with_kwargs=True))
-
-    def close(self) -> None:
-        """Take the hooks off the student."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def mix(self, student: nn.Module, args: tuple, kwargs: dict, output):
-        """``output`` with its loss replaced by the distillation mix (a new output of the same class)."""
-        config = self.config
-        teacher_output = self._teacher_forward(student, args, kwargs)
-        mask = kwargs.get("attention_mask")
-        causal = is_causal_lm(student)
-        student_logits, teacher_logits = output.logits, teacher_output.logits
-        logit_mask = mask
-        if causal:  # logits at t predict token t + 1: the last position has nothing to predict
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-            logit_mask = mask[:, 1:] if mask is not None else None
-        elif student_logits.dim() == 2:  # one prediction per sequence
-            logit_mask = None
-        task = output.get("loss")
-        kl = logit_kl(student_logits, teacher_logits, config.temperature, logit_mask)
-        loss = config.logit_weight * kl
-        if task is not None:
-            loss = loss + (1 - config.logit_weight) * task
-        hidden = None
-        if config.hidden_weight > 0:
-            hidden = self._hidden_term(output.hidden_states, teacher_output.hidden_states, mask)
-            loss = loss + config.hidden_weight * hidden
-        share = self._share_of_accumulated_batch(kwargs, causal)
-        if share is not None:  # the task loss is already normalized over the accumulated batch; weigh the rest alike
-            loss = loss - (1 - config.logit_weight) * task if task is not None else loss
-            loss = loss * share + ((1 - config.logit_weight) * task if task is not None else 0)
         self.last = DistillationLosses(
-            task=task.detach() if task is not None else None, logits=kl.detach(),
+            task=task.detach() if task is not None else None,
+            logits=kl.detach(),
             hidden=hidden.detach() if hidden is not None else None,
         )
         fields = {key: value for key, value in output.items() if key != "loss"}
@@ -259,7 +244,10 @@ class Distiller:
 
     def _teacher_forward(self, student: nn.Module, args: tuple, kwargs: dict):
         parameter = next(student.parameters())
-        if next(self.teacher.parameters()).device != parameter.device or next(self.teacher.parameters()).dtype != parameter.dtype:
+        if (
+            next(self.teacher.parameters()).device != parameter.device
+            or next(self.teacher.parameters()).dtype != parameter.dtype
+        ):
             self.teacher.to(device=parameter.device, dtype=parameter.dtype)
         inputs = {key: value for key, value in kwargs.items() if key not in LOSS_ONLY_INPUTS}
         if self.config.hidden_weight > 0:
@@ -267,7 +255,9 @@ class Distiller:
         with torch.no_grad():
             return self.teacher(*args, **inputs)
 
-    def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask) -> torch.Tensor:
+    def _hidden_term(
+        self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask
+    ) -> torch.Tensor:
         layers = self.config.layers or list(range(1, len(teacher)))
         if self.config.match == "fixed":
             matched = layers
@@ -278,7 +268,8 @@ class Distiller:
 
     @staticmethod
     def _share_of_accumulated_batch(kwargs: dict, causal: bool) -> torch.Tensor | None:
-        """This micro-batch's labelled items over the accumulated batch's, when the Trainer passed that count."""
+        """This micro-batch's labelled items over the accumulated batch's, when the Trainer passed that
+        count."""
         total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
         if total is None or labels is None:
             return None
@@ -292,11 +283,14 @@ def load_teacher(path: str, student: nn.Module) -> nn.Module:
     try:
         return cls.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load a {cls.__name__} teacher from {path}: {str(exc).splitlines()[0]}") from None
+        raise ValueError(
+            f"cannot load a {cls.__name__} teacher from {path}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def teacher_mismatch(teacher: nn.Module, student: nn.Module, config: DistillationConfig) -> str | None:
-    """Why ``teacher`` cannot teach ``student`` under ``config``, or None: the outputs or hidden states compared must align."""
+    """Why ``teacher`` cannot teach ``student`` under ``config``, or None: the outputs or hidden states
+    compared must align."""
     t, s = getattr(teacher, "config", None), getattr(student, "config", None)
     if t is None or s is None:
         return None
@@ -305,17 +299,33 @@ def teacher_mismatch(teacher: nn.Module, student: nn.Module, config: Distillatio
         return getattr(t, field, None) != getattr(s, field, None)
 
     if differs("vocab_size"):
-        return f"the teacher's vocabulary has {t.vocab_size} tokens, the student's {s.vocab_size}: they must read the same ids"
+        return (
+            f"the teacher's vocabulary has {t.vocab_size} tokens, the student's {s.vocab_size}: they must "
+            "read the same ids"
+        )
     if not is_causal_lm(student) and differs("num_labels"):
-        return f"the teacher predicts {t.num_labels} labels, the student {s.num_labels}: the logits compared must have the same classes"
+        return (
+            f"the teacher predicts {t.num_labels} labels, the student {s.num_labels}: the logits compared "
+            "must have the same classes"
+        )
     if config.hidden_weight > 0:
         if differs("hidden_size"):
-            return (f"hidden-state distillation compares layer outputs, but the teacher's hidden size is {t.hidden_size} "
-                    f"and the student's {s.hidden_size}")
+            return (
+                "hidden-state distillation compares layer outputs, but the teacher's hidden size is "
+                f"{t.hidden_size} "
+                f"and the student's {s.hidden_size}"
+            )
         depth = getattr(t, "num_hidden_layers", None)
         if config.layers and depth is not None and max(config.layers) > depth:
             return f"layers names teacher layer {max(config.layers)}, but the teacher has {depth}"
-        if config.match == "fixed" and depth is not None and max(config.layers or [depth]) > s.num_hidden_layers:
-            return (f"match: fixed pairs teacher layer {max(config.layers or [depth])} with the student's layer of that number, "
-                    f"but the student has {s.num_hidden_layers}; use match: dynamic")
+        if (
+            config.match == "fixed"
+            and depth is not None
+            and max(config.layers or [depth]) > s.num_hidden_layers
+        ):
+            return (
+                f"match: fixed pairs teacher layer {max(config.layers or [depth])} with the student's layer "
+                "of that number, "
+                f"but the student has {s.num_hidden_layers}; use match: dynamic"
+            )
     return None

@@ -42,7 +42,8 @@ class RecipeError(HfpruneError, ValueError):
 
 
 class TargetError(HfpruneError, ValueError):
-    """Raised by a strategy's ``select_parameters`` when matched modules do not suit it; becomes a recipe problem."""
+    """Raised by a strategy's ``select_parameters`` when matched modules do not suit it; becomes a recipe
+    problem."""
 
 
 class PluginError(HfpruneError):

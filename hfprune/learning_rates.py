@@ -25,16 +25,23 @@ def future_learning_rates(optimizer: torch.optim.Optimizer, scheduler, steps: in
     now = [group["lr"] for group in optimizer.param_groups]
     if scheduler is None or steps <= 1:
         return [[lr] * max(steps, 0) for lr in now]
-    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the real one
+    scheduler = getattr(
+        scheduler, "scheduler", scheduler
+    )  # accelerate's AcceleratedScheduler wraps the real one
     owner = scheduler.optimizer
     stand_in = torch.optim.SGD(
-        [{**{k: v for k, v in group.items() if k != "params"}, "params": [torch.zeros(0)]} for group in owner.param_groups],
+        [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [torch.zeros(0)]}
+            for group in owner.param_groups
+        ],
         lr=now[0],
     )
     ahead = copy.deepcopy(scheduler, memo={id(owner): stand_in})
     rates = [now]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": the stand-in never steps
+        warnings.simplefilter(
+            "ignore"
+        )  # "lr_scheduler.step() before optimizer.step()": the stand-in never steps
         for _ in range(steps - 1):
             ahead.step()
             rates.append([group["lr"] for group in stand_in.param_groups])

@@ -23,7 +23,9 @@ ALPHA_PREFIX = "alpha."
 logger = logging.getLogger("hfprune.masks")
 
 Scope = Literal["layer", "global"]  # one threshold per tensor, or one across all of them
-Lam = Annotated[float, Field(gt=0.0)] | Literal["auto"]  # a proximal strategy's penalty weight, or derived (auto_lam)
+Lam = (
+    Annotated[float, Field(gt=0.0)] | Literal["auto"]
+)  # a proximal strategy's penalty weight, or derived (auto_lam)
 
 
 class ProximalConfig(StrategyConfig):
@@ -31,10 +33,14 @@ class ProximalConfig(StrategyConfig):
 
     lam: Lam = Field(
         default="auto",
-        description="penalty weight; 'auto': lam_scale * q^2 / (2 * sum of lr over the phase), q the weight magnitude (block "
-        "norm) at the target's quantile when the phase starts, which brings about the target to zero by the phase's end",
+        description="penalty weight; 'auto': lam_scale * q^2 / (2 * sum of lr over the phase), q the weight "
+        "magnitude (block "
+        "norm) at the target's quantile when the phase starts, which brings about the target to zero by the "
+        "phase's end",
     )
-    lam_scale: float = Field(default=1.0, gt=0.0, description="with lam: auto, the fraction of that lam to use")
+    lam_scale: float = Field(
+        default=1.0, gt=0.0, description="with lam: auto, the fraction of that lam to use"
+    )
 
     @model_validator(mode="after")
     def _scale_goes_with_auto(self) -> ProximalConfig:
@@ -65,7 +71,8 @@ class MaskSet:
         return self.masks is not None
 
     def weights(self) -> list[torch.Tensor]:
-        """What this process holds of each parameter, to read and change in place: the parameters themselves unless sharded.
+        """What this process holds of each parameter, to read and change in place: the parameters themselves
+        unless sharded.
 
         Fetched on every call: FSDP2 may move a parameter's local part when it first runs.
         """
@@ -75,7 +82,8 @@ class MaskSet:
 
     @torch.no_grad()
     def set(self, masks: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
-        """Install new masks (shaped like :meth:`weights`), zero the weights they remove and the optimizer state of those weights."""
+        """Install new masks (shaped like :meth:`weights`), zero the weights they remove and the optimizer
+        state of those weights."""
         weights = self.weights()
         self.masks = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(masks, weights, strict=True)]
         self.apply_to_weights()
@@ -89,7 +97,11 @@ class MaskSet:
     def apply_to_grads(self) -> None:
         if self.masks is None:
             return
-        pairs = [(layout.local(p.grad), m) for p, layout, m in zip(self.params, self.layouts, self.masks) if p.grad is not None]
+        pairs = [
+            (layout.local(p.grad), m)
+            for p, layout, m in zip(self.params, self.layouts, self.masks)
+            if p.grad is not None
+        ]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
@@ -100,7 +112,8 @@ class MaskSet:
             torch._foreach_mul_(self.weights(), self.masks)
 
     def keep(self) -> list[torch.Tensor]:
-        """The masks as booleans (True = kept) shaped like :meth:`weights`, for logic such as "pruned stays pruned"."""
+        """The masks as booleans (True = kept) shaped like :meth:`weights`, for logic such as "pruned stays
+        pruned"."""
         if self.masks is None:
             return [torch.ones_like(w, dtype=torch.bool) for w in self.weights()]
         return [m.bool() for m in self.masks]
@@ -117,19 +130,25 @@ class MaskSet:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore masks; refuse ones that do not fit these parameters or the weights they guard."""
-        found = {k[len(MASK_PREFIX):]: v for k, v in state.items() if k.startswith(MASK_PREFIX)}
+        found = {k[len(MASK_PREFIX) :]: v for k, v in state.items() if k.startswith(MASK_PREFIX)}
         if not found:
             self.masks = None
             return
         missing = [n for n in self.names if n not in found]
         unexpected = [n for n in found if n not in self.names]
         if missing or unexpected:
-            raise StateError(f"saved masks do not fit the targeted parameters (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+            raise StateError(
+                f"saved masks do not fit the targeted parameters (missing: {missing[:3]}, unexpected: "
+                f"{unexpected[:3]})"
+            )
         masks = []
         for name, weight, layout in zip(self.names, self.weights(), self.layouts):
             mask = found[name].to(device=weight.device, dtype=torch.bool)
             if mask.shape != layout.whole_shape(weight):
-                raise StateError(f"saved mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(layout.whole_shape(weight))}")
+                raise StateError(
+                    f"saved mask for {name} has shape {tuple(mask.shape)}, the parameter "
+                    f"{tuple(layout.whole_shape(weight))}"
+                )
             mask = layout.rows(mask)
             if weight[~mask].any():
                 raise StateError(
@@ -169,9 +188,13 @@ def _keep_largest(magnitude: torch.Tensor, sparsity: float, layout: Layout) -> t
 
 
 @torch.no_grad()
-def magnitude_at_quantile(weights: list[torch.Tensor], fraction: float, scope: Scope, layouts: list[Layout]) -> float:
-    """The magnitude below which ``fraction`` of the weights lie: one threshold (``global``), or the root mean square of
-    every tensor's own (``layer``), weighted by size. What ``lam: auto`` aims the proximal phase at (collective when sharded)."""
+def magnitude_at_quantile(
+    weights: list[torch.Tensor], fraction: float, scope: Scope, layouts: list[Layout]
+) -> float:
+    """The magnitude below which ``fraction`` of the weights lie: one threshold (``global``), or the root mean
+    square of
+    every tensor's own (``layer``), weighted by size. What ``lam: auto`` aims the proximal phase at
+    (collective when sharded)."""
     if scope == "global":
         total = sum(layout.whole_shape(w).numel() for w, layout in zip(weights, layouts))
         magnitudes = [w.detach().abs().float() for w in weights]
@@ -179,14 +202,18 @@ def magnitude_at_quantile(weights: list[torch.Tensor], fraction: float, scope: S
     squares, total = 0.0, 0
     for weight, layout in zip(weights, layouts):
         numel = layout.whole_shape(weight).numel()
-        threshold = float(kth_smallest_of_parts([weight.detach().abs().float()], [layout], max(1, round(fraction * numel))))
+        threshold = float(
+            kth_smallest_of_parts([weight.detach().abs().float()], [layout], max(1, round(fraction * numel)))
+        )
         squares, total = squares + numel * threshold**2, total + numel
     return (squares / total) ** 0.5
 
 
 def auto_lam(quantile: float, summed_lr: float, scale: float) -> float:
-    """``scale * q**2 / (2 * sum(lr))``: with reweighting, a weight (block) of magnitude (norm) ``q`` loses about
-    ``2 * lr * lam`` of its square per proximal step, so this lam brings it to zero by the phase's end (docs/strategies.md)."""
+    """``scale * q**2 / (2 * sum(lr))``: with reweighting, a weight (block) of magnitude (norm) ``q`` loses
+    about
+    ``2 * lr * lam`` of its square per proximal step, so this lam brings it to zero by the phase's end
+    (docs/strategies.md)."""
     if summed_lr <= 0:
         raise ValueError("lam: auto needs a positive learning rate during the proximal phase")
     return scale * quantile**2 / (2 * summed_lr)
@@ -239,18 +266,28 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         self.lam: float | None = None if config.lam == "auto" else config.lam
 
     def penalty_weight(self, ctx: StepContext, params: list[torch.Tensor]) -> float:
-        """``lam``; with ``lam: auto`` derived on first use (:func:`auto_lam`) from :meth:`phase_quantile` and the
-        learning rates of ``params``' group summed from this step to the phase's end, then kept (and saved)."""
+        """``lam``; with ``lam: auto`` derived on first use (:func:`auto_lam`) from :meth:`phase_quantile` and
+        the
+        learning rates of ``params``' group summed from this step to the phase's end, then kept (and
+        saved)."""
         if self.lam is None:
             summed = ctx.summed_learning_rates(params[:1], self.schedule.end)[0]
             self.lam = auto_lam(self.phase_quantile(), summed, self.config.lam_scale)
-            logger.info("%s: lam: auto is %.4g (target magnitude %.4g, learning rates summed over the phase %.4g%s)",
-                        type(self).__name__, self.lam, self.phase_quantile(), summed,
-                        "" if ctx.lr_scheduler is not None else ", no scheduler known: the current rate taken to hold")
+            logger.info(
+                "%s: lam: auto is %.4g (target magnitude %.4g, learning rates summed over the phase %.4g%s)",
+                type(self).__name__,
+                self.lam,
+                self.phase_quantile(),
+                summed,
+                ""
+                if ctx.lr_scheduler is not None
+                else ", no scheduler known: the current rate taken to hold",
+            )
         return self.lam
 
     def phase_quantile(self) -> float:
-        """The magnitude (block norm) the proximal phase should bring to zero: that at the target's quantile now."""
+        """The magnitude (block norm) the proximal phase should bring to zero: that at the target's quantile
+        now."""
         raise NotImplementedError
 
     def on_step_end(self, ctx: StepContext) -> None:
@@ -258,7 +295,10 @@ class ReweightedPhaseStrategy(MaskingStrategy):
             return
         if ctx.step >= self.schedule.end:
             self.fix_pattern(ctx.optimizer)
-        elif self.schedule.in_phase(ctx.step) and (ctx.step - self.schedule.start + 1) % self.config.reweight_every == 0:
+        elif (
+            self.schedule.in_phase(ctx.step)
+            and (ctx.step - self.schedule.start + 1) % self.config.reweight_every == 0
+        ):
             self.reweight()
 
     def reweight(self) -> None:
@@ -276,7 +316,8 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         raise NotImplementedError
 
     def alpha_layouts(self) -> list[Layout]:
-        """How each alpha lies across processes: whole (one per block, the default), or sharded like its weight."""
+        """How each alpha lies across processes: whole (one per block, the default), or sharded like its
+        weight."""
         return [WHOLE] * len(self.alpha_names())
 
     def state_dict(self) -> dict:
@@ -297,17 +338,25 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         if self.masks.active:
             self.alphas = None
             return
-        found = {key[len(ALPHA_PREFIX):]: value for key, value in state.items() if key.startswith(ALPHA_PREFIX)}
+        found = {
+            key[len(ALPHA_PREFIX) :]: value for key, value in state.items() if key.startswith(ALPHA_PREFIX)
+        }
         names = self.alpha_names()
         if sorted(found) != sorted(names):
             missing = [n for n in names if n not in found]
             unexpected = [n for n in found if n not in names]
             parts = ([f"no mask or alpha for {missing[:3]}"] if missing else []) + (
-                [f"alphas for {unexpected[:3]}, which the targets no longer match"] if unexpected else [])
-            raise StateError(f"saved {type(self).__name__} state does not fit the targets: {'; '.join(parts)}")
+                [f"alphas for {unexpected[:3]}, which the targets no longer match"] if unexpected else []
+            )
+            raise StateError(
+                f"saved {type(self).__name__} state does not fit the targets: {'; '.join(parts)}"
+            )
         if self.alphas is None:
             self.alphas = self.new_alphas()
         for name, alpha, layout in zip(names, self.alphas, self.alpha_layouts()):
             if found[name].shape != layout.whole_shape(alpha):
-                raise StateError(f"saved alpha for {name} has shape {tuple(found[name].shape)}, expected {tuple(layout.whole_shape(alpha))}")
+                raise StateError(
+                    f"saved alpha for {name} has shape {tuple(found[name].shape)}, expected "
+                    f"{tuple(layout.whole_shape(alpha))}"
+                )
             alpha.copy_(layout.rows(found[name]))

@@ -42,7 +42,11 @@ def carry_model_hooks(source: nn.Module, target: nn.Module) -> None:
     for name, module in source.named_modules():
         for key, hook in module._forward_pre_hooks.items():
             if isinstance(hook, ModelHook):
-                modules[name].register_forward_pre_hook(hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs)
+                modules[name].register_forward_pre_hook(
+                    hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs
+                )
         for key, hook in module._forward_hooks.items():
             if isinstance(hook, ModelHook):
-                modules[name].register_forward_hook(hook, with_kwargs=key in module._forward_hooks_with_kwargs)
+                modules[name].register_forward_hook(
+                    hook, with_kwargs=key in module._forward_hooks_with_kwargs
+                )

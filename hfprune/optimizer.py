@@ -63,7 +63,9 @@ class PruneOptimizer(torch.optim.Optimizer):
             return self.optimizer.step(closure)
         self.pruner.before_optimizer_step(self.optimizer)
         loss = self.optimizer.step(closure)
-        self.pruner.after_optimizer_step(self.optimizer, skipped=bool(getattr(self.optimizer, "step_was_skipped", False)))
+        self.pruner.after_optimizer_step(
+            self.optimizer, skipped=bool(getattr(self.optimizer, "step_was_skipped", False))
+        )
         return loss
 
     def __repr__(self) -> str:

@@ -97,7 +97,10 @@ class Registry:
         same_name = [p for p in self.failed if p.name == name]
         if same_name:
             plugin = same_name[0]
-            return f"strategy {name!r} is provided by plugin {name!r} of distribution {plugin.provenance}, which failed to load: {plugin.error}"
+            return (
+                f"strategy {name!r} is provided by plugin {name!r} of distribution {plugin.provenance}, "
+                f"which failed to load: {plugin.error}"
+            )
         parts = [f"unknown strategy {name!r}"]
         close = difflib.get_close_matches(name, list(self.strategies), n=1)
         if close:
@@ -105,7 +108,10 @@ class Registry:
         installed = ", ".join(f"{s.name} ({s.plugin.provenance})" for s in self.strategies.values()) or "none"
         parts.append(f"installed strategies: {installed}")
         if self.failed:
-            parts.append("plugins that failed to load: " + ", ".join(f"{p.name} ({p.provenance}): {p.error}" for p in self.failed))
+            parts.append(
+                "plugins that failed to load: "
+                + ", ".join(f"{p.name} ({p.provenance}): {p.error}" for p in self.failed)
+            )
         if not self.autoload:
             parts.append(f"plugin autoloading is off ({DISABLE_AUTOLOAD_ENV}); name plugins in {PLUGINS_ENV}")
         return "; ".join(parts)
@@ -138,7 +144,9 @@ class _Loader:
     def add(self, name: str, info: PluginInfo, load) -> None:
         if name in self.infos:
             first = self.infos[name]
-            self.conflicts.setdefault(name, f"plugin name {name!r} is declared by both {first.provenance} and {info.provenance}")
+            self.conflicts.setdefault(
+                name, f"plugin name {name!r} is declared by both {first.provenance} and {info.provenance}"
+            )
             return
         self.infos[name] = info
         try:
@@ -149,12 +157,16 @@ class _Loader:
             return
         unknown = [c.name for c in self.manager.get_hookcallers(plugin) or [] if c.spec is None]
         if unknown:
-            self.fail(name, f"implements unknown hook(s) {', '.join(unknown)}; hooks are listed in hfprune.hookspecs")
+            self.fail(
+                name,
+                f"implements unknown hook(s) {', '.join(unknown)}; hooks are listed in hfprune.hookspecs",
+            )
         else:
             self.modules[name] = plugin
 
     def collect(self) -> None:
-        """Ask each loaded plugin alone what it registers, so a fault is pinned on the plugin that caused it."""
+        """Ask each loaded plugin alone what it registers, so a fault is pinned on the plugin that caused
+        it."""
         for name, plugin in self.modules.items():
             strategies = self._registrations("hfprune_register_strategies", name, plugin)
             adapters = self._registrations("hfprune_register_architectures", name, plugin)
@@ -166,9 +178,12 @@ class _Loader:
                 self.register_architecture(self.infos[name], adapter)
 
     def _registrations(self, hook: str, name: str, plugin: object) -> list[tuple] | None:
-        """The argument tuples ``plugin`` passed to ``register`` in ``hook``; None (plugin marked failed) if it raised."""
+        """The argument tuples ``plugin`` passed to ``register`` in ``hook``; None (plugin marked failed) if
+        it raised."""
         calls: list[tuple] = []
-        caller = self.manager.subset_hook_caller(hook, remove_plugins=[p for p in self.modules.values() if p is not plugin])
+        caller = self.manager.subset_hook_caller(
+            hook, remove_plugins=[p for p in self.modules.values() if p is not plugin]
+        )
         try:
             caller(register=lambda *args: calls.append(args))
         except Exception as exc:  # noqa: BLE001 - a failing plugin must not take the others down
@@ -179,13 +194,15 @@ class _Loader:
     def register_architecture(self, plugin: PluginInfo, adapter: ArchitectureAdapter) -> None:
         if not isinstance(adapter, ArchitectureAdapter):
             self.conflicts[f"architecture {adapter!r}"] = (
-                f"plugin {plugin.name!r} ({plugin.provenance}) registered {adapter!r}, not an ArchitectureAdapter instance"
+                f"plugin {plugin.name!r} ({plugin.provenance}) registered {adapter!r}, not an "
+                "ArchitectureAdapter instance"
             )
             return
         owner = self.architecture_owners.get(adapter.name)
         if owner is not None:
             self.conflicts[f"architecture {adapter.name}"] = (
-                f"architecture adapter {adapter.name!r} is registered by both {owner.name!r} ({owner.provenance}) "
+                f"architecture adapter {adapter.name!r} is registered by both {owner.name!r} "
+                f"({owner.provenance}) "
                 f"and {plugin.name!r} ({plugin.provenance}); the first is used"
             )
             return
@@ -194,11 +211,15 @@ class _Loader:
 
     def register(self, plugin: PluginInfo, name: str, cls: type[Strategy]) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            self.conflicts[name] = f"plugin {plugin.name!r} ({plugin.provenance}) registered {name!r} as {cls!r}, not a Strategy subclass"
+            self.conflicts[name] = (
+                f"plugin {plugin.name!r} ({plugin.provenance}) registered {name!r} as {cls!r}, not a "
+                "Strategy subclass"
+            )
         elif name in self.strategies:
             other = self.strategies[name].plugin
             self.conflicts[name] = (
-                f"strategy {name!r} is registered by both {other.name!r} ({other.provenance}) and {plugin.name!r} ({plugin.provenance}); "
+                f"strategy {name!r} is registered by both {other.name!r} ({other.provenance}) and "
+                f"{plugin.name!r} ({plugin.provenance}); "
                 "uninstall one of them"
             )
         else:
@@ -206,7 +227,8 @@ class _Loader:
 
 
 def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
-    """Load plugins from entry points (as the environment allows) plus ``extra_plugins``; collect what they register.
+    """Load plugins from entry points (as the environment allows) plus ``extra_plugins``; collect what they
+    register.
 
     ``extra_plugins`` maps a plugin name to a module or object with hook implementations,
     registered in code (for tests and embedding) beside the installed ones.
@@ -218,14 +240,30 @@ def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
         found_names.add(entry_point.name)
         if autoload or entry_point.name in wanted:
             dist = entry_point.dist
-            info = PluginInfo(entry_point.name, dist.name, dist.version) if dist else PluginInfo(entry_point.name, "(unknown distribution)", "")
+            info = (
+                PluginInfo(entry_point.name, dist.name, dist.version)
+                if dist
+                else PluginInfo(entry_point.name, "(unknown distribution)", "")
+            )
             loader.add(entry_point.name, info, entry_point.load)
     for name in sorted(wanted - found_names):
-        loader.infos[name] = PluginInfo(name, f"({PLUGINS_ENV})", "", error=f"no installed distribution has an entry point {name!r} in group {ENTRY_POINT_GROUP!r}")
+        loader.infos[name] = PluginInfo(
+            name,
+            f"({PLUGINS_ENV})",
+            "",
+            error=f"no installed distribution has an entry point {name!r} in group {ENTRY_POINT_GROUP!r}",
+        )
     for name, plugin in (extra_plugins or {}).items():
         loader.add(name, PluginInfo(name, NOT_DISTRIBUTED, ""), lambda plugin=plugin: plugin)
     loader.collect()
-    return Registry(list(loader.infos.values()), loader.strategies, loader.conflicts, autoload, loader.architectures, loader.architecture_owners)
+    return Registry(
+        list(loader.infos.values()),
+        loader.strategies,
+        loader.conflicts,
+        autoload,
+        loader.architectures,
+        loader.architecture_owners,
+    )
 
 
 @functools.cache

@@ -19,14 +19,28 @@ from torch import nn
 from hfprune.compaction.compact import compact_model
 from hfprune.distill import DistillationConfig, Distiller, load_teacher, teacher_mismatch
 from hfprune.errors import CompactionError, Problem, StateError, TargetError
-from hfprune.integrations.lora import adapter_weights_of_bases, keep_sparse, lora_layers, merge_lora, why_not_maskable
+from hfprune.integrations.lora import (
+    adapter_weights_of_bases,
+    keep_sparse,
+    lora_layers,
+    merge_lora,
+    why_not_maskable,
+)
 from hfprune.integrations.peft_names import ModelView, model_view
+from hfprune.integrations.sharding import (
+    Layout,
+    UnsupportedSharding,
+    count_zeros,
+    is_sharded,
+    layout_of,
+    shard_group,
+    unsharded_copy,
+)
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe.schema import Recipe, RecipeSource, load_recipe
-from hfprune.integrations.sharding import Layout, UnsupportedSharding, count_zeros, is_sharded, layout_of, shard_group, unsharded_copy
+from hfprune.recipe.targets import match_targets, near_misses
 from hfprune.state import load_state, save_state
 from hfprune.strategy import StepContext, Strategy, StrategyConfig, Targets
-from hfprune.recipe.targets import match_targets, near_misses
 
 STATE_FORMAT = 1
 FROZEN_KEY = "frozen_weights"
@@ -50,7 +64,8 @@ class EntryPlan:
 
     @cached_property
     def layouts(self) -> list[Layout]:
-        """How each targeted parameter lies across processes (attach has refused the layouts hfprune cannot prune)."""
+        """How each targeted parameter lies across processes (attach has refused the layouts hfprune cannot
+        prune)."""
         return [layout_of(p) for p in self.parameters.values()]
 
 
@@ -73,13 +88,16 @@ def _wrapped(parameters: dict[str, nn.Parameter], view: ModelView) -> list[str]:
 
 
 class Pruner:
-    """Prunes one model according to one recipe, distilling from ``teacher`` when given or when the recipe names one.
+    """Prunes one model according to one recipe, distilling from ``teacher`` when given or when the recipe
+    names one.
 
     A ``teacher`` passed here is used with the recipe's ``distillation:`` settings (their
     defaults when the recipe has none) and wins over the recipe's ``teacher`` path.
     """
 
-    def __init__(self, recipe: RecipeSource, registry: Registry | None = None, teacher: nn.Module | None = None):
+    def __init__(
+        self, recipe: RecipeSource, registry: Registry | None = None, teacher: nn.Module | None = None
+    ):
         self.registry = registry or default_registry()
         self.recipe: Recipe = load_recipe(recipe, self.registry)
         self.teacher = teacher
@@ -116,11 +134,15 @@ class Pruner:
             for target_index in match.unmatched:
                 target = entry.targets[target_index]
                 close = near_misses(view, target)
-                problems.append(self.recipe.problem(
-                    ("pruners", index, "targets", target_index),
-                    f"{target!r} matches no module" + (" that is not excluded" if entry.exclude else ""),
-                    hint=f"did you mean: {', '.join(close)}" if close else "run 'hfprune check' to list module names",
-                ))
+                problems.append(
+                    self.recipe.problem(
+                        ("pruners", index, "targets", target_index),
+                        f"{target!r} matches no module" + (" that is not excluded" if entry.exclude else ""),
+                        hint=f"did you mean: {', '.join(close)}"
+                        if close
+                        else "run 'hfprune check' to list module names",
+                    )
+                )
             config = self.recipe.strategy_config(index)
             targets = Targets(match.modules, self.registry.architectures)
             try:
@@ -131,10 +153,13 @@ class Pruner:
             problems.extend(self._sharding_problems(index, info, parameters, view))
             for name in parameters:
                 if name in claimed:
-                    problems.append(self.recipe.problem(
-                        ("pruners", index, "targets"),
-                        f"parameter {name} is also targeted by pruners[{claimed[name]}]; each parameter belongs to one entry",
-                    ))
+                    problems.append(
+                        self.recipe.problem(
+                            ("pruners", index, "targets"),
+                            f"parameter {name} is also targeted by pruners[{claimed[name]}]; each parameter "
+                            "belongs to one entry",
+                        )
+                    )
                     break
                 claimed[name] = index
             entry_wrapped = _wrapped(parameters, view)
@@ -151,12 +176,16 @@ class Pruner:
         self._adapter_of_base = adapter_weights_of_bases(model)
         # A Trainer checkpoint of a PeftModel holds only what trains (adapters, modules_to_save).
         self._frozen_targets = {
-            name: param for plan in plans for name, param in plan.parameters.items() if view.prefix and not param.requires_grad
+            name: param
+            for plan in plans
+            for name, param in plan.parameters.items()
+            if view.prefix and not param.requires_grad
         }
         return plans
 
     def _teacher_problems(self, model: nn.Module) -> list[Problem]:
-        """Load the recipe's teacher if it is needed and not loaded yet; why it cannot teach ``model``, if it cannot."""
+        """Load the recipe's teacher if it is needed and not loaded yet; why it cannot teach ``model``, if it
+        cannot."""
         config = self.recipe.distillation
         if self.teacher is None and config is None:
             return []
@@ -164,8 +193,13 @@ class Pruner:
         config = config or DistillationConfig()
         if self.teacher is None:
             if config.teacher is None:
-                return [self.recipe.problem(where, "distillation needs a teacher: set distillation.teacher to a model folder, "
-                                                   "or pass teacher= to PruneCallback / Pruner")]
+                return [
+                    self.recipe.problem(
+                        where,
+                        "distillation needs a teacher: set distillation.teacher to a model folder, "
+                        "or pass teacher= to PruneCallback / Pruner",
+                    )
+                ]
             try:
                 self.teacher = load_teacher(config.teacher, model)
             except ValueError as exc:
@@ -174,34 +208,57 @@ class Pruner:
             self.distiller.close()  # attached to a model an earlier attach() was given
         mismatch = teacher_mismatch(self.teacher, model, config)
         if mismatch:
-            return [self.recipe.problem(where if self.recipe.distillation else ("distillation",), f"the teacher cannot teach this model: {mismatch}")]
+            return [
+                self.recipe.problem(
+                    where if self.recipe.distillation else ("distillation",),
+                    f"the teacher cannot teach this model: {mismatch}",
+                )
+            ]
         self.distiller = Distiller(self.teacher, config)
         return []
 
-    def _sharding_problems(self, index: int, info: StrategyInfo, parameters: dict[str, nn.Parameter], view: ModelView) -> list[Problem]:
-        """Why the entry cannot prune the parameters split across processes, if it cannot (docs/distributed.md)."""
+    def _sharding_problems(
+        self, index: int, info: StrategyInfo, parameters: dict[str, nn.Parameter], view: ModelView
+    ) -> list[Problem]:
+        """Why the entry cannot prune the parameters split across processes, if it cannot
+        (docs/distributed.md)."""
         where = ("pruners", index, "targets")
         layouts = []
         for name, param in parameters.items():
             try:
                 layouts.append(layout_of(param))
             except UnsupportedSharding as exc:
-                return [self.recipe.problem(
-                    where, f"{name} is {exc}: hfprune prunes parameters each process holds whole, or FSDP2 shards by rows",
-                    hint="train with DDP (accelerate launch --multi_gpu) or FSDP2 (fully_shard), or leave these modules out "
-                    "of the sharding; docs/distributed.md says what is supported",
-                )]
+                return [
+                    self.recipe.problem(
+                        where,
+                        f"{name} is {exc}: hfprune prunes parameters each process holds whole, or FSDP2 "
+                        "shards by rows",
+                        hint="train with DDP (accelerate launch --multi_gpu) or FSDP2 (fully_shard), or "
+                        "leave these modules out "
+                        "of the sharding; docs/distributed.md says what is supported",
+                    )
+                ]
         split = [name for name, layout in zip(parameters, layouts) if layout.sharded]
         if not split:
             return []
         if not info.cls.shardable:
-            return [self.recipe.problem(
-                where, f"{split[0]} is sharded by FSDP2, and strategy {info.name!r} does not declare that it prunes "
-                f"parameters split across processes ({len(split)} targeted are)",
-                hint="train it with DDP, or ask its author to support FSDP2 (CONTRIBUTING 'Sharded parameters')",
-            )]
+            return [
+                self.recipe.problem(
+                    where,
+                    f"{split[0]} is sharded by FSDP2, and strategy {info.name!r} does not declare that it "
+                    "prunes "
+                    f"parameters split across processes ({len(split)} targeted are)",
+                    hint="train it with DDP, or ask its author to support FSDP2 (CONTRIBUTING 'Sharded "
+                    "parameters')",
+                )
+            ]
         if view.prefix:
-            return [self.recipe.problem(where, f"{split[0]} is sharded by FSDP2 in a peft model: LoRA under FSDP2 is not supported yet")]
+            return [
+                self.recipe.problem(
+                    where,
+                    f"{split[0]} is sharded by FSDP2 in a peft model: LoRA under FSDP2 is not supported yet",
+                )
+            ]
         try:
             shard_group(layouts)
         except UnsupportedSharding as exc:
@@ -236,7 +293,8 @@ class Pruner:
         self.step = 0
 
     def close(self) -> None:
-        """Take the strategies and the teacher off the model (their hooks); training with this pruner needs ``start`` again."""
+        """Take the strategies and the teacher off the model (their hooks); training with this pruner needs
+        ``start`` again."""
         for strategy in self.strategies:
             strategy.close()
         self.strategies = []
@@ -285,7 +343,9 @@ class Pruner:
 
     def _context(self, optimizer: torch.optim.Optimizer) -> StepContext:
         if optimizer is not self._optimizer_seen:
-            self._group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            self._group_of = {
+                id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]
+            }
             # A frozen LoRA base weight steps (proximal penalties) at its adapter's learning rate.
             for base, adapter in self._adapter_of_base.items():
                 if id(adapter) in self._group_of:
@@ -348,11 +408,14 @@ class Pruner:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s result; StateError for anything else (a state file is input like a recipe)."""
+        """Restore :meth:`state_dict`'s result; StateError for anything else (a state file is input like a
+        recipe)."""
         if not isinstance(state, dict):
             raise StateError(f"pruning state is a {type(state).__name__}, not a mapping")
         if state.get("format") != STATE_FORMAT:
-            raise StateError(f"pruning state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})")
+            raise StateError(
+                f"pruning state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})"
+            )
         if state.get("recipe") != self.recipe.fingerprint():
             raise StateError(
                 f"the pruning state was written by a different recipe than {self.recipe.source}; "
@@ -374,7 +437,10 @@ class Pruner:
             except StateError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
-                raise StateError(f"pruning state of pruners[{plan.index}] ({plan.label}) is malformed: {type(exc).__name__}: {exc}") from None
+                raise StateError(
+                    f"pruning state of pruners[{plan.index}] ({plan.label}) is malformed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
         self.step = step
 
     @torch.no_grad()
@@ -382,12 +448,16 @@ class Pruner:
         if sorted(saved) != sorted(self._frozen_targets):
             missing = sorted(set(self._frozen_targets) - set(saved))[:3]
             raise StateError(
-                f"the pruning state holds {len(saved)} frozen pruned weights, this model has {len(self._frozen_targets)} (not saved: "
+                f"the pruning state holds {len(saved)} frozen pruned weights, this model has "
+                f"{len(self._frozen_targets)} (not saved: "
                 f"{missing}): resume with the same model and LoRA config the run started with"
             )
         for name, param in self._frozen_targets.items():
             if saved[name].shape != param.shape:
-                raise StateError(f"saved weight {name} has shape {tuple(saved[name].shape)}, the model's {tuple(param.shape)}")
+                raise StateError(
+                    f"saved weight {name} has shape {tuple(saved[name].shape)}, the model's "
+                    f"{tuple(param.shape)}"
+                )
             param.copy_(saved[name])
 
     def save(self, directory: str | os.PathLike, write: bool = True) -> None:
@@ -405,14 +475,16 @@ class Pruner:
 
     # --- compaction -----------------------------------------------------------------------
     def compaction_plan(self) -> dict[str, torch.Tensor]:
-        """Every strategy's fixed structure in one mapping: parameter name to keep-mask, layer stack to one flag per layer."""
+        """Every strategy's fixed structure in one mapping: parameter name to keep-mask, layer stack to one
+        flag per layer."""
         plan: dict[str, torch.Tensor] = {}
         for strategy in self.strategies:
             plan.update(strategy.compaction_plan() or {})
         return plan
 
     def compact(self, model: nn.Module, probe: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """A physically smaller copy of ``model`` without its pruned layers, heads and neurons; ``model`` is never changed.
+        """A physically smaller copy of ``model`` without its pruned layers, heads and neurons; ``model`` is
+        never changed.
 
         The copy's outputs are checked against ``model``'s on ``probe`` (default: a seeded
         random batch); CompactionError when they differ or when nothing can be removed.
@@ -425,8 +497,10 @@ class Pruner:
         if not pruned:
             kinds = ", ".join(sorted({p.strategy.name for p in self.plans})) or "none"
             raise CompactionError(
-                f"nothing to compact: this recipe's strategies ({kinds}) have no fixed structured pattern. Unstructured "
-                "strategies zero individual weights, which stay in dense matrices; structured ones fix theirs at the end "
+                f"nothing to compact: this recipe's strategies ({kinds}) have no fixed structured pattern. "
+                "Unstructured "
+                "strategies zero individual weights, which stay in dense matrices; structured ones fix "
+                "theirs at the end "
                 "of their schedule (block-lasso its heads and neurons, layer-lasso its layers)"
             )
         model = unwrap_model(model)

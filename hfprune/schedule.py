@@ -41,7 +41,9 @@ class ScheduleSpec(BaseModel):
     def resolve(self, total_steps: int | None) -> Schedule:
         """Turn fractions into steps; ``total_steps`` is needed only when fractions are used."""
         if self.uses_fractions and not total_steps:
-            raise ValueError("this schedule uses fractions of training, so the total number of optimizer steps is needed")
+            raise ValueError(
+                "this schedule uses fractions of training, so the total number of optimizer steps is needed"
+            )
         start, end = (v if isinstance(v, int) else round(v * total_steps) for v in (self.start, self.end))
         if start > end:
             raise ValueError(f"start resolves to step {start}, after end at step {end}")
@@ -63,7 +65,8 @@ class Schedule:
         return (step - self.start) % self.every == 0 or step == self.end
 
     def in_phase(self, step: int) -> bool:
-        """True for steps in ``[start, end)``: where penalty and gate strategies act before fixing their result."""
+        """True for steps in ``[start, end)``: where penalty and gate strategies act before fixing their
+        result."""
         return self.start <= step < self.end
 
     def last_update_step(self, step: int) -> int | None:
@@ -77,7 +80,8 @@ class Schedule:
         return self.end if step >= self.end else self.start + (step - self.start) // self.every * self.every
 
     def cubic_ramp(self, step: int, final: float, initial: float = 0.0) -> float:
-        """``final + (initial - final) * (1 - progress)**3``: gradual pruning's target at ``step`` (Zhu & Gupta, 2017)."""
+        """``final + (initial - final) * (1 - progress)**3``: gradual pruning's target at ``step`` (Zhu &
+        Gupta, 2017)."""
         return final + (initial - final) * (1.0 - self.progress(step)) ** 3
 
     def progress(self, step: int) -> float:

@@ -24,7 +24,8 @@ StateValue = torch.Tensor | int | float | str | bool | None | list | dict
 
 
 class Targets(dict[str, nn.Module]):
-    """The modules a recipe entry matched, by name in model order, and the architecture adapters of the pruner that matched them.
+    """The modules a recipe entry matched, by name in model order, and the architecture adapters of the pruner
+    that matched them.
 
     A plain mapping to strategies that only need the modules. Strategies that work on heads,
     neurons or layer stacks ask ``architectures`` (the pruner's registry's adapters, in
@@ -43,7 +44,8 @@ class StrategyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def planned_sparsity(self) -> float | None:
-        """The fraction of targeted weights this entry will zero, if known up front (for ``hfprune check``)."""
+        """The fraction of targeted weights this entry will zero, if known up front (for ``hfprune
+        check``)."""
         return None
 
 
@@ -76,12 +78,15 @@ class StepContext:
             return [groups[self.group_of[id(p)]]["lr"] for p in params]
         except KeyError:
             raise KeyError(
-                "a pruned parameter is not in any optimizer param group: add it to the optimizer, or, if it is frozen under "
-                "peft, wrap its layer with LoRA (its adapter's learning rate is then used) or leave it out of the recipe"
+                "a pruned parameter is not in any optimizer param group: add it to the optimizer, or, if it "
+                "is frozen under "
+                "peft, wrap its layer with LoRA (its adapter's learning rate is then used) or leave it out "
+                "of the recipe"
             ) from None
 
     def summed_learning_rates(self, params: list[torch.Tensor], end: int) -> list[float]:
-        """Per parameter, its group's learning rate summed over the steps from this one up to ``end`` (not included).
+        """Per parameter, its group's learning rate summed over the steps from this one up to ``end`` (not
+        included).
 
         Read ahead from a copy of ``lr_scheduler`` (:mod:`hfprune.learning_rates`); without one
         the current rates are taken to hold.
@@ -133,7 +138,9 @@ class Strategy:
             if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
                 selected[f"{name}.weight"] = weight
         if not selected:
-            raise TargetError(f"matched {len(targets)} modules, but none of them has a weight matrix to prune")
+            raise TargetError(
+                f"matched {len(targets)} modules, but none of them has a weight matrix to prune"
+            )
         return selected
 
     @classmethod
@@ -155,7 +162,8 @@ class Strategy:
         return {}
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
-        """What compaction may remove, fixed for good; None for unstructured sparsity or a pattern still changing.
+        """What compaction may remove, fixed for good; None for unstructured sparsity or a pattern still
+        changing.
 
         Keep-masks (bool) by parameter name, whose all-False head and neuron slices go, and
         by layer-stack name (an ``nn.ModuleList``): one bool per layer, False deletes it.
@@ -163,7 +171,8 @@ class Strategy:
         return None
 
     def close(self) -> None:
-        """Undo what the constructor did to the model (forward hooks); the engine calls it before replacing a strategy."""
+        """Undo what the constructor did to the model (forward hooks); the engine calls it before replacing a
+        strategy."""
 
     def state_dict(self) -> dict[str, StateValue]:
         """Everything needed to resume exactly: tensors and JSON-compatible values, flat string keys."""

@@ -35,14 +35,20 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from hfprune.callback import PruneCallback
 from hfprune.compaction.compact import probe_batch
 from hfprune.errors import PluginError, RecipeError
 from hfprune.integrations.lora import SparseLora, keep_sparse, lora_layers
-from hfprune.masks import MaskingStrategy
 from hfprune.integrations.peft_names import model_view
+from hfprune.masks import MaskingStrategy
 from hfprune.plugins import ENTRY_POINT_GROUP, Registry, StrategyInfo, build_registry
 from hfprune.pruner import EntryPlan, Pruner
 from hfprune.recipe.schema import Recipe, load_recipe
@@ -61,11 +67,19 @@ RESUME_POINTS = ("mid-schedule", "after-end")  # where the resume check restarts
 
 
 def tiny_bert(seed: int = 0, layers: int = 2) -> BertForSequenceClassification:
-    """A random BERT classifier (hidden 32, 2 heads, FFN 64, vocabulary 100, no dropout), the same for the same seed."""
+    """A random BERT classifier (hidden 32, 2 heads, FFN 64, vocabulary 100, no dropout), the same for the
+    same seed."""
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
     )
     return BertForSequenceClassification(config)
 
@@ -107,8 +121,10 @@ class Case:
     def __post_init__(self):
         if self.resolved_schedule.end + 2 > self.steps:
             raise ValueError(
-                f"steps={self.steps} ends too soon for schedule {self.schedule}: the checks need at least two optimizer "
-                f"steps after the schedule's end (step {self.resolved_schedule.end}); set steps to {self.resolved_schedule.end + 2} or more"
+                f"steps={self.steps} ends too soon for schedule {self.schedule}: the checks need at least "
+                "two optimizer "
+                f"steps after the schedule's end (step {self.resolved_schedule.end}); set steps to "
+                f"{self.resolved_schedule.end + 2} or more"
             )
 
     @property
@@ -117,14 +133,19 @@ class Case:
 
     @property
     def resume_points(self) -> dict[str, int]:
-        """Checkpoints the resume check restarts from: the middle of the schedule (state that still changes) and after its end."""
+        """Checkpoints the resume check restarts from: the middle of the schedule (state that still changes)
+        and after its end."""
         schedule = self.resolved_schedule
         return dict(zip(RESUME_POINTS, (max(1, (schedule.start + schedule.end) // 2), schedule.end + 1)))
 
     def recipe_data(self, **config_overrides: Any) -> dict:
         """The recipe as a mapping, as ``load_recipe`` reads it."""
-        entry = {"strategy": self.strategy, "targets": list(self.targets), "schedule": dict(self.schedule),
-                 "config": {**self.config, **config_overrides}}
+        entry = {
+            "strategy": self.strategy,
+            "targets": list(self.targets),
+            "schedule": dict(self.schedule),
+            "config": {**self.config, **config_overrides},
+        }
         return {"version": 1, "pruners": [entry]}
 
     def recipe(self, registry: Registry) -> Recipe:
@@ -134,13 +155,15 @@ class Case:
         except RecipeError as exc:
             raise AssertionError(
                 f"the conformance recipe for {self.strategy!r} does not load:\n{exc}\n"
-                "Fix `config` or `schedule` on the conformance class (or the strategy's Config, if the config is valid)."
+                "Fix `config` or `schedule` on the conformance class (or the strategy's Config, if the "
+                "config is valid)."
             ) from None
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What the strategy showed right after one optimizer step (``step`` counts from 0), copied so later steps cannot change it."""
+    """What the strategy showed right after one optimizer step (``step`` counts from 0), copied so later steps
+    cannot change it."""
 
     step: int
     metrics: Any
@@ -153,7 +176,8 @@ class StepRecord:
 
 @dataclass
 class Run:
-    """A stock Trainer run of a Case: the model, the engine, a record per optimizer step and the final weights and state."""
+    """A stock Trainer run of a Case: the model, the engine, a record per optimizer step and the final weights
+    and state."""
 
     case: Case
     registry: Registry
@@ -196,15 +220,17 @@ class _Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         strategy = self.callback.pruner.strategies[0]
         masking = isinstance(strategy, MaskingStrategy)
-        self.records.append(StepRecord(
-            step=state.global_step - 1,
-            metrics=snapshot(strategy.metrics()),
-            state=snapshot(strategy.state_dict()),
-            plan=snapshot(strategy.compaction_plan()),
-            masks_active=strategy.masks.active if masking else None,
-            masked_weights=_masked_weights(strategy) if masking else [],
-            masked_optimizer_state=_masked_optimizer_state(strategy, optimizer) if masking else [],
-        ))
+        self.records.append(
+            StepRecord(
+                step=state.global_step - 1,
+                metrics=snapshot(strategy.metrics()),
+                state=snapshot(strategy.state_dict()),
+                plan=snapshot(strategy.compaction_plan()),
+                masks_active=strategy.masks.active if masking else None,
+                masked_weights=_masked_weights(strategy) if masking else [],
+                masked_optimizer_state=_masked_optimizer_state(strategy, optimizer) if masking else [],
+            )
+        )
 
 
 def _masked_weights(strategy: MaskingStrategy) -> list[str]:
@@ -230,7 +256,8 @@ def _masked_optimizer_state(strategy: MaskingStrategy, optimizer: torch.optim.Op
 
 
 class _SaveAt(TrainerCallback):
-    """Has the Trainer write a full checkpoint (weights, optimizer, RNG, pruning state) after the given steps."""
+    """Has the Trainer write a full checkpoint (weights, optimizer, RNG, pruning state) after the given
+    steps."""
 
     def __init__(self, steps: list[int]):
         self.steps = steps
@@ -242,7 +269,8 @@ class _SaveAt(TrainerCallback):
 
 @contextmanager
 def one_thread():
-    """Matrices of width 32 train fastest on one thread, and equal thread counts keep runs bit-for-bit comparable."""
+    """Matrices of width 32 train fastest on one thread, and equal thread counts keep runs bit-for-bit
+    comparable."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -251,7 +279,9 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def train(case: Case, registry: Registry, output_dir: str | os.PathLike, resume_from: Path | None = None) -> Run:
+def train(
+    case: Case, registry: Registry, output_dir: str | os.PathLike, resume_from: Path | None = None
+) -> Run:
     """Train ``case.model_factory()`` for ``case.steps`` steps with a stock Trainer and a PruneCallback.
 
     A fresh run saves checkpoints at ``case.resume_points``; with ``resume_from`` the run
@@ -265,17 +295,32 @@ def train(case: Case, registry: Registry, output_dir: str | os.PathLike, resume_
     if resume_from is None:
         callbacks.append(_SaveAt(sorted(case.resume_points.values())))
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=case.steps, per_device_train_batch_size=8, learning_rate=1e-3,
-        # One log, at the end, with no NaN filter: its loss is the mean of every step's. Logging only then also keeps
-        # a metrics() value the Trainer cannot serialize out of the checkpoints, so check_metrics reports it instead.
-        logging_steps=case.steps, logging_nan_inf_filter=False,
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0, data_seed=0,
+        output_dir=str(output_dir),
+        max_steps=case.steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        # One log, at the end, with no NaN filter: its loss is the mean of every step's. Logging only then
+        # also keeps
+        # a metrics() value the Trainer cannot serialize out of the checkpoints, so check_metrics reports it
+        # instead.
+        logging_steps=case.steps,
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
     with one_thread():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return Run(
-        case=case, registry=registry, output_dir=output_dir, model=model, callback=callback,
+        case=case,
+        registry=registry,
+        output_dir=output_dir,
+        model=model,
+        callback=callback,
         loss=next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
         records=recorder.records,
         final_weights=snapshot(model.state_dict()),
@@ -297,42 +342,57 @@ def check_registered(case: Case, registry: Registry) -> StrategyInfo:
         info = registry.get(case.strategy)
     except PluginError as exc:
         raise AssertionError(
-            f"strategy {case.strategy!r} is not available through the {ENTRY_POINT_GROUP!r} entry points: {exc}\n"
-            f"Declare the plugin in pyproject.toml ([project.entry-points.{ENTRY_POINT_GROUP}] {case.strategy} = \"your_module\"), "
-            f"register the class in your module's @hookimpl hfprune_register_strategies, and install the package "
+            f"strategy {case.strategy!r} is not available through the {ENTRY_POINT_GROUP!r} entry points: "
+            f"{exc}\n"
+            f"Declare the plugin in pyproject.toml ([project.entry-points.{ENTRY_POINT_GROUP}] "
+            f'{case.strategy} = "your_module"), '
+            "register the class in your module's @hookimpl hfprune_register_strategies, and install the "
+            "package "
             "(pip install -e .) so its entry point exists."
         ) from None
     if case.distribution is not None and info.plugin.distribution != case.distribution:
         raise AssertionError(
-            f"strategy {case.strategy!r} comes from distribution {info.plugin.provenance} (plugin {info.plugin.name!r}), "
-            f"not {case.distribution!r}: another installed package registers that name, or these tests run against "
+            f"strategy {case.strategy!r} comes from distribution {info.plugin.provenance} (plugin "
+            f"{info.plugin.name!r}), "
+            f"not {case.distribution!r}: another installed package registers that name, or these tests run "
+            "against "
             "a different install than you think (pip show / hfprune plugins)."
         )
     if not info.description:
         raise AssertionError(
-            f"{info.cls.__name__} has no docstring: `hfprune plugins` shows its first line as the strategy's description. "
+            f"{info.cls.__name__} has no docstring: `hfprune plugins` shows its first line as the "
+            "strategy's description. "
             "Start the class with a one-line summary of the method."
         )
     return info
 
 
 def check_config_forbids_unknown_keys(case: Case, registry: Registry) -> None:
-    """The strategy's Config rejects a key it does not define, so a misspelt setting in a recipe is an error, not a default."""
+    """The strategy's Config rejects a key it does not define, so a misspelt setting in a recipe is an error,
+    not a default."""
     config_cls = registry.get(case.strategy).cls.Config
     if not (isinstance(config_cls, type) and issubclass(config_cls, StrategyConfig)):
         raise AssertionError(
-            f"{case.strategy!r}.Config is {config_cls!r}, not a hfprune.StrategyConfig subclass: derive it from "
-            "StrategyConfig, which forbids unknown keys, freezes the config and gives `hfprune check` planned_sparsity()."
+            f"{case.strategy!r}.Config is {config_cls!r}, not a hfprune.StrategyConfig subclass: derive it "
+            "from "
+            "StrategyConfig, which forbids unknown keys, freezes the config and gives `hfprune check` "
+            "planned_sparsity()."
         )
     case.recipe(registry)  # the config itself must be valid, or the error below would be about something else
     try:
         load_recipe(case.recipe_data(**{UNKNOWN_KEY: 1}), registry)
     except RecipeError as exc:
-        if any(p.key == f"pruners[0].config.{UNKNOWN_KEY}" and p.message == "unknown key" for p in exc.problems):
+        if any(
+            p.key == f"pruners[0].config.{UNKNOWN_KEY}" and p.message == "unknown key" for p in exc.problems
+        ):
             return
-        raise AssertionError(f"adding the unknown key {UNKNOWN_KEY!r} to a valid config gave another error than 'unknown key':\n{exc}") from None
+        raise AssertionError(
+            f"adding the unknown key {UNKNOWN_KEY!r} to a valid config gave another error than 'unknown "
+            f"key':\n{exc}"
+        ) from None
     raise AssertionError(
-        f"{config_cls.__name__} accepted the unknown key {UNKNOWN_KEY!r}: a misspelt setting in a recipe would be silently "
+        f"{config_cls.__name__} accepted the unknown key {UNKNOWN_KEY!r}: a misspelt setting in a recipe "
+        "would be silently "
         "ignored. Do not override StrategyConfig's model_config (it sets extra='forbid')."
     )
 
@@ -350,30 +410,40 @@ def check_attaches(case: Case, registry: Registry) -> EntryPlan:
     except RecipeError as exc:
         raise AssertionError(
             f"the recipe does not attach to {type(model).__name__}:\n{exc}\n"
-            "If the targets are wrong, set `targets` on the conformance class to modules of the model; if the message is a "
+            "If the targets are wrong, set `targets` on the conformance class to modules of the model; if "
+            "the message is a "
             "TargetError from your select_parameters, it must accept these modules or say precisely why not."
         ) from None
     named = model_view(model).parameters()
     for name, param in plan.parameters.items():
         if named.get(name) is not param:
             raise AssertionError(
-                f"select_parameters returned {name!r}, which is not the model's parameter of that name: return the model's own "
-                "parameters under their full names, as model.named_parameters() gives them (for a matched module called name: "
-                "{f\"{name}.weight\": module.weight})."
+                f"select_parameters returned {name!r}, which is not the model's parameter of that name: "
+                "return the model's own "
+                "parameters under their full names, as model.named_parameters() gives them (for a matched "
+                "module called name: "
+                '{f"{name}.weight": module.weight}).'
             )
     return plan
 
 
 def check_describes_what_it_acts_on(case: Case, registry: Registry) -> None:
-    """A strategy that selects no parameters (layer gates) says in ``describe()`` what it acts on: ``hfprune check`` prints it."""
+    """A strategy that selects no parameters (layer gates) says in ``describe()`` what it acts on: ``hfprune
+    check`` prints it."""
     plan = check_attaches(case, registry)
     if plan.parameters:
         return
     lines = plan.strategy.cls.describe(plan.modules, plan.config)
-    if not isinstance(lines, list) or not lines or not all(isinstance(line, str) and line.strip() for line in lines):
+    if (
+        not isinstance(lines, list)
+        or not lines
+        or not all(isinstance(line, str) and line.strip() for line in lines)
+    ):
         raise AssertionError(
-            f"{plan.strategy.cls.__name__} selects no parameters, so `hfprune check` shows only what describe() returns, "
-            f"and it returned {lines!r}: return a list of non-empty lines saying what the entry acts on (e.g. which layers)."
+            f"{plan.strategy.cls.__name__} selects no parameters, so `hfprune check` shows only what "
+            "describe() returns, "
+            f"and it returned {lines!r}: return a list of non-empty lines saying what the entry acts on "
+            "(e.g. which layers)."
         )
 
 
@@ -381,87 +451,126 @@ def check_describes_what_it_acts_on(case: Case, registry: Registry) -> None:
 
 
 def check_loss_finite(run: Run) -> None:
-    """Training goes on with a finite loss at every step and finite weights at the end: the strategy breaks nothing numerically."""
+    """Training goes on with a finite loss at every step and finite weights at the end: the strategy breaks
+    nothing numerically."""
     if not math.isfinite(run.loss):
         raise AssertionError(
-            f"the mean training loss over {run.case.steps} steps is {run.loss}: the strategy made weights or gradients "
+            f"the mean training loss over {run.case.steps} steps is {run.loss}: the strategy made weights "
+            "or gradients "
             "inf/NaN (look for divisions by norms or magnitudes that can be zero; clamp them)."
         )
-    broken = [name for name, value in run.final_weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    broken = [
+        name
+        for name, value in run.final_weights.items()
+        if value.is_floating_point() and not value.isfinite().all()
+    ]
     if broken:
-        raise AssertionError(f"after training these weights hold inf/NaN: {broken[:5]}: the strategy's last steps broke them.")
+        raise AssertionError(
+            f"after training these weights hold inf/NaN: {broken[:5]}: the strategy's last steps broke them."
+        )
 
 
 def check_masked_weights_stay_zero(run: Run) -> None:
-    """A MaskingStrategy's pruned weights are exactly zero after every optimizer step, whatever the optimizer did."""
+    """A MaskingStrategy's pruned weights are exactly zero after every optimizer step, whatever the optimizer
+    did."""
     if not isinstance(run.strategy, MaskingStrategy):
         return
     if not any(record.masks_active for record in run.records):
         raise AssertionError(
-            f"self.masks was never set in {run.case.steps} steps with schedule {run.case.schedule}: a MaskingStrategy installs "
-            "its masks with self.masks.set(masks, ctx.optimizer), usually in on_step_end on the schedule's update steps. "
+            f"self.masks was never set in {run.case.steps} steps with schedule {run.case.schedule}: a "
+            "MaskingStrategy installs "
+            "its masks with self.masks.set(masks, ctx.optimizer), usually in on_step_end on the schedule's "
+            "update steps. "
             "If yours start later, give the conformance class a `schedule` that acts within `steps`."
         )
     for record in run.records:
         if record.masked_weights:
             raise AssertionError(
-                f"after optimizer step {record.step}, {', '.join(record.masked_weights[:3])} are non-zero where the mask prunes them. "
-                "MaskingStrategy zeroes gradients in before_optimizer_step and weights in after_optimizer_step: if you "
-                "override either, call super() (or self.masks.apply_to_grads() / self.masks.apply_to_weights())."
+                f"after optimizer step {record.step}, {', '.join(record.masked_weights[:3])} are non-zero "
+                "where the mask prunes them. "
+                "MaskingStrategy zeroes gradients in before_optimizer_step and weights in "
+                "after_optimizer_step: if you "
+                "override either, call super() (or self.masks.apply_to_grads() / "
+                "self.masks.apply_to_weights())."
             )
 
 
 def check_masked_optimizer_state_stays_zero(run: Run) -> None:
-    """Where a mask prunes, the optimizer's per-weight state (momentum, Adam moments) is zero, so nothing can regrow a weight."""
+    """Where a mask prunes, the optimizer's per-weight state (momentum, Adam moments) is zero, so nothing can
+    regrow a weight."""
     if not isinstance(run.strategy, MaskingStrategy):
         return
     for record in run.records:
         if record.masked_optimizer_state:
             raise AssertionError(
-                f"after optimizer step {record.step}, the optimizer state {', '.join(record.masked_optimizer_state[:3])} is non-zero "
-                "where the mask prunes: install masks with self.masks.set(masks, ctx.optimizer), which zeroes that state, "
+                f"after optimizer step {record.step}, the optimizer state "
+                f"{', '.join(record.masked_optimizer_state[:3])} is non-zero "
+                "where the mask prunes: install masks with self.masks.set(masks, ctx.optimizer), which "
+                "zeroes that state, "
                 "not with optimizer None or by assigning self.masks.masks."
             )
 
 
 def check_reaches_planned_sparsity(run: Run) -> None:
-    """After the schedule's end the targets are as sparse as ``Config.planned_sparsity()`` told ``hfprune check``."""
+    """After the schedule's end the targets are as sparse as ``Config.planned_sparsity()`` told ``hfprune
+    check``."""
     planned = run.plan.config.planned_sparsity()
     if planned is None:
         return
     reached = run.final_sparsity[f"sparsity/{run.plan.label}"]
     if abs(reached - planned) > 0.01:
         raise AssertionError(
-            f"{type(run.plan.config).__name__}.planned_sparsity() is {planned:.3f}, which `hfprune check` promises, but "
-            f"{run.case.steps - run.case.resolved_schedule.end} steps after the schedule's end the targets are {reached:.3f} zeros: make "
-            "the strategy reach it, or planned_sparsity() return what it reaches (None when it cannot be known up front)."
+            f"{type(run.plan.config).__name__}.planned_sparsity() is {planned:.3f}, which `hfprune check` "
+            "promises, but "
+            f"{run.case.steps - run.case.resolved_schedule.end} steps after the schedule's end the targets "
+            f"are {reached:.3f} zeros: make "
+            "the strategy reach it, or planned_sparsity() return what it reaches (None when it cannot be "
+            "known up front)."
         )
 
 
 def check_metrics(run: Run) -> None:
-    """``metrics()`` returns ``{str: float}`` at every step: the Trainer logs and serializes them as they are."""
+    """``metrics()`` returns ``{str: float}`` at every step: the Trainer logs and serializes them as they
+    are."""
     for record in run.records:
         if not isinstance(record.metrics, dict):
-            raise AssertionError(f"metrics() after step {record.step} returned a {type(record.metrics).__name__}: return a dict, {{}} when there is nothing to log")
-        bad = [(key, value) for key, value in record.metrics.items() if not isinstance(key, str) or not isinstance(value, float)]
+            raise AssertionError(
+                f"metrics() after step {record.step} returned a {type(record.metrics).__name__}: return a "
+                f"dict, {{}} when there is nothing to log"
+            )
+        bad = [
+            (key, value)
+            for key, value in record.metrics.items()
+            if not isinstance(key, str) or not isinstance(value, float)
+        ]
         if bad:
             raise AssertionError(
-                f"metrics() after step {record.step} has {_describe_items(bad)}: keys are str names and values Python floats "
+                f"metrics() after step {record.step} has {_describe_items(bad)}: keys are str names and "
+                "values Python floats "
                 "(float(...) of a tensor or an int)."
             )
 
 
 def check_state_dict(run: Run) -> None:
-    """``state_dict()`` has flat str keys and tensor or JSON values at every step: the checkpoint file stores exactly that."""
+    """``state_dict()`` has flat str keys and tensor or JSON values at every step: the checkpoint file stores
+    exactly that."""
     for record in run.records:
         state = record.state
         if not isinstance(state, dict):
-            raise AssertionError(f"state_dict() after step {record.step} returned a {type(state).__name__}, not a dict")
-        bad = [(key, value) for key, value in state.items() if not isinstance(key, str) or not _tensor_or_json(value)]
+            raise AssertionError(
+                f"state_dict() after step {record.step} returned a {type(state).__name__}, not a dict"
+            )
+        bad = [
+            (key, value)
+            for key, value in state.items()
+            if not isinstance(key, str) or not _tensor_or_json(value)
+        ]
         if bad:
             raise AssertionError(
-                f"state_dict() after step {record.step} has {_describe_items(bad)}: keys are str and each value is a tensor "
-                "(saved in the safetensors body) or a JSON value (int, float, str, bool, None, or lists and dicts of them, "
+                f"state_dict() after step {record.step} has {_describe_items(bad)}: keys are str and each "
+                "value is a tensor "
+                "(saved in the safetensors body) or a JSON value (int, float, str, bool, None, or lists and "
+                "dicts of them, "
                 "with no tensor inside)."
             )
 
@@ -481,7 +590,8 @@ def _describe_items(items: list[tuple]) -> str:
 
 
 def check_resume_is_exact(run: Run, where: str, output_dir: str | os.PathLike) -> None:
-    """Restarting the Trainer from the run's checkpoint at ``run.case.resume_points[where]`` ends exactly as the run did.
+    """Restarting the Trainer from the run's checkpoint at ``run.case.resume_points[where]`` ends exactly as
+    the run did.
 
     Same weights, same strategy state and same metrics, bit for bit: everything the
     strategy needs to continue must be in ``state_dict()`` and restored by ``load_state_dict()``.
@@ -489,7 +599,10 @@ def check_resume_is_exact(run: Run, where: str, output_dir: str | os.PathLike) -
     step = run.case.resume_points[where]
     checkpoint = run.output_dir / f"checkpoint-{step}"
     if not (checkpoint / STATE_FILE).is_file():
-        raise AssertionError(f"the run wrote no {STATE_FILE} in {checkpoint}: PruneCallback.on_save did not save the pruning state")
+        raise AssertionError(
+            f"the run wrote no {STATE_FILE} in {checkpoint}: PruneCallback.on_save did not save the pruning "
+            "state"
+        )
     resumed = train(run.case, run.registry, output_dir, resume_from=checkpoint)
     problems = []
     for what, expected, actual in (
@@ -502,32 +615,48 @@ def check_resume_is_exact(run: Run, where: str, output_dir: str | os.PathLike) -
             problems.append(f"{what} {differing[:5]}")
     if problems:
         raise AssertionError(
-            f"resuming from the checkpoint after step {step} ({where}) does not end as the uninterrupted run did: "
-            f"{'; '.join(problems)} differ. Everything the strategy needs to go on exactly (masks, coefficients, counters, "
-            "anything computed at an earlier step and read later) belongs in state_dict(), and load_state_dict() must restore it."
+            f"resuming from the checkpoint after step {step} ({where}) does not end as the uninterrupted "
+            "run did: "
+            f"{'; '.join(problems)} differ. Everything the strategy needs to go on exactly (masks, "
+            "coefficients, counters, "
+            "anything computed at an earlier step and read later) belongs in state_dict(), and "
+            "load_state_dict() must restore it."
         )
 
 
 def _differing_keys(expected: dict, actual: dict) -> list[str]:
-    return sorted(str(key) for key in expected.keys() | actual.keys()
-                  if key not in expected or key not in actual or not _same(expected[key], actual[key]))
+    return sorted(
+        str(key)
+        for key in expected.keys() | actual.keys()
+        if key not in expected or key not in actual or not _same(expected[key], actual[key])
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
     return a == b
 
 
 def check_compaction_plan_fits_the_model(run: Run) -> None:
-    """``compaction_plan()`` is None or bool keep-masks named and shaped like parameters (or one bool per layer of a stack)."""
+    """``compaction_plan()`` is None or bool keep-masks named and shaped like parameters (or one bool per
+    layer of a stack)."""
     view = model_view(run.model)  # the user's names, also in a model peft wrapped
     parameters, modules = view.parameters(), view.modules
     for record in run.records:
         if record.plan is None:
             continue
         if not isinstance(record.plan, dict):
-            raise AssertionError(f"compaction_plan() after step {record.step} returned a {type(record.plan).__name__}: return None or a dict")
+            raise AssertionError(
+                f"compaction_plan() after step {record.step} returned a {type(record.plan).__name__}: "
+                "return None or a dict"
+            )
         for name, mask in record.plan.items():
             if name in parameters:
                 expected = tuple(parameters[name].shape)
@@ -535,32 +664,42 @@ def check_compaction_plan_fits_the_model(run: Run) -> None:
                 expected = (len(modules[name]),)
             else:
                 raise AssertionError(
-                    f"compaction_plan() after step {record.step} names {name!r}, which is neither a parameter of the model nor a "
-                    "layer stack (nn.ModuleList): use full names as model.named_parameters() / named_modules() give them."
+                    f"compaction_plan() after step {record.step} names {name!r}, which is neither a "
+                    "parameter of the model nor a "
+                    "layer stack (nn.ModuleList): use full names as model.named_parameters() / "
+                    "named_modules() give them."
                 )
             if not (torch.is_tensor(mask) and mask.dtype == torch.bool and tuple(mask.shape) == expected):
-                found = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+                found = (
+                    f"{mask.dtype} tensor of shape {tuple(mask.shape)}"
+                    if torch.is_tensor(mask)
+                    else type(mask).__name__
+                )
                 raise AssertionError(
-                    f"compaction_plan()[{name!r}] after step {record.step} is a {found}: it must be a bool tensor of shape "
+                    f"compaction_plan()[{name!r}] after step {record.step} is a {found}: it must be a bool "
+                    "tensor of shape "
                     f"{expected} (True = keep; one per layer for a stack)."
                 )
 
 
 def check_compaction_plan_is_fixed(run: Run) -> None:
-    """Once ``compaction_plan()`` returns a plan, it never changes: compaction may happen at any later moment."""
+    """Once ``compaction_plan()`` returns a plan, it never changes: compaction may happen at any later
+    moment."""
     first = next((record for record in run.records if record.plan is not None), None)
     if first is None:
         return
-    for record in run.records[run.records.index(first) + 1:]:
+    for record in run.records[run.records.index(first) + 1 :]:
         if record.plan is None or _differing_keys(first.plan, record.plan):
             raise AssertionError(
-                f"compaction_plan() after step {record.step} differs from the one after step {first.step}: return None while "
+                f"compaction_plan() after step {record.step} differs from the one after step {first.step}: "
+                "return None while "
                 "the pattern can still change, and a plan only once it is fixed for good."
             )
 
 
 def check_close_restores_the_model(run: Run) -> None:
-    """After ``close()`` the trained model computes what a model the strategy never touched computes with the same weights.
+    """After ``close()`` the trained model computes what a model the strategy never touched computes with the
+    same weights.
 
     The engine closes a strategy before it replaces it (a second ``train()``); hooks left
     behind would act twice, or on a model the user has since taken elsewhere. This closes
@@ -570,34 +709,59 @@ def check_close_restores_the_model(run: Run) -> None:
     """
     run.strategy.close()
     fresh = run.case.model_factory()
-    keep_sparse(fresh, [name for name, layer in lora_layers(run.model).items() if any(isinstance(v, SparseLora) for v in layer.lora_variant.values())])
+    keep_sparse(
+        fresh,
+        [
+            name
+            for name, layer in lora_layers(run.model).items()
+            if any(isinstance(v, SparseLora) for v in layer.lora_variant.values())
+        ],
+    )
     try:
         fresh.load_state_dict(run.model.state_dict())
     except RuntimeError as exc:
         raise AssertionError(
             f"after close(), the model's parameters and buffers are not those of a fresh model: {exc}\n"
-            "A strategy must not register parameters or buffers on the model; keep its own tensors on the strategy."
+            "A strategy must not register parameters or buffers on the model; keep its own tensors on the "
+            "strategy."
         ) from None
-    leftover = [name for name, module in run.model.named_modules() if _hook_count(module) != _hook_count(fresh.get_submodule(name))]
+    leftover = [
+        name
+        for name, module in run.model.named_modules()
+        if _hook_count(module) != _hook_count(fresh.get_submodule(name))
+    ]
     if leftover:
         raise AssertionError(
-            f"after close(), modules {leftover[:5]} still have hooks a fresh model does not: keep every handle "
+            f"after close(), modules {leftover[:5]} still have hooks a fresh model does not: keep every "
+            "handle "
             "register_forward_hook / register_forward_pre_hook returns, and call handle.remove() in close()."
         )
     run.model.eval()
     fresh.eval()
     batch = probe_batch(fresh)
     with torch.no_grad():
-        ours, theirs = run.model(**batch, output_hidden_states=True), fresh(**batch, output_hidden_states=True)
-    if not (torch.equal(ours.logits, theirs.logits) and all(map(torch.equal, ours.hidden_states, theirs.hidden_states))):
+        ours, theirs = (
+            run.model(**batch, output_hidden_states=True),
+            fresh(**batch, output_hidden_states=True),
+        )
+    if not (
+        torch.equal(ours.logits, theirs.logits)
+        and all(map(torch.equal, ours.hidden_states, theirs.hidden_states))
+    ):
         raise AssertionError(
-            "after close(), the model's outputs differ from a fresh model's with the same weights: close() must undo "
+            "after close(), the model's outputs differ from a fresh model's with the same weights: close() "
+            "must undo "
             "everything the constructor did to the model (hooks, patched attributes or forward methods)."
         )
 
 
 def _hook_count(module: nn.Module) -> int:
-    return len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks) + len(module._backward_pre_hooks)
+    return (
+        len(module._forward_hooks)
+        + len(module._forward_pre_hooks)
+        + len(module._backward_hooks)
+        + len(module._backward_pre_hooks)
+    )
 
 
 # --- the pytest class ---------------------------------------------------------------------------
@@ -628,8 +792,19 @@ class StrategyConformance:
     @classmethod
     def conformance_case(cls) -> Case:
         if not getattr(cls, "strategy", None):
-            pytest.fail(f"{cls.__name__}: set `strategy = \"name\"`, the name a recipe uses for your strategy", pytrace=False)
-        return Case(cls.strategy, dict(cls.config), tuple(cls.targets), dict(cls.schedule), cls.distribution, cls.steps, cls.model_factory)
+            pytest.fail(
+                f'{cls.__name__}: set `strategy = "name"`, the name a recipe uses for your strategy',
+                pytrace=False,
+            )
+        return Case(
+            cls.strategy,
+            dict(cls.config),
+            tuple(cls.targets),
+            dict(cls.schedule),
+            cls.distribution,
+            cls.steps,
+            cls.model_factory,
+        )
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -640,7 +815,9 @@ class StrategyConformance:
     @pytest.fixture(scope="class")
     @classmethod
     def conformance_run(cls, conformance_case, conformance_registry, tmp_path_factory) -> Run:
-        check_attaches(conformance_case, conformance_registry)  # a bad recipe fails with the clear message, not inside the Trainer
+        check_attaches(
+            conformance_case, conformance_registry
+        )  # a bad recipe fails with the clear message, not inside the Trainer
         return train(conformance_case, conformance_registry, tmp_path_factory.mktemp("conformance"))
 
     def test_found_through_entry_points(self, conformance_case, conformance_registry):
@@ -654,7 +831,10 @@ class StrategyConformance:
 
     def test_describes_what_it_acts_on(self, conformance_case, conformance_registry):
         if check_attaches(conformance_case, conformance_registry).parameters:
-            pytest.skip("selects parameters, which `hfprune check` lists itself; describe() is for strategies that select none")
+            pytest.skip(
+                "selects parameters, which `hfprune check` lists itself; describe() is for strategies that "
+                "select none"
+            )
         check_describes_what_it_acts_on(conformance_case, conformance_registry)
 
     def test_trains_with_finite_loss(self, conformance_run):

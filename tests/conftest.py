@@ -26,22 +26,48 @@ from hfprune.testing import VOCAB, TokenDataset, tiny_bert  # the kit plugins us
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
 def tiny_roberta(seed: int = 0) -> RobertaForSequenceClassification:
     torch.manual_seed(seed)
     config = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
+        pad_token_id=1,
     )
     return RobertaForSequenceClassification(config)
 
 
 def tiny_distilbert(seed: int = 0) -> DistilBertForSequenceClassification:
     torch.manual_seed(seed)
-    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0, max_position_embeddings=64)
+    config = DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_position_embeddings=64,
+    )
     return DistilBertForSequenceClassification(config)
 
 
@@ -49,13 +75,24 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Grouped-query attention: 4 query heads share 2 key/value heads."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config)
 
 
-TINY_MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+TINY_MODELS = {
+    "bert": tiny_bert,
+    "roberta": tiny_roberta,
+    "distilbert": tiny_distilbert,
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+}
 
 
 BERT_FFN_RECIPE = r"""
@@ -95,8 +132,17 @@ def training_args(output_dir, **overrides):
     from transformers import TrainingArguments
 
     settings = dict(
-        output_dir=str(output_dir), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-3,
-        logging_steps=4, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0, data_seed=0,
+        output_dir=str(output_dir),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=4,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
     )
     settings.update(overrides)
     return TrainingArguments(**settings)
@@ -105,7 +151,12 @@ def training_args(output_dir, **overrides):
 def make_trainer(output_dir, model, callbacks, dataset=None, **overrides):
     from transformers import Trainer
 
-    return Trainer(model=model, args=training_args(output_dir, **overrides), train_dataset=dataset or TokenDataset(), callbacks=list(callbacks))
+    return Trainer(
+        model=model,
+        args=training_args(output_dir, **overrides),
+        train_dataset=dataset or TokenDataset(),
+        callbacks=list(callbacks),
+    )
 
 
 class StopAt(TrainerCallback):
@@ -121,4 +172,9 @@ class StopAt(TrainerCallback):
 
 def ffn_weights(model) -> dict[str, torch.Tensor]:
     """The FFN matrices BERT_FFN_RECIPE targets, by name."""
-    return {n: p for n, p in model.named_parameters() if n.endswith("dense.weight") and ("intermediate" in n or ".output.dense" in n and "attention" not in n)}
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if n.endswith("dense.weight")
+        and ("intermediate" in n or ".output.dense" in n and "attention" not in n)
+    }

@@ -1,10 +1,12 @@
-"""Train tiny BERTs with every built-in strategy under a stock Trainer, as ``accelerate launch`` runs it; used by test_distributed.py.
+"""Train tiny BERTs with every built-in strategy under a stock Trainer, as ``accelerate launch`` runs it; used
+by test_distributed.py.
 
 Each process writes what it ended with (weights, strategy state, pruning-state saves it
 made) to ``OUTPUT/<case>/rank<r>.safetensors``, so the test can compare ranks bit for bit and
 runs with one another. Run with plain ``python`` for the single-process reference.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/ddp_train.py OUTPUT [--per-device-batch 8] [--resume]
+    accelerate launch --multi_gpu --num_processes 2 tests/ddp_train.py OUTPUT [--per-device-batch 8]
+    [--resume]
 """
 
 from __future__ import annotations
@@ -41,9 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
     parser.add_argument("--per-device-batch", type=int, default=8)
-    parser.add_argument("--resume", type=Path, help="an earlier run's OUTPUT: resume every case from its checkpoint-3")
+    parser.add_argument(
+        "--resume", type=Path, help="an earlier run's OUTPUT: resume every case from its checkpoint-3"
+    )
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--bad-target-on-rank", type=int, help="this rank's recipe names a module the model lacks")
+    parser.add_argument(
+        "--bad-target-on-rank", type=int, help="this rank's recipe names a module the model lacks"
+    )
     return parser.parse_args(argv)
 
 
@@ -59,9 +65,18 @@ def recipe(name: str, bad_target: bool) -> dict:
 def train(name: str, args: argparse.Namespace) -> None:
     output = args.output / name
     training = TrainingArguments(
-        output_dir=str(output), max_steps=STEPS, per_device_train_batch_size=args.per_device_batch, learning_rate=1e-3,
-        save_strategy="steps", save_steps=SAVE_EVERY, logging_steps=STEPS, report_to="none", disable_tqdm=True,
-        use_cpu=True, seed=0, data_seed=0,
+        output_dir=str(output),
+        max_steps=STEPS,
+        per_device_train_batch_size=args.per_device_batch,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=SAVE_EVERY,
+        logging_steps=STEPS,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
     )
     rank = training.process_index
     resume = args.resume / name / "checkpoint-3" if args.resume else None
@@ -87,8 +102,11 @@ def _count_saves(callback: PruneCallback) -> list[str]:
     return saved
 
 
-def write_result(path: Path, weights: dict[str, torch.Tensor], pruner: Pruner, saves: list[str], **values) -> None:
-    """Weights, the first entry's strategy state and plain values (``values`` added), for test_distributed.py to compare."""
+def write_result(
+    path: Path, weights: dict[str, torch.Tensor], pruner: Pruner, saves: list[str], **values
+) -> None:
+    """Weights, the first entry's strategy state and plain values (``values`` added), for test_distributed.py
+    to compare."""
     state = pruner.state_dict()
     tensors = {f"weight/{k}": v.detach().contiguous() for k, v in weights.items()}
     for key, value in state["entries"][0].items():
@@ -110,7 +128,8 @@ def main(argv=None) -> int:
 
 
 def leave_process_group() -> None:
-    """Wait for every process, then close the group: a process that exits while another still talks to it can abort gloo."""
+    """Wait for every process, then close the group: a process that exits while another still talks to it can
+    abort gloo."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

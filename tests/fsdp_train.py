@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,13 +45,16 @@ STRUCTURED = ("block-lasso-heads", "block-lasso-neurons", "layer-lasso")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--resume", type=Path, help="an earlier run's OUTPUT: resume every case from its checkpoint-3")
+    parser.add_argument(
+        "--resume", type=Path, help="an earlier run's OUTPUT: resume every case from its checkpoint-3"
+    )
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     return parser.parse_args(argv)
 
 
 def sharded_model(world: int) -> torch.nn.Module:
-    """tiny_bert with every layer and the rest of the model split by rows over the processes (FSDP2), or whole alone."""
+    """tiny_bert with every layer and the rest of the model split by rows over the processes (FSDP2), or whole
+    alone."""
     model = tiny_bert()
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -62,7 +70,10 @@ def sharded_model(world: int) -> torch.nn.Module:
 def batch(dataset: TokenDataset, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
     share = GLOBAL_BATCH // world
     items = [dataset[step * GLOBAL_BATCH + rank * share + i] for i in range(share)]
-    return {"input_ids": torch.stack([item["input_ids"] for item in items]), "labels": torch.tensor([item["labels"] for item in items])}
+    return {
+        "input_ids": torch.stack([item["input_ids"] for item in items]),
+        "labels": torch.tensor([item["labels"] for item in items]),
+    }
 
 
 def train(name: str, args: argparse.Namespace, rank: int, world: int) -> None:
@@ -71,7 +82,9 @@ def train(name: str, args: argparse.Namespace, rank: int, world: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     pruner = Pruner(recipe(name, bad_target=False))
     plans = pruner.attach(model)
-    assert world == 1 or all(isinstance(p, DTensor) for plan in plans for p in plan.parameters.values()), "not sharded"
+    assert world == 1 or all(isinstance(p, DTensor) for plan in plans for p in plan.parameters.values()), (
+        "not sharded"
+    )
     pruner.start(STEPS)
     stepper = PruneOptimizer(optimizer, pruner)
     if args.resume:
@@ -80,7 +93,9 @@ def train(name: str, args: argparse.Namespace, rank: int, world: int) -> None:
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=checkpoint)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        torch.set_rng_state(torch.load(checkpoint / f"rng{rank}.pt", weights_only=True))  # layer-wise dropout draws from it
+        torch.set_rng_state(
+            torch.load(checkpoint / f"rng{rank}.pt", weights_only=True)
+        )  # layer-wise dropout draws from it
         pruner.load(checkpoint)
     dataset = TokenDataset(size=STEPS * GLOBAL_BATCH)
     for step in range(pruner.step, STEPS):
@@ -93,11 +108,17 @@ def train(name: str, args: argparse.Namespace, rank: int, world: int) -> None:
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
             torch.save(torch.get_rng_state(), folder / f"rng{rank}.pt")
             pruner.save(folder, write=rank == 0)
-    values = pruner.metrics()  # collective under FSDP2 (zero counts, block norms), as the Trainer calls it on every process
+    values = (
+        pruner.metrics()
+    )  # collective under FSDP2 (zero counts, block norms), as the Trainer calls it on every process
     if name in STRUCTURED:
         compacted = pruner.compact(model)
         values["compacted_parameters"] = sum(p.numel() for p in compacted.parameters())
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if world > 1 else model.state_dict()
+    weights = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        if world > 1
+        else model.state_dict()
+    )
     output.mkdir(parents=True, exist_ok=True)
     write_result(output / f"rank{rank}.safetensors", weights, pruner, [], **values)
 

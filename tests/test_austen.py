@@ -36,7 +36,12 @@ def _sexp(value) -> bytes:
         return struct.pack(">2i", STR, len(value)) + b"".join(map(_char, value))
     if not value:
         return struct.pack(">2i", VEC, 0)
-    names = struct.pack(">2i", LIST | HAS_TAG, SYM) + _char("names") + _sexp(list(value)) + struct.pack(">i", NILVALUE)
+    names = (
+        struct.pack(">2i", LIST | HAS_TAG, SYM)
+        + _char("names")
+        + _sexp(list(value))
+        + struct.pack(">i", NILVALUE)
+    )
     return struct.pack(">2i", VEC | HAS_ATTRIBUTES, len(value)) + b"".join(map(_sexp, value.values())) + names
 
 
@@ -54,7 +59,8 @@ def serialize(value, version: int = 2) -> bytes:
 
 
 def pack(raw: bytes, kind: bytes | None) -> bytes:
-    """One ``.rdb`` record: the big-endian length, then zlib (kind None, compress=TRUE) or kind and payload."""
+    """One ``.rdb`` record: the big-endian length, then zlib (kind None, compress=TRUE) or kind and
+    payload."""
     size = struct.pack(">I", len(raw))
     if kind is None:
         return size + zlib.compress(raw)
@@ -69,7 +75,9 @@ def test_read_lazyload_reads_every_variable(kind):
     novels = {"emma": ["EMMA", "", "Café au lait, “quoted”."], "persuasion": ["Sir Walter Elliot"] * 3}
     first, second = pack(serialize(novels["emma"]), None), pack(serialize(novels["persuasion"]), kind)
     variables = {"emma": (0, len(first)), "persuasion": (len(first), len(second))}
-    index = gzip.compress(serialize({"variables": variables, "references": {}, "compressed": True}, version=3))
+    index = gzip.compress(
+        serialize({"variables": variables, "references": {}, "compressed": True}, version=3)
+    )
     records = read_lazyload(index, first + second)
     assert {name: [str(line) for line in lines] for name, lines in records.items()} == novels
 
@@ -79,7 +87,9 @@ def test_record_whose_length_disagrees_is_refused(kind):
     raw = serialize(["one line"])
     assert _record(pack(raw, kind)) == raw
     blob = struct.pack(">I", len(raw) + 1) + pack(raw, kind)[4:]
-    with pytest.raises(HfpruneError, match=rf"decompressed to {len(raw)} bytes, its header says {len(raw) + 1}"):
+    with pytest.raises(
+        HfpruneError, match=rf"decompressed to {len(raw)} bytes, its header says {len(raw) + 1}"
+    ):
         _record(blob)
 
 

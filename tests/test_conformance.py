@@ -1,4 +1,5 @@
-"""The conformance kit, hfprune.testing: every built-in strategy passes it, and each of its checks fails on a strategy that breaks its rule.
+"""The conformance kit, hfprune.testing: every built-in strategy passes it, and each of its checks fails on a
+strategy that breaks its rule.
 
 The built-ins are held to the contract a third-party plugin is; the broken strategies show
 that a check can fail, and that its message names the problem.
@@ -10,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hfprune_magnitude import MagnitudeConfig, MagnitudeStrategy
 from pydantic import ConfigDict
 
 from hfprune import Strategy, StrategyConfig, hookimpl
@@ -34,10 +34,13 @@ from hfprune.testing import (
     check_state_dict,
     train,
 )
+from hfprune_magnitude import MagnitudeConfig, MagnitudeStrategy
 
 
 class BuiltIn(StrategyConformance):
-    distribution = "hfprune"  # found through hfprune's own entry points, as a third-party plugin is through its
+    distribution = (
+        "hfprune"  # found through hfprune's own entry points, as a third-party plugin is through its
+    )
 
 
 class TestMagnitude(BuiltIn):
@@ -172,7 +175,11 @@ class FloatPlanStrategy(MagnitudeStrategy):
     """Offers float masks for compaction."""
 
     def compaction_plan(self):
-        return {name: keep.float() for name, keep in zip(self.masks.names, self.masks.keep())} if self.masks.active else None
+        return (
+            {name: keep.float() for name, keep in zip(self.masks.names, self.masks.keep())}
+            if self.masks.active
+            else None
+        )
 
 
 class EarlyPlanStrategy(MagnitudeStrategy):
@@ -200,11 +207,20 @@ class PatchingStrategy(MagnitudeStrategy):
 
 
 BROKEN = {
-    "lax-config": LaxConfigStrategy, "misnamed": MisnamedStrategy, "silent": SilentStrategy,
-    "unmasked-step": UnmaskedStepStrategy, "no-optimizer": NoOptimizerStrategy, "nan": NaNStrategy,
-    "overpromising": OverpromisingStrategy, "tensor-metrics": TensorMetricsStrategy, "nested-state": NestedStateStrategy,
-    "forgetful": ForgetfulStrategy, "float-plan": FloatPlanStrategy, "early-plan": EarlyPlanStrategy,
-    "sticky-hook": StickyHookStrategy, "patching": PatchingStrategy,
+    "lax-config": LaxConfigStrategy,
+    "misnamed": MisnamedStrategy,
+    "silent": SilentStrategy,
+    "unmasked-step": UnmaskedStepStrategy,
+    "no-optimizer": NoOptimizerStrategy,
+    "nan": NaNStrategy,
+    "overpromising": OverpromisingStrategy,
+    "tensor-metrics": TensorMetricsStrategy,
+    "nested-state": NestedStateStrategy,
+    "forgetful": ForgetfulStrategy,
+    "float-plan": FloatPlanStrategy,
+    "early-plan": EarlyPlanStrategy,
+    "sticky-hook": StickyHookStrategy,
+    "patching": PatchingStrategy,
 }
 MAGNITUDE_CONFIG = {"sparsity": 0.5}
 
@@ -222,9 +238,15 @@ def registry():
 
 
 def test_registration_check_names_what_is_missing_or_foreign(registry):
-    with pytest.raises(AssertionError, match=r"(?s)'magnitud' is not available .*did you mean 'magnitude'.*\[project\.entry-points\.hfprune\]"):
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)'magnitud' is not available .*did you mean "
+        r"'magnitude'.*\[project\.entry-points\.hfprune\]",
+    ):
         check_registered(Case("magnitud", MAGNITUDE_CONFIG), registry)
-    with pytest.raises(AssertionError, match="comes from distribution hfprune 0.2.0 .*not 'hfprune-magnitude'"):
+    with pytest.raises(
+        AssertionError, match="comes from distribution hfprune 0.2.0 .*not 'hfprune-magnitude'"
+    ):
         check_registered(Case("magnitude", MAGNITUDE_CONFIG, distribution="hfprune-magnitude"), registry)
 
 
@@ -234,12 +256,18 @@ def test_config_check_catches_a_config_that_ignores_unknown_keys(registry):
 
 
 def test_attach_check_catches_parameter_names_the_model_does_not_use(registry):
-    with pytest.raises(AssertionError, match="select_parameters returned 'intermediate.weight', which is not the model's parameter"):
+    with pytest.raises(
+        AssertionError,
+        match="select_parameters returned 'intermediate.weight', which is not the model's parameter",
+    ):
         check_attaches(Case("misnamed"), registry)
 
 
 def test_attach_check_shows_the_recipe_error(registry):
-    with pytest.raises(AssertionError, match="does not attach to BertForSequenceClassification:\n.*'no_such_module' matches no module"):
+    with pytest.raises(
+        AssertionError,
+        match="does not attach to BertForSequenceClassification:\n.*'no_such_module' matches no module",
+    ):
         check_attaches(Case("magnitude", MAGNITUDE_CONFIG, targets=("no_such_module",)), registry)
 
 
@@ -249,15 +277,35 @@ def test_describe_check_catches_a_strategy_that_selects_nothing_and_says_nothing
 
 
 CAUGHT_BY = {  # a broken strategy: the check that must fail on its run, and what it must say
-    "unmasked-step": (check_masked_weights_stay_zero, r"after optimizer step 3, \d+ weights of .* are non-zero where the mask prunes"),
-    "no-optimizer": (check_masked_optimizer_state_stays_zero, r"after optimizer step 2, the optimizer state 'exp_avg' of .*self\.masks\.set\(masks, ctx\.optimizer\)"),
+    "unmasked-step": (
+        check_masked_weights_stay_zero,
+        r"after optimizer step 3, \d+ weights of .* are non-zero where the mask prunes",
+    ),
+    "no-optimizer": (
+        check_masked_optimizer_state_stays_zero,
+        r"after optimizer step 2, the optimizer state 'exp_avg' of .*self\.masks\.set\(masks, "
+        r"ctx\.optimizer\)",
+    ),
     "nan": (check_loss_finite, r"the mean training loss over 8 steps is nan"),
-    "overpromising": (check_reaches_planned_sparsity, r"planned_sparsity\(\) is 0\.900.*the targets are 0\.500 zeros"),
+    "overpromising": (
+        check_reaches_planned_sparsity,
+        r"planned_sparsity\(\) is 0\.900.*the targets are 0\.500 zeros",
+    ),
     "tensor-metrics": (check_metrics, r"metrics\(\) after step 0 has 'kept': Tensor"),
     "nested-state": (check_state_dict, r"state_dict\(\) after step 0 has 'masks': dict"),
-    "float-plan": (check_compaction_plan_fits_the_model, r"compaction_plan\(\)\['bert\.encoder\.layer\.0\.intermediate\.dense\.weight'\] after step 0 is a torch\.float32 tensor"),
-    "early-plan": (check_compaction_plan_is_fixed, r"compaction_plan\(\) after step 2 differs from the one after step 0"),
-    "sticky-hook": (check_close_restores_the_model, r"modules \['bert\.encoder\.layer\.0\.intermediate\.dense'\] still have hooks"),
+    "float-plan": (
+        check_compaction_plan_fits_the_model,
+        r"compaction_plan\(\)\['bert\.encoder\.layer\.0\.intermediate\.dense\.weight'\] after step 0 is a "
+        r"torch\.float32 tensor",
+    ),
+    "early-plan": (
+        check_compaction_plan_is_fixed,
+        r"compaction_plan\(\) after step 2 differs from the one after step 0",
+    ),
+    "sticky-hook": (
+        check_close_restores_the_model,
+        r"modules \['bert\.encoder\.layer\.0\.intermediate\.dense'\] still have hooks",
+    ),
     "patching": (check_close_restores_the_model, r"outputs differ from a fresh model's"),
 }
 

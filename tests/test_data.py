@@ -48,7 +48,15 @@ def _deb_with(member: str, content: bytes) -> bytes:
     out = io.BytesIO()
     out.write(b"!<arch>\n")
     for name, payload in ((b"debian-binary", b"2.0\n"), (b"data.tar.xz", data.getvalue())):
-        out.write(name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8) + str(len(payload)).encode().ljust(10) + b"`\n")
+        out.write(
+            name.ljust(16)
+            + b"0".ljust(12)
+            + b"0".ljust(6)
+            + b"0".ljust(6)
+            + b"100644".ljust(8)
+            + str(len(payload)).encode().ljust(10)
+            + b"`\n"
+        )
         out.write(payload + b"\n" * (len(payload) % 2))
     return out.getvalue()
 

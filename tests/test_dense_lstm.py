@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from test_layer_lasso import settle_at
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -21,9 +22,13 @@ from hfprune.compaction.compact import compact_model
 from hfprune.errors import CompactionError
 from hfprune.testing import VOCAB, TokenDataset
 from hfprune_ldnet import DenseLSTMAdapter
-from hfprune_ldnet.dense_lstm import DenseLSTMConfig, DenseLSTMForLanguageModeling, DenseLSTMModel, reverse_padded
+from hfprune_ldnet.dense_lstm import (
+    DenseLSTMConfig,
+    DenseLSTMForLanguageModeling,
+    DenseLSTMModel,
+    reverse_padded,
+)
 from hfprune_ldnet.tagger import DenseLSTMForTokenClassification
-from test_layer_lasso import settle_at
 
 STACKS = ("dense_lstm.forward_stack.layers", "dense_lstm.backward_stack.layers")
 TASK_VOCAB = VOCAB + 20  # the tagger's words: the language model's, then 20 more
@@ -31,7 +36,9 @@ BOTH_STACKS = f"version: 1\npruners:\n  - strategy: layer-lasso\n    targets: [{
 
 
 def tiny_config(**overrides) -> DenseLSTMConfig:
-    settings = dict(vocab_size=VOCAB, embedding_size=8, hidden_size=6, num_layers=3, dropout=0.0, layer_dropout=0.0)
+    settings = dict(
+        vocab_size=VOCAB, embedding_size=8, hidden_size=6, num_layers=3, dropout=0.0, layer_dropout=0.0
+    )
     return DenseLSTMConfig(**{**settings, **overrides})
 
 
@@ -99,8 +106,17 @@ def test_saves_and_loads_through_the_auto_classes(tmp_path):
 def test_trains_with_the_stock_trainer(tmp_path):
     model = tiny_lm(dropout=0.1, layer_dropout=0.3).train()
     data = TokenDataset(size=64, causal_lm=True)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=16, learning_rate=1e-2,
-                             logging_steps=5, report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        logging_steps=5,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -112,8 +128,10 @@ def test_layer_lasso_gates_a_dense_stack(stack):
     model = tiny_lm()
     ids = torch.randint(1, VOCAB, (2, 6))
     before = model(ids).forward_log_probs
-    recipe = (f"version: 1\npruners:\n  - strategy: layer-lasso\n    targets: [dense_lstm.{stack}.layers]\n"
-              "    config: {keep: 1, stack: dense}\n")
+    recipe = (
+        f"version: 1\npruners:\n  - strategy: layer-lasso\n    targets: [dense_lstm.{stack}.layers]\n"
+        "    config: {keep: 1, stack: dense}\n"
+    )
     pruner = Pruner(recipe)
     pruner.attach(model)
     pruner.start(10)
@@ -131,16 +149,25 @@ def test_layer_lasso_gates_a_dense_stack(stack):
 
 def selecting(model, keep: int, **schedule) -> Pruner:
     window = ", ".join(f"{k}: {v}" for k, v in schedule.items())
-    pruner = Pruner(BOTH_STACKS + f"    schedule: {{{window}}}\n    config: {{keep: {keep}, stack: dense, train_layers: false}}\n")
+    pruner = Pruner(
+        BOTH_STACKS
+        + f"    schedule: {{{window}}}\n    config: {{keep: {keep}, stack: dense, train_layers: false}}\n"
+    )
     pruner.attach(model)
     pruner.start(10)
     return pruner
 
 
-@pytest.mark.parametrize("keep, kept", [
-    (2, [False, False, True, True, False, False]),  # both largest are backward: the forward stack keeps its own largest
-    (3, [False, False, True, True, True, False]),
-])
+@pytest.mark.parametrize(
+    "keep, kept",
+    [
+        (
+            2,
+            [False, False, True, True, False, False],
+        ),  # both largest are backward: the forward stack keeps its own largest
+        (3, [False, False, True, True, True, False]),
+    ],
+)
 def test_settling_keeps_exactly_keep_layers_and_one_per_direction(keep, kept):
     pruner = selecting(tiny_lm(), keep)
     settle_at(pruner, [0.1, 0.2, 0.3, 0.9, 0.8, 0.7])
@@ -156,7 +183,9 @@ def test_a_dense_gate_settled_up_from_zero_moves_its_output_by_the_gate_change()
     model(torch.randint(1, VOCAB, (2, 6)))  # the gated forward outputs are all zero here
     pruner.strategies[0].settle()
     assert pruner.strategies[0].settled == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    assert pruner.strategies[0].settle_shift == pytest.approx(1.0)  # gate 0 -> 1 and 1 -> 0: the whole output, no more
+    assert pruner.strategies[0].settle_shift == pytest.approx(
+        1.0
+    )  # gate 0 -> 1 and 1 -> 0: the whole output, no more
 
 
 # --- compaction --------------------------------------------------------------------------------
@@ -169,9 +198,14 @@ def test_compaction_deletes_layers_and_their_columns_in_later_layers_and_the_pro
     ids = torch.randint(1, VOCAB, (2, 6))
     gated = model(ids)
     small = pruner.compact(model)
-    assert [layer.lstm.input_size for layer in small.dense_lstm.forward_stack.layers] == [8, 8 + 6]  # layer 2 lost layer 1's columns
+    assert [layer.lstm.input_size for layer in small.dense_lstm.forward_stack.layers] == [
+        8,
+        8 + 6,
+    ]  # layer 2 lost layer 1's columns
     assert [layer.lstm.input_size for layer in small.dense_lstm.backward_stack.layers] == [8]
-    assert small.forward_projection.in_features == 8 + 2 * 6 and small.backward_projection.in_features == 8 + 6
+    assert (
+        small.forward_projection.in_features == 8 + 2 * 6 and small.backward_projection.in_features == 8 + 6
+    )
     assert (small.config.num_layers, small.config.num_backward_layers) == (2, 1)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     for direction in ("forward", "backward"):
@@ -180,7 +214,9 @@ def test_compaction_deletes_layers_and_their_columns_in_later_layers_and_the_pro
     small.save_pretrained(tmp_path)
     loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(ids).backward_log_probs, gated.backward_log_probs, rtol=0, atol=1e-4)
-    assert model.dense_lstm.forward_stack.layers[2].lstm.input_size == 20  # the model compacted is left as it was
+    assert (
+        model.dense_lstm.forward_stack.layers[2].lstm.input_size == 20
+    )  # the model compacted is left as it was
 
 
 def test_gates_between_zero_and_one_are_folded_into_the_weights_that_read_them():
@@ -198,12 +234,18 @@ def test_gates_between_zero_and_one_are_folded_into_the_weights_that_read_them()
 
 def test_compaction_refuses_what_it_cannot_do():
     with pytest.raises(CompactionError, match="compact the model with a head"):
-        compact_model(DenseLSTMModel(tiny_config()), {"forward_stack.layers": torch.tensor([True, False, True])}, [DenseLSTMAdapter()])
+        compact_model(
+            DenseLSTMModel(tiny_config()),
+            {"forward_stack.layers": torch.tensor([True, False, True])},
+            [DenseLSTMAdapter()],
+        )
     with pytest.raises(CompactionError, match="no dense stack named encoder.layer"):
         tiny_lm().delete_stack_layers({"encoder.layer": torch.tensor([True, False, True])})
     with pytest.raises(CompactionError, match="must keep one"):
         compact_model(tiny_lm(), {STACKS[0]: torch.tensor([False, False, False])}, [DenseLSTMAdapter()])
-    with pytest.raises(CompactionError, match="the model's config states None"):  # without its adapter, a dense stack is not residual
+    with pytest.raises(
+        CompactionError, match="the model's config states None"
+    ):  # without its adapter, a dense stack is not residual
         compact_model(tiny_lm(), {STACKS[0]: torch.tensor([True, False, True])}, [])
 
 
@@ -213,7 +255,9 @@ def test_flops_per_token_count_every_lstm_matrix_and_fall_with_the_layers():
     assert model.dense_lstm.flops_per_token() == 2 * sum(per_layer)
     pruner = selecting(model, keep=2)
     settle_at(pruner, [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
-    assert pruner.compact(model).dense_lstm.flops_per_token() == 2 * per_layer[0]  # a lone layer reads the embedding only
+    assert (
+        pruner.compact(model).dense_lstm.flops_per_token() == 2 * per_layer[0]
+    )  # a lone layer reads the embedding only
 
 
 # --- the tagger --------------------------------------------------------------------------------
@@ -221,18 +265,28 @@ def test_flops_per_token_count_every_lstm_matrix_and_fall_with_the_layers():
 
 def tiny_tagger() -> DenseLSTMForTokenClassification:
     torch.manual_seed(0)
-    config = tiny_config(task_vocab_size=TASK_VOCAB, num_labels=3, word_embedding_size=5, tagger_hidden_size=4, tagger_dropout=0.0)
+    config = tiny_config(
+        task_vocab_size=TASK_VOCAB,
+        num_labels=3,
+        word_embedding_size=5,
+        tagger_hidden_size=4,
+        tagger_dropout=0.0,
+    )
     return DenseLSTMForTokenClassification(config).eval()
 
 
 def test_a_tagger_loaded_from_a_language_model_keeps_its_weights_and_starts_its_own(tmp_path):
     lm = tiny_lm()
     lm.save_pretrained(tmp_path)
-    tagger = DenseLSTMForTokenClassification.from_pretrained(tmp_path, task_vocab_size=VOCAB + 5, num_labels=3)
+    tagger = DenseLSTMForTokenClassification.from_pretrained(
+        tmp_path, task_vocab_size=VOCAB + 5, num_labels=3
+    )
     language_model = dict(lm.dense_lstm.named_parameters())
     for name, parameter in tagger.dense_lstm.named_parameters():
         assert torch.equal(parameter, language_model[name]), name
-    assert tagger.lm_ids.tolist() == list(range(VOCAB)) + [1] * 5  # task words beyond the language model's read as <unk>
+    assert (
+        tagger.lm_ids.tolist() == list(range(VOCAB)) + [1] * 5
+    )  # task words beyond the language model's read as <unk>
     assert all(torch.isfinite(p).all() for p in tagger.parameters())
 
 
@@ -256,17 +310,32 @@ class TaggingDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index):
-        return {"input_ids": self.ids[index], "attention_mask": torch.ones(6, dtype=torch.long), "labels": self.ids[index] % 3}
+        return {
+            "input_ids": self.ids[index],
+            "attention_mask": torch.ones(6, dtype=torch.long),
+            "labels": self.ids[index] % 3,
+        }
 
 
 def test_the_tagger_selects_layers_over_a_frozen_language_model_with_the_stock_trainer(tmp_path):
     model = tiny_tagger().train()
     model.dense_lstm.requires_grad_(False)
     frozen = {name: p.clone() for name, p in model.dense_lstm.named_parameters()}
-    callback = PruneCallback(BOTH_STACKS + "    schedule: {start: 0.0, end: 0.5}\n"
-                             "    config: {keep: 2, stack: dense, train_layers: false, gate_lr: 0.1}\n")
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=16, learning_rate=1e-2,
-                             logging_steps=10, report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no")
+    callback = PruneCallback(
+        BOTH_STACKS + "    schedule: {start: 0.0, end: 0.5}\n"
+        "    config: {keep: 2, stack: dense, train_layers: false, gate_lr: 0.1}\n"
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=40,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        logging_steps=10,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=TaggingDataset(), callbacks=[callback])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -279,5 +348,7 @@ def test_the_tagger_selects_layers_over_a_frozen_language_model_with_the_stock_t
     torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
     small.save_pretrained(tmp_path / "small")
     loaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "small").eval()
-    assert type(loaded) is DenseLSTMForTokenClassification and len(loaded.dense_lstm.forward_stack.layers) == 1
+    assert (
+        type(loaded) is DenseLSTMForTokenClassification and len(loaded.dense_lstm.forward_stack.layers) == 1
+    )
     torch.testing.assert_close(loaded(ids).logits, small(ids).logits, rtol=0, atol=0)

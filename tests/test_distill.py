@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
 
-from conftest import BERT_FFN_RECIPE, VOCAB, StopAt, make_trainer, tiny_bert, tiny_gpt2
 from hfprune import PruneCallback, PruneOptimizer, Pruner, RecipeError
-from hfprune.model_hooks import strip_model_hooks
 from hfprune.distill import DistillationConfig, Distiller, logit_kl, match_layers
+from hfprune.model_hooks import strip_model_hooks
+
+from conftest import BERT_FFN_RECIPE, VOCAB, StopAt, make_trainer, tiny_bert, tiny_gpt2
 
 
 def distilled(student, teacher, **config) -> Distiller:
@@ -27,7 +28,7 @@ def batch(size: int = 4, length: int = 6, seed: int = 0) -> dict[str, torch.Tens
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (size, length), generator=generator)
     mask = torch.ones(size, length, dtype=torch.long)
-    mask[1, length // 2:] = 0
+    mask[1, length // 2 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -44,7 +45,9 @@ def test_logit_kl_is_the_temperature_scaled_kl_averaged_over_marked_positions():
     per_row = [kl_by_hand(s, t, 2.0) for s, t in zip(student, teacher)]
     assert logit_kl(student, teacher, 2.0).item() == pytest.approx(sum(per_row).item() / 3, rel=1e-6)
     mask = torch.tensor([1, 0, 1])
-    assert logit_kl(student, teacher, 2.0, mask).item() == pytest.approx((per_row[0] + per_row[2]).item() / 2, rel=1e-6)
+    assert logit_kl(student, teacher, 2.0, mask).item() == pytest.approx(
+        (per_row[0] + per_row[2]).item() / 2, rel=1e-6
+    )
 
 
 def test_sequence_classification_loss_is_the_formula():
@@ -86,8 +89,17 @@ def test_eval_mode_and_no_grad_leave_the_output_alone():
 
 
 def test_token_classification_averages_over_real_tokens_including_unlabelled_ones():
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     student = BertForTokenClassification(config).train()
     torch.manual_seed(1)
@@ -118,8 +130,10 @@ def test_causal_lm_compares_the_shifted_positions():
 
 
 def test_micro_batches_weighted_by_their_share_add_up_to_the_whole_batch():
-    """Under gradient accumulation the Trainer passes ``num_items_in_batch`` and expects a loss normalized by it (as a
-    causal LM's is); the distillation terms then follow the same contract, so micro-batches add up to the whole."""
+    """Under gradient accumulation the Trainer passes ``num_items_in_batch`` and expects a loss normalized by
+    it (as a
+    causal LM's is); the distillation terms then follow the same contract, so micro-batches add up to the
+    whole."""
     student, teacher = tiny_gpt2(seed=0).train(), tiny_gpt2(seed=1)
     distilled(student, teacher, logit_weight=0.6)
     inputs = batch(size=6, length=8)
@@ -132,8 +146,10 @@ def test_micro_batches_weighted_by_their_share_add_up_to_the_whole_batch():
 
 
 def test_hidden_states_are_matched_past_a_deleted_layer():
-    """The teacher's layer 2 is the identity (gated off); the student is the teacher without it. Dynamic matching pairs
-    each teacher layer with the student layer computing the same thing, so the hidden term is exactly 0; a fixed map
+    """The teacher's layer 2 is the identity (gated off); the student is the teacher without it. Dynamic
+    matching pairs
+    each teacher layer with the student layer computing the same thing, so the hidden term is exactly 0; a
+    fixed map
     pairs the wrong layers."""
     teacher = tiny_bert(layers=4).train()
     teacher.bert.encoder.layer[1].register_forward_hook(lambda module, args, output: args[0])
@@ -142,8 +158,16 @@ def test_hidden_states_are_matched_past_a_deleted_layer():
     student.config.num_hidden_layers = 3
     inputs = batch() | {"labels": torch.tensor([0, 1, 1, 0])}
     with torch.no_grad():
-        s, t = student(**batch(), output_hidden_states=True), teacher.eval()(**batch(), output_hidden_states=True)
-    assert match_layers(s.hidden_states, t.hidden_states, [1, 2, 3, 4], batch()["attention_mask"]) == [1, 1, 2, 3]
+        s, t = (
+            student(**batch(), output_hidden_states=True),
+            teacher.eval()(**batch(), output_hidden_states=True),
+        )
+    assert match_layers(s.hidden_states, t.hidden_states, [1, 2, 3, 4], batch()["attention_mask"]) == [
+        1,
+        1,
+        2,
+        3,
+    ]
 
     dynamic = distilled(student, teacher, logit_weight=0.0, hidden_weight=1.0)
     student(**inputs)
@@ -151,7 +175,9 @@ def test_hidden_states_are_matched_past_a_deleted_layer():
     dynamic.close()
     fixed = distilled(student, teacher, logit_weight=0.0, hidden_weight=1.0, layers=[1, 2, 3], match="fixed")
     student(**inputs)
-    assert fixed.last.hidden.item() > 1e-5  # random tiny layers change the hidden states little, but not nothing
+    assert (
+        fixed.last.hidden.item() > 1e-5
+    )  # random tiny layers change the hidden states little, but not nothing
 
 
 def test_the_hidden_term_trains_the_student_toward_the_teacher():
@@ -182,7 +208,8 @@ def test_layers_count_from_one_and_increase(layers):
         DistillationConfig(layers=layers)
 
 
-# --- through the engine: recipe section, Trainer callback, optimizer wrapper, resume ------------------------------
+# --- through the engine: recipe section, Trainer callback, optimizer wrapper, resume
+# ------------------------------
 
 DISTILLED_RECIPE = BERT_FFN_RECIPE + "distillation: {temperature: 2.0, logit_weight: 0.8}\n"
 
@@ -195,12 +222,16 @@ def test_the_trainer_callback_trains_on_the_mixed_loss_and_saves_no_teacher(tmp_
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "distill_kl" in entry]
     assert logged and all(entry["distill_kl"] >= 0 for entry in logged)
-    assert all(torch.equal(before[name], p) for name, p in teacher.state_dict().items())  # the teacher never trains
+    assert all(
+        torch.equal(before[name], p) for name, p in teacher.state_dict().items()
+    )  # the teacher never trains
     assert not teacher.training
     saved = load_file(tmp_path / "checkpoint-6" / "model.safetensors")
     assert len(saved) == len(tiny_bert().state_dict())  # the student's weights only
     copied = copy.deepcopy(trainer.model)
-    assert strip_model_hooks(copied) == 1 and not copied._forward_hooks  # compaction's copy drops the teacher's hook
+    assert (
+        strip_model_hooks(copied) == 1 and not copied._forward_hooks
+    )  # compaction's copy drops the teacher's hook
 
 
 def test_a_recipe_names_its_teacher_by_folder(tmp_path):
@@ -219,7 +250,10 @@ def test_a_teacher_that_cannot_teach_the_student_is_refused_before_training(tmp_
     config.num_labels = 3
     BertForSequenceClassification(config).save_pretrained(tmp_path / "three-labels")
     text = BERT_FFN_RECIPE + f"distillation:\n  teacher: {tmp_path / 'three-labels'}\n"
-    with pytest.raises(RecipeError, match=r"distillation.teacher: the teacher cannot teach this model: .*3 labels, the student 2") as caught:
+    with pytest.raises(
+        RecipeError,
+        match=r"distillation.teacher: the teacher cannot teach this model: .*3 labels, the student 2",
+    ) as caught:
         Pruner(text).attach(tiny_bert())
     assert caught.value.line == BERT_FFN_RECIPE.count("\n") + 2
     with pytest.raises(RecipeError, match="vocabulary has 101 tokens, the student's 100"):
@@ -253,7 +287,9 @@ def test_an_interrupted_run_with_a_teacher_resumes_exactly(tmp_path):
     def run(output_dir, *extra, resume=None):
         model = tiny_bert()
         callback = PruneCallback(DISTILLED_RECIPE, teacher=tiny_bert(seed=1))
-        trainer = make_trainer(output_dir, model, [callback, *extra], max_steps=12, save_strategy="steps", save_steps=4)
+        trainer = make_trainer(
+            output_dir, model, [callback, *extra], max_steps=12, save_strategy="steps", save_steps=4
+        )
         trainer.train(resume_from_checkpoint=resume)
         return model
 

@@ -1,4 +1,5 @@
-"""Every built-in strategy under ``accelerate launch --multi_gpu --num_processes 2`` (two CPU processes, gloo).
+"""Every built-in strategy under ``accelerate launch --multi_gpu --num_processes 2`` (two CPU processes,
+gloo).
 
 DDP (a stock Trainer, ddp_train.py): masks, gates and strategy state must never drift apart
 between ranks: each rank derives them from weights and gradients DDP keeps identical, and
@@ -25,12 +26,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_train import CASES
+from fsdp_train import STRUCTURED
 from safetensors import safe_open
 
 from hfprune.testing import tiny_bert
-
-from ddp_train import CASES
-from fsdp_train import STRUCTURED
 
 DDP_SCRIPT = Path(__file__).resolve().parent / "ddp_train.py"
 FSDP_SCRIPT = Path(__file__).resolve().parent / "fsdp_train.py"
@@ -49,21 +49,46 @@ UNSTRUCTURED = {"magnitude", "rpp"}
 UNSTRUCTURED_SWAPS = 0.01
 
 
-def launch(output: Path, *options: str, processes: int = 2, timeout: int = 600, script: Path = DDP_SCRIPT) -> subprocess.CompletedProcess:
+def launch(
+    output: Path, *options: str, processes: int = 2, timeout: int = 600, script: Path = DDP_SCRIPT
+) -> subprocess.CompletedProcess:
     """A training script under ``accelerate launch`` (or plain python for one process)."""
     if processes == 1:
         command = [sys.executable, str(script)]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port()), str(script)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+        ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, str(output), *options], capture_output=True, text=True, timeout=timeout, env=environment)
+    done = subprocess.run(
+        [*command, str(output), *options], capture_output=True, text=True, timeout=timeout, env=environment
+    )
     if processes > 1 and killed_by_a_signal(done):
-        # A worker aborting with no Python error (SIGABRT in gloo, seen in about 1 of 6 launches on the shared CI
+        # A worker aborting with no Python error (SIGABRT in gloo, seen in about 1 of 6 launches on the shared
+        # CI
         # machine) is the launcher's trouble, not the script's: one more try, reported if it fails too.
         shutil.rmtree(output, ignore_errors=True)
-        again = subprocess.run([*command, str(output), *options], capture_output=True, text=True, timeout=timeout, env=environment)
+        again = subprocess.run(
+            [*command, str(output), *options],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=environment,
+        )
         again.stderr = f"{again.stderr}\n(a first launch had failed too:)\n{failure(done)}"
         return again
     return done
@@ -75,19 +100,23 @@ def killed_by_a_signal(done: subprocess.CompletedProcess) -> bool:
 
 
 def free_port() -> int:
-    """A port nothing listens on now, so launches running beside another (a second CI job) do not meet at 29500."""
+    """A port nothing listens on now, so launches running beside another (a second CI job) do not meet at
+    29500."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
 def failure(done: subprocess.CompletedProcess) -> str:
-    """The first traceback a failed launch printed (the launcher's own summary comes after it) and any C++ abort
+    """The first traceback a failed launch printed (the launcher's own summary comes after it) and any C++
+    abort
     message, or the end of its output."""
     output = done.stdout + done.stderr
-    aborts = "\n".join(line for line in output.splitlines() if "terminate called" in line or "what():" in line)
+    aborts = "\n".join(
+        line for line in output.splitlines() if "terminate called" in line or "what():" in line
+    )
     start = output.find("Traceback")
-    return aborts + "\n" + (output[start:start + 6000] if start >= 0 else output[-4000:])
+    return aborts + "\n" + (output[start : start + 6000] if start >= 0 else output[-4000:])
 
 
 def result(path: Path) -> dict:
@@ -95,15 +124,23 @@ def result(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         metadata = handle.metadata()
-    return {"tensors": tensors, "step": int(metadata["step"]), "values": json.loads(metadata["values"]),
-            "saves": json.loads(metadata["saves"])}
+    return {
+        "tensors": tensors,
+        "step": int(metadata["step"]),
+        "values": json.loads(metadata["values"]),
+        "saves": json.loads(metadata["saves"]),
+    }
 
 
 def launch_all(root: Path, script: Path, *single_options: str) -> dict[str, Path]:
-    """Two processes; one process at the same global batch; two processes resumed from the first run's step-3 checkpoint."""
+    """Two processes; one process at the same global batch; two processes resumed from the first run's step-3
+    checkpoint."""
     runs = {"two": root / "two", "single": root / "single", "resumed": root / "resumed"}
-    for name, options, processes in (("two", (), 2), ("single", single_options, 1),
-                                     ("resumed", ("--resume", str(runs["two"])), 2)):
+    for name, options, processes in (
+        ("two", (), 2),
+        ("single", single_options, 1),
+        ("resumed", ("--resume", str(runs["two"])), 2),
+    ):
         done = launch(runs[name], *options, processes=processes, script=script)
         assert done.returncode == 0, f"{name} run failed:\n{failure(done)}"
     return runs
@@ -130,13 +167,15 @@ def test_ranks_end_bitwise_equal(runs, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_one_process_with_the_same_global_batch(runs, case):
-    """The same samples per step, gradients averaged in another order: the same structure, nearly the same weights."""
+    """The same samples per step, gradients averaged in another order: the same structure, nearly the same
+    weights."""
     assert_like_one_process(runs, case)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_matches_one_unsharded_process(fsdp_runs, case):
-    """Half the rows on each process: the gathered weights, masks and state of one process that holds them whole."""
+    """Half the rows on each process: the gathered weights, masks and state of one process that holds them
+    whole."""
     assert_like_one_process(fsdp_runs, case, FSDP_UPDATE_TOLERANCE)
 
 
@@ -145,18 +184,28 @@ def assert_like_one_process(runs: dict[str, Path], case: str, tolerance: float =
     initial = {f"weight/{k}": v for k, v in tiny_bert().state_dict().items()}
     weights = [k for k in single["tensors"] if k.startswith("weight/")]
     kept_in_both = {k: (two["tensors"][k] != 0) & (single["tensors"][k] != 0) for k in weights}
-    deviation = torch.cat([((two["tensors"][k] - single["tensors"][k]) * kept_in_both[k]).flatten() for k in weights]).norm()
-    travelled = torch.cat([((single["tensors"][k] - initial[k]) * kept_in_both[k]).flatten() for k in weights]).norm()
-    assert deviation <= tolerance * travelled, f"weights differ by {deviation / travelled:.2e} of the distance training moved them"
+    deviation = torch.cat(
+        [((two["tensors"][k] - single["tensors"][k]) * kept_in_both[k]).flatten() for k in weights]
+    ).norm()
+    travelled = torch.cat(
+        [((single["tensors"][k] - initial[k]) * kept_in_both[k]).flatten() for k in weights]
+    ).norm()
+    assert deviation <= tolerance * travelled, (
+        f"weights differ by {deviation / travelled:.2e} of the distance training moved them"
+    )
     for key, mask in single["tensors"].items():
         if mask.dtype != torch.bool:
             continue
         other = two["tensors"][key]
         assert int(other.sum()) == int(mask.sum()), f"{key}: a different number of weights kept"
         swapped = int((other ^ mask).sum()) / mask.numel()
-        assert swapped <= (UNSTRUCTURED_SWAPS if case in UNSTRUCTURED else 0), f"{key}: {swapped:.2%} of the mask differs"
+        assert swapped <= (UNSTRUCTURED_SWAPS if case in UNSTRUCTURED else 0), (
+            f"{key}: {swapped:.2%} of the mask differs"
+        )
     numbers = {k: v for k, v in single["values"].items() if isinstance(v, float)}
-    assert {k: v for k, v in two["values"].items() if k not in numbers} == {k: v for k, v in single["values"].items() if k not in numbers}
+    assert {k: v for k, v in two["values"].items() if k not in numbers} == {
+        k: v for k, v in single["values"].items() if k not in numbers
+    }
     for key, value in numbers.items():
         assert two["values"][key] == pytest.approx(value, rel=0.05, abs=1e-6), key
 
@@ -170,13 +219,15 @@ def test_only_the_main_process_writes_pruning_state(runs, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_resuming_under_ddp_ends_where_the_uninterrupted_run_did(runs, case):
-    """Resumed at step 3 (mid-schedule) in two fresh processes: bitwise the same weights, masks and state at step 8."""
+    """Resumed at step 3 (mid-schedule) in two fresh processes: bitwise the same weights, masks and state at
+    step 8."""
     assert_resumed_exactly(runs, case)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_resuming_under_fsdp2_ends_where_the_uninterrupted_run_did(fsdp_runs, case):
-    """Sharded model and optimizer from torch.distributed.checkpoint, whole pruning state from hfprune's file."""
+    """Sharded model and optimizer from torch.distributed.checkpoint, whole pruning state from hfprune's
+    file."""
     assert_resumed_exactly(fsdp_runs, case)
 
 
@@ -189,15 +240,20 @@ def assert_resumed_exactly(runs: dict[str, Path], case: str) -> None:
 
 @pytest.mark.parametrize("case", STRUCTURED)
 def test_fsdp2_models_compact_on_every_process(fsdp_runs, case):
-    """compact() gathers the sharded model whole; both processes get the model the unsharded run compacts to."""
-    rank0, rank1, single = (result(fsdp_runs[run] / case / f"rank{r}.safetensors") for run, r in (("two", 0), ("two", 1), ("single", 0)))
+    """compact() gathers the sharded model whole; both processes get the model the unsharded run compacts
+    to."""
+    rank0, rank1, single = (
+        result(fsdp_runs[run] / case / f"rank{r}.safetensors")
+        for run, r in (("two", 0), ("two", 1), ("single", 0))
+    )
     compacted = rank0["values"]["compacted_parameters"]
     assert compacted == rank1["values"]["compacted_parameters"] == single["values"]["compacted_parameters"]
     assert compacted < sum(p.numel() for p in tiny_bert().parameters())
 
 
 def test_an_error_on_one_rank_reaches_the_user_without_a_hang(tmp_path):
-    """Rank 1's recipe names a missing module: the launcher stops both processes and shows the recipe error."""
+    """Rank 1's recipe names a missing module: the launcher stops both processes and shows the recipe
+    error."""
     done = launch(tmp_path / "failing", "--cases", "magnitude", "--bad-target-on-rank", "1", timeout=300)
     assert done.returncode != 0
     output = done.stdout + done.stderr

@@ -23,20 +23,35 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "hfprune-nm"
 
 @pytest.fixture(scope="module")
 def nm_site(tmp_path_factory) -> Path:
-    """hfprune-nm installed by pip into a folder of its own; the source is copied first so no build output lands in the repository."""
+    """hfprune-nm installed by pip into a folder of its own; the source is copied first so no build output
+    lands in the repository."""
     root = tmp_path_factory.mktemp("nm_site")
     source = root / "hfprune-nm"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    shutil.copytree(
+        EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache")
+    )
     site = root / "site"
     command = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-        "--no-cache-dir", "--disable-pip-version-check", "--target", str(site), str(source),
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--target",
+        str(site),
+        str(source),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         pytest.fail(
-            f"pip could not build and install {EXAMPLE} (exit {result.returncode}); --no-build-isolation builds with "
-            f"this environment's setuptools (pip install -e '.[test]').\n$ {' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}",
+            f"pip could not build and install {EXAMPLE} (exit {result.returncode}); --no-build-isolation "
+            "builds with "
+            "this environment's setuptools (pip install -e '.[test]').\n$ "
+            f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}",
             pytrace=False,
         )
     return site
@@ -44,7 +59,9 @@ def nm_site(tmp_path_factory) -> Path:
 
 def test_the_example_s_own_tests_pass_against_the_installed_copy(nm_site, tmp_path):
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")]
-    out = run(command, nm_site, tmp_path, PYTHONDONTWRITEBYTECODE="1").stdout  # nothing written into examples/
+    out = run(
+        command, nm_site, tmp_path, PYTHONDONTWRITEBYTECODE="1"
+    ).stdout  # nothing written into examples/
     summary = out.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= 20 and "failed" not in summary and "error" not in summary, out

@@ -26,28 +26,30 @@ import pickle
 import re
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from conftest import BERT_FFN_RECIPE, make_trainer, tiny_bert, training_args
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from transformers import TrainerControl, TrainerState
 
-from hfprune import Pruner, PruneCallback, RecipeError, StateError, load_recipe
+from hfprune import PruneCallback, Pruner, RecipeError, StateError, load_recipe
 from hfprune import state as state_module
 from hfprune.cli import main
 from hfprune.plugins import DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, build_registry, default_registry
-from hfprune.recipe.schema import PrunerEntry, Recipe
 from hfprune.recipe.builtin import builtin_names, builtin_path
 from hfprune.recipe.run_sections import RUN_SECTIONS
+from hfprune.recipe.schema import PrunerEntry, Recipe
+from hfprune.recipe.yaml_source import format_key_path, parse_yaml
 from hfprune.schedule import ScheduleSpec
 from hfprune.state import STATE_FILE, load_state
-from hfprune.recipe.yaml_source import format_key_path, parse_yaml
+
+from conftest import BERT_FFN_RECIPE, make_trainer, tiny_bert, training_args
 
 # --- hypothesis set-up and example counts -----------------------------------------------------
 
@@ -57,7 +59,12 @@ settings.register_profile(
     derandomize=True,  # the same examples on every run: CI failures reproduce
     database=None,  # nothing written into the repository
     print_blob=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
 )
 SCALE = float(os.environ.get("HFPRUNE_HOSTILE_SCALE", "1"))
 
@@ -92,16 +99,42 @@ REGISTRY = build_registry()
 STRATEGY_NAMES = sorted(REGISTRY.strategies)
 CONFIG_KEYS = sorted({key for info in REGISTRY.strategies.values() for key in info.cls.Config.model_fields})
 RECIPE_KEYS = sorted(
-    set(Recipe.model_fields) | set(PrunerEntry.model_fields) | set(ScheduleSpec.model_fields) | set(CONFIG_KEYS)
+    set(Recipe.model_fields)
+    | set(PrunerEntry.model_fields)
+    | set(ScheduleSpec.model_fields)
+    | set(CONFIG_KEYS)
     | {key for section in RUN_SECTIONS.values() for key in section.model_fields}
 )
 BUILTINS = {name: builtin_path(name).read_text() for name in builtin_names()}
 # Module and class names of a BERT classifier, and patterns around them: what a mutated target may become.
 MODULE_WORDS = [
-    "Linear", "LayerNorm", "Embedding", "Dropout", "BertLayer", "BertAttention", "BertSelfAttention", "ModuleList",
-    "encoder.layer", "bert", "bert.encoder", "classifier", "pooler.dense", "attention.self", "intermediate",
-    "intermediate.dense", "output.dense", "bert.encoder.layer.5", "bert.encoder.layer.9", "embeddings.word_embeddings",
-    "re:.*", "re:.*dense", r"re:.*encoder\.layer\.\d+", r"re:.*encoder\.layer\.\d+\.attention", "re:(", "re:", " ",
+    "Linear",
+    "LayerNorm",
+    "Embedding",
+    "Dropout",
+    "BertLayer",
+    "BertAttention",
+    "BertSelfAttention",
+    "ModuleList",
+    "encoder.layer",
+    "bert",
+    "bert.encoder",
+    "classifier",
+    "pooler.dense",
+    "attention.self",
+    "intermediate",
+    "intermediate.dense",
+    "output.dense",
+    "bert.encoder.layer.5",
+    "bert.encoder.layer.9",
+    "embeddings.word_embeddings",
+    "re:.*",
+    "re:.*dense",
+    r"re:.*encoder\.layer\.\d+",
+    r"re:.*encoder\.layer\.\d+\.attention",
+    "re:(",
+    "re:",
+    " ",
 ]
 
 
@@ -114,7 +147,8 @@ def strategy_config_of(name: Any):
 
 
 def run_cli(*argv: str | os.PathLike) -> tuple[int, str, str]:
-    """``hfprune ARGV`` in this process: exit code, stdout, stderr (a usage error's SystemExit becomes its code)."""
+    """``hfprune ARGV`` in this process: exit code, stdout, stderr (a usage error's SystemExit becomes its
+    code)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -126,7 +160,8 @@ def run_cli(*argv: str | os.PathLike) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
-    """A 6-layer BERT of width 32 saved with save_pretrained: every built-in recipe fits it (default keeps 4 layers)."""
+    """A 6-layer BERT of width 32 saved with save_pretrained: every built-in recipe fits it (default keeps 4
+    layers)."""
     folder = tmp_path_factory.mktemp("bert6")
     tiny_bert(layers=6).save_pretrained(folder)
     return folder
@@ -136,7 +171,8 @@ YAML_BREAKS = re.compile(r"\r\n|[\n\r\x85\u2028\u2029]")
 
 
 def assert_located(error: RecipeError, source: str, text: str | None = None) -> None:
-    """Every problem of ``error`` names ``source`` and a line in it or a key path, and renders as one line (plus hints)."""
+    """Every problem of ``error`` names ``source`` and a line in it or a key path, and renders as one line
+    (plus hints)."""
     assert error.source == source, error.source
     assert error.problems, "a RecipeError without problems"
     last_line = len(YAML_BREAKS.findall(text)) + 2 if text is not None else None
@@ -145,11 +181,14 @@ def assert_located(error: RecipeError, source: str, text: str | None = None) -> 
         if problem.line is not None and last_line is not None:
             assert 1 <= problem.line <= last_line, f"line {problem.line} outside the recipe: {problem}"
     for line in str(error).split("\n"):
-        assert line.startswith(source) or line.startswith("  hint: "), f"unexpected line {line!r} in:\n{error}"
+        assert line.startswith(source) or line.startswith("  hint: "), (
+            f"unexpected line {line!r} in:\n{error}"
+        )
 
 
 def recipe_error(load, source: str, text: str | None = None) -> RecipeError | None:
-    """Run ``load``: None if it accepts the recipe, the (located) RecipeError if it refuses it; anything else escapes."""
+    """Run ``load``: None if it accepts the recipe, the (located) RecipeError if it refuses it; anything else
+    escapes."""
     try:
         load()
     except RecipeError as error:
@@ -159,12 +198,15 @@ def recipe_error(load, source: str, text: str | None = None) -> RecipeError | No
 
 
 def assert_clean_cli_failure(err: str, recipe: Path) -> None:
-    """A refused recipe: one line per problem, each naming the file and a line, hints indented; never a traceback."""
+    """A refused recipe: one line per problem, each naming the file and a line, hints indented; never a
+    traceback."""
     assert "Traceback" not in err, err
     lines = err.rstrip("\n").split("\n")
     assert lines[0].startswith(f"error: {recipe}:"), err
     for line in lines:
-        assert re.match(rf"(error: )?{re.escape(str(recipe))}:\d+: \S", line) or line.startswith("  hint: "), f"{line!r} in:\n{err}"
+        assert re.match(rf"(error: )?{re.escape(str(recipe))}:\d+: \S", line) or line.startswith(
+            "  hint: "
+        ), f"{line!r} in:\n{err}"
 
 
 def within(key: str, anchor: str) -> bool:
@@ -175,21 +217,84 @@ def within(key: str, anchor: str) -> bool:
 # --- generators -----------------------------------------------------------------------------
 
 YAML_TOKENS = [
-    *RECIPE_KEYS, *STRATEGY_NAMES, ":", ": ", "- ", "-", "\n", "\n  ", "\n    ", "  ", "{", "}", "[", "]", ",", "'", '"',
-    "# c", "&a ", "*a", "<<: *a", "!!str ", "!!int ", "!!float ", "!!binary ", "!!set ", "!!omap ", "!!timestamp ", "!local ",
-    "? ", "|", ">", "---", "...", "%YAML 1.1\n", "%TAG ! tag:x.org,2000:\n", "~", "null", ".nan", ".inf", "-.inf", "1e400",
-    "0x1f", "0o17", "2001-12-14", "1", "0.5", "-3", "1e-1", "true", "yes", "\t", "\\", "\ufeff", "\x85", "\u2028", "\x00",
-    "\x07", "\r", "re:(", "re:.*", "Linear",
+    *RECIPE_KEYS,
+    *STRATEGY_NAMES,
+    ":",
+    ": ",
+    "- ",
+    "-",
+    "\n",
+    "\n  ",
+    "\n    ",
+    "  ",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    "'",
+    '"',
+    "# c",
+    "&a ",
+    "*a",
+    "<<: *a",
+    "!!str ",
+    "!!int ",
+    "!!float ",
+    "!!binary ",
+    "!!set ",
+    "!!omap ",
+    "!!timestamp ",
+    "!local ",
+    "? ",
+    "|",
+    ">",
+    "---",
+    "...",
+    "%YAML 1.1\n",
+    "%TAG ! tag:x.org,2000:\n",
+    "~",
+    "null",
+    ".nan",
+    ".inf",
+    "-.inf",
+    "1e400",
+    "0x1f",
+    "0o17",
+    "2001-12-14",
+    "1",
+    "0.5",
+    "-3",
+    "1e-1",
+    "true",
+    "yes",
+    "\t",
+    "\\",
+    "\ufeff",
+    "\x85",
+    "\u2028",
+    "\x00",
+    "\x07",
+    "\r",
+    "re:(",
+    "re:.*",
+    "Linear",
 ]
 yamlish_text = st.lists(st.sampled_from(YAML_TOKENS) | st.text(max_size=4), max_size=60).map("".join)
 
-interesting_strings = st.sampled_from(["", " ", "re:(", "re:.*", "Linear", "1e-1", ".nan", "~", "null", "yes", "\x00", *STRATEGY_NAMES])
+interesting_strings = st.sampled_from(
+    ["", " ", "re:(", "re:.*", "Linear", "1e-1", ".nan", "~", "null", "yes", "\x00", *STRATEGY_NAMES]
+)
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | interesting_strings
 keys = st.sampled_from(RECIPE_KEYS) | st.text(max_size=8)
-json_like = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(keys, kids, max_size=5), max_leaves=25)
+json_like = st.recursive(
+    scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(keys, kids, max_size=5), max_leaves=25
+)
 numbers = st.integers(-5, 10**6) | st.floats() | st.sampled_from([0, 1, 0.5, 1.0, -1, 10**30, 2**63])
 
-schedules = st.fixed_dictionaries({}, optional={"start": numbers, "end": numbers, "every": numbers}) | json_like
+schedules = (
+    st.fixed_dictionaries({}, optional={"start": numbers, "end": numbers, "every": numbers}) | json_like
+)
 entries = st.fixed_dictionaries(
     {},
     optional={
@@ -197,7 +302,10 @@ entries = st.fixed_dictionaries(
         "targets": st.lists(st.sampled_from(MODULE_WORDS) | st.text(max_size=12), max_size=3) | json_like,
         "exclude": st.lists(st.sampled_from(MODULE_WORDS), max_size=2) | json_like,
         "schedule": schedules,
-        "config": st.dictionaries(st.sampled_from(CONFIG_KEYS) | keys, scalars | numbers | json_like, max_size=5) | json_like,
+        "config": st.dictionaries(
+            st.sampled_from(CONFIG_KEYS) | keys, scalars | numbers | json_like, max_size=5
+        )
+        | json_like,
         "x_unknown": json_like,
     },
 )
@@ -207,7 +315,10 @@ recipe_shaped = st.fixed_dictionaries(
     optional={
         "version": st.just(1) | json_like,
         "pruners": st.lists(entries, max_size=3) | json_like,
-        "model": sections, "data": sections, "training": sections, "x_unknown": json_like,
+        "model": sections,
+        "data": sections,
+        "training": sections,
+        "x_unknown": json_like,
     },
 )
 
@@ -215,8 +326,11 @@ recipe_shaped = st.fixed_dictionaries(
 def dump(value: Any, draw) -> str:
     """``value`` as YAML, in a drawn style."""
     return yaml.safe_dump(
-        value, sort_keys=draw(st.booleans()), default_flow_style=draw(st.sampled_from([None, True, False])),
-        allow_unicode=draw(st.booleans()), width=draw(st.sampled_from([30, 80, 10_000])),
+        value,
+        sort_keys=draw(st.booleans()),
+        default_flow_style=draw(st.sampled_from([None, True, False])),
+        allow_unicode=draw(st.booleans()),
+        width=draw(st.sampled_from([30, 80, 10_000])),
     )
 
 
@@ -279,66 +393,149 @@ def required_key_path(doc: dict, path: tuple) -> str | None:
 def other_type_value(current: Any):
     """A strategy for values whose type differs from ``current``'s."""
     kinds = {
-        bool: st.booleans(), int: st.integers(), float: st.floats(), str: st.text(max_size=10) | interesting_strings,
-        type(None): st.none(), list: st.lists(scalars, max_size=3), dict: st.dictionaries(st.text(max_size=6), scalars, max_size=3),
+        bool: st.booleans(),
+        int: st.integers(),
+        float: st.floats(),
+        str: st.text(max_size=10) | interesting_strings,
+        type(None): st.none(),
+        list: st.lists(scalars, max_size=3),
+        dict: st.dictionaries(st.text(max_size=6), scalars, max_size=3),
     }
     return st.one_of(*(s for kind, s in kinds.items() if type(current) is not kind))
 
 
 KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w-]*):(\s|$)")
-JUNK = st.sampled_from(list(":{}[],'\"#&*!|>%@`\t-?") + ["\n", "  ", "\x00", "\x07", "\ud7ff", "\ufffe"]) | st.text(max_size=3)
+JUNK = st.sampled_from(
+    list(":{}[],'\"#&*!|>%@`\t-?") + ["\n", "  ", "\x00", "\x07", "\ud7ff", "\ufffe"]
+) | st.text(max_size=3)
 
 
 @st.composite
 def mutants(draw) -> Mutant:
-    """One change to one built-in recipe: to its data (dumped back to YAML) or to its text (comments and all)."""
+    """One change to one built-in recipe: to its data (dumped back to YAML) or to its text (comments and
+    all)."""
     base = draw(st.sampled_from(sorted(BUILTINS)))
     text = BUILTINS[base]
     doc = yaml.safe_load(text)
-    kind = draw(st.sampled_from([
-        "delete", "retype", "unknown-key", "strategy", "number", "targets",  # data
-        "truncate", "indent", "duplicate-key", "junk", "drop-line", "swap-lines", "rewrite",  # text
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "delete",
+                "retype",
+                "unknown-key",
+                "strategy",
+                "number",
+                "targets",  # data
+                "truncate",
+                "indent",
+                "duplicate-key",
+                "junk",
+                "drop-line",
+                "swap-lines",
+                "rewrite",  # text
+            ]
+        )
+    )
     nodes = [p for p in tree_paths(doc) if p]
     if kind == "delete":
         path = draw(st.sampled_from(nodes))
         must = required_key_path(doc, path)
         parent = node_at(doc, path[:-1])
         del parent[path[-1]]
-        anchor = format_key_path(path[: min(2, len(path) - 1)]) or None  # a deleted list item is missed by its list
-        return Mutant(base, dump(doc, draw), f"deleted {format_key_path(path)}", must_fail_at=must, anchor=anchor)
+        anchor = (
+            format_key_path(path[: min(2, len(path) - 1)]) or None
+        )  # a deleted list item is missed by its list
+        return Mutant(
+            base, dump(doc, draw), f"deleted {format_key_path(path)}", must_fail_at=must, anchor=anchor
+        )
     if kind == "retype":
         path = draw(st.sampled_from(nodes))
         value = draw(other_type_value(node_at(doc, path)))
         node_at(doc, path[:-1])[path[-1]] = value
-        return Mutant(base, dump(doc, draw), f"{format_key_path(path)} = {value!r}", anchor=format_key_path(path[:2]))
+        return Mutant(
+            base, dump(doc, draw), f"{format_key_path(path)} = {value!r}", anchor=format_key_path(path[:2])
+        )
     if kind == "unknown-key":
         path = draw(st.sampled_from([p for p in tree_paths(doc) if isinstance(node_at(doc, p), dict)]))
         key = "x_" + draw(st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", max_size=8))
         node_at(doc, path)[key] = draw(scalars | json_like)
-        return Mutant(base, dump(doc, draw), f"unknown key {key!r} in {format_key_path(path) or 'the top level'}",
-                      must_fail_at=format_key_path((*path, key)))
+        return Mutant(
+            base,
+            dump(doc, draw),
+            f"unknown key {key!r} in {format_key_path(path) or 'the top level'}",
+            must_fail_at=format_key_path((*path, key)),
+        )
     if kind == "strategy":
         index = draw(st.integers(0, len(doc["pruners"]) - 1))
-        name = draw(st.sampled_from(STRATEGY_NAMES) | st.text(max_size=12) | st.sampled_from(["Magnitude", "magnitude ", "block_lasso", "lasso"]))
+        name = draw(
+            st.sampled_from(STRATEGY_NAMES)
+            | st.text(max_size=12)
+            | st.sampled_from(["Magnitude", "magnitude ", "block_lasso", "lasso"])
+        )
         doc["pruners"][index]["strategy"] = name
         path = ("pruners", index, "strategy")
         must = None if name in STRATEGY_NAMES else format_key_path(path)
-        return Mutant(base, dump(doc, draw), f"{format_key_path(path)} = {name!r}", must_fail_at=must, anchor=format_key_path(path[:2]))
+        return Mutant(
+            base,
+            dump(doc, draw),
+            f"{format_key_path(path)} = {name!r}",
+            must_fail_at=must,
+            anchor=format_key_path(path[:2]),
+        )
     if kind == "number":
         path = draw(st.sampled_from([p for p in nodes if type(node_at(doc, p)) in (int, float)]))
         old = node_at(doc, path)
-        value = draw(st.sampled_from([-old, old * 10**6, 10**30, -(10**30), 2**63, 10**100, math.nan, math.inf, -math.inf, 0, -0.0, 1e-320, 1e308]) | numbers)
+        value = draw(
+            st.sampled_from(
+                [
+                    -old,
+                    old * 10**6,
+                    10**30,
+                    -(10**30),
+                    2**63,
+                    10**100,
+                    math.nan,
+                    math.inf,
+                    -math.inf,
+                    0,
+                    -0.0,
+                    1e-320,
+                    1e308,
+                ]
+            )
+            | numbers
+        )
         node_at(doc, path[:-1])[path[-1]] = value
-        return Mutant(base, dump(doc, draw), f"{format_key_path(path)}: {old!r} -> {value!r}", anchor=format_key_path(path[:2]))
+        return Mutant(
+            base,
+            dump(doc, draw),
+            f"{format_key_path(path)}: {old!r} -> {value!r}",
+            anchor=format_key_path(path[:2]),
+        )
     if kind == "targets":
         index = draw(st.integers(0, len(doc["pruners"]) - 1))
-        doc["pruners"][index]["targets"] = draw(st.lists(st.sampled_from(MODULE_WORDS), min_size=1, max_size=3))
-        return Mutant(base, dump(doc, draw), f"pruners[{index}].targets = {doc['pruners'][index]['targets']}", anchor=f"pruners[{index}]")
+        doc["pruners"][index]["targets"] = draw(
+            st.lists(st.sampled_from(MODULE_WORDS), min_size=1, max_size=3)
+        )
+        return Mutant(
+            base,
+            dump(doc, draw),
+            f"pruners[{index}].targets = {doc['pruners'][index]['targets']}",
+            anchor=f"pruners[{index}]",
+        )
     if kind == "rewrite":
-        style = dict(sort_keys=draw(st.booleans()), default_flow_style=draw(st.sampled_from([None, True, False])),
-                     indent=draw(st.integers(2, 6)), width=draw(st.sampled_from([20, 80, 10_000])), explicit_start=draw(st.booleans()))
-        rewritten = "# rewritten\n" + yaml.safe_dump(doc, **style) + draw(st.sampled_from(["", "\n", "# end\n", "...\n"]))
+        style = dict(
+            sort_keys=draw(st.booleans()),
+            default_flow_style=draw(st.sampled_from([None, True, False])),
+            indent=draw(st.integers(2, 6)),
+            width=draw(st.sampled_from([20, 80, 10_000])),
+            explicit_start=draw(st.booleans()),
+        )
+        rewritten = (
+            "# rewritten\n"
+            + yaml.safe_dump(doc, **style)
+            + draw(st.sampled_from(["", "\n", "# end\n", "...\n"]))
+        )
         return Mutant(base, rewritten, f"rewritten with {style}", valid=True)
 
     lines = text.split("\n")
@@ -348,7 +545,9 @@ def mutants(draw) -> Mutant:
     if kind == "indent":
         n = draw(st.sampled_from([i for i, line in enumerate(lines) if line.strip()]))
         old = lines[n]
-        lines[n] = draw(st.sampled_from([" ", "  ", "\t", "   "])) + old if draw(st.booleans()) else old.lstrip()
+        lines[n] = (
+            draw(st.sampled_from([" ", "  ", "\t", "   "])) + old if draw(st.booleans()) else old.lstrip()
+        )
         return Mutant(base, "\n".join(lines), f"line {n + 1} re-indented: {lines[n]!r}")
     if kind == "duplicate-key":
         n = draw(st.sampled_from([i for i, line in enumerate(lines) if KEY_LINE.match(line)]))
@@ -356,15 +555,20 @@ def mutants(draw) -> Mutant:
         located = parse_yaml(text, "<built-in>").lines
         path = min((p for p, line in located.items() if line == n + 1 and p and p[-1] == key), key=len)
         lines.insert(n + 1, lines[n])
-        return Mutant(base, "\n".join(lines), f"line {n + 1} duplicated: {lines[n]!r}",
-                      must_fail_at=format_key_path(path), must_fail_line=n + 2)
+        return Mutant(
+            base,
+            "\n".join(lines),
+            f"line {n + 1} duplicated: {lines[n]!r}",
+            must_fail_at=format_key_path(path),
+            must_fail_line=n + 2,
+        )
     if kind == "junk":
         at = draw(st.integers(0, len(text)))
         junk = draw(JUNK)
         return Mutant(base, text[:at] + junk + text[at:], f"{junk!r} inserted at character {at}")
     if kind == "drop-line":
         n = draw(st.integers(0, len(lines) - 1))
-        return Mutant(base, "\n".join(lines[:n] + lines[n + 1:]), f"line {n + 1} deleted: {lines[n]!r}")
+        return Mutant(base, "\n".join(lines[:n] + lines[n + 1 :]), f"line {n + 1} deleted: {lines[n]!r}")
     n = draw(st.integers(0, len(lines) - 2))
     lines[n], lines[n + 1] = lines[n + 1], lines[n]
     return Mutant(base, "\n".join(lines), f"lines {n + 1} and {n + 2} swapped")
@@ -379,7 +583,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_load_recipe_refuses_arbitrary_text_only_with_located_recipe_errors(tmp_path, tally):
-    """Any text, from a file or as a string: a Recipe or a RecipeError whose every problem names file/line or key path."""
+    """Any text, from a file or as a string: a Recipe or a RecipeError whose every problem names file/line or
+    key path."""
     path = tmp_path / "recipe.yaml"
 
     @budget(400)
@@ -407,7 +612,8 @@ def test_load_recipe_refuses_arbitrary_text_only_with_located_recipe_errors(tmp_
 
 
 def test_load_recipe_refuses_arbitrary_values_only_with_located_recipe_errors(tmp_path, tally):
-    """Any JSON-like value (shaped like a recipe or not), as YAML text or as a mapping: located RecipeErrors only."""
+    """Any JSON-like value (shaped like a recipe or not), as YAML text or as a mapping: located RecipeErrors
+    only."""
     path = tmp_path / "recipe.yaml"
 
     @budget(400)
@@ -425,7 +631,8 @@ def test_load_recipe_refuses_arbitrary_values_only_with_located_recipe_errors(tm
 
 
 def test_load_recipe_on_mutated_built_in_recipes(tmp_path, tally):
-    """A mutated built-in recipe loads or fails with located problems; a certain breakage is reported at its key
+    """A mutated built-in recipe loads or fails with located problems; a certain breakage is reported at its
+    key
     (and line), and a change to one node is blamed on that part of the recipe only."""
     path = tmp_path / "recipe.yaml"
 
@@ -445,7 +652,9 @@ def test_load_recipe_on_mutated_built_in_recipes(tmp_path, tally):
         if mutant.must_fail_line is not None:
             assert error.line == mutant.must_fail_line, str(error)
         if error is not None and mutant.anchor is not None:
-            assert all(within(p.key, mutant.anchor) for p in error.problems), f"expected problems in {mutant.anchor}:\n{error}"
+            assert all(within(p.key, mutant.anchor) for p in error.problems), (
+                f"expected problems in {mutant.anchor}:\n{error}"
+            )
 
     prop()
 
@@ -461,8 +670,10 @@ def test_check_accepts_every_built_in_recipe(name, bert_dir):
 
 
 def test_check_on_mutated_recipes_exits_0_or_1_with_a_located_one_line_error(tmp_path, bert_dir, tally):
-    """``hfprune check`` on a mutated built-in recipe, with or without --total-steps: exit 0 with 'recipe OK' (always for
-    a rewrite that changes nothing), or exit 1 with one located line per problem on stderr, never a traceback."""
+    """``hfprune check`` on a mutated built-in recipe, with or without --total-steps: exit 0 with 'recipe OK'
+    (always for
+    a rewrite that changes nothing), or exit 1 with one located line per problem on stderr, never a
+    traceback."""
     path = tmp_path / "recipe.yaml"
 
     @budget(150)
@@ -471,7 +682,9 @@ def test_check_on_mutated_recipes_exits_0_or_1_with_a_located_one_line_error(tmp
         tally()
         note(f"{mutant.base}: {mutant.change}\n{mutant.text}")
         write(path, mutant.text)
-        code, out, err = run_cli("check", path, "--model", bert_dir, *(["--total-steps", str(total_steps)] if total_steps else []))
+        code, out, err = run_cli(
+            "check", path, "--model", bert_dir, *(["--total-steps", str(total_steps)] if total_steps else [])
+        )
         assert code in (0, 1), f"exit {code}\n{err}"
         if code == 0:
             assert "recipe OK" in out and err == "", err
@@ -487,8 +700,12 @@ def test_check_on_mutated_recipes_exits_0_or_1_with_a_located_one_line_error(tmp
 
 
 def test_check_with_total_steps_that_cannot_resolve_a_schedule_is_a_recipe_error(tmp_path, bert_dir):
-    """A schedule from step 5 to half of training is fine in general, impossible in 4 steps: a located error, exit 1."""
-    recipe = write(tmp_path / "recipe.yaml", BERT_FFN_RECIPE.replace("schedule: {start: 0, end: 0.5, every: 2}", "schedule: {start: 5, end: 0.5}"))
+    """A schedule from step 5 to half of training is fine in general, impossible in 4 steps: a located error,
+    exit 1."""
+    recipe = write(
+        tmp_path / "recipe.yaml",
+        BERT_FFN_RECIPE.replace("schedule: {start: 0, end: 0.5, every: 2}", "schedule: {start: 5, end: 0.5}"),
+    )
     code, out, err = run_cli("check", recipe, "--model", bert_dir, "--total-steps", "100")
     assert code == 0, err
     code, out, err = run_cli("check", recipe, "--model", bert_dir, "--total-steps", "4")
@@ -505,13 +722,19 @@ def test_check_with_a_negative_total_steps_is_an_error_not_a_traceback(tmp_path,
 
 def test_deeply_nested_yaml_is_a_recipe_error(tmp_path, bert_dir):
     """Nesting deeper than Python's recursion limit (a few kB of brackets) is refused like any bad recipe."""
-    for depth, nested in ((300, "[{}]"), (1_000, "[{}]"), (5_000, "{{a: {}}}")):  # deep flow lists parse slowly: 1,000 will do
+    for depth, nested in (
+        (300, "[{}]"),
+        (1_000, "[{}]"),
+        (5_000, "{{a: {}}}"),
+    ):  # deep flow lists parse slowly: 1,000 will do
         value = "1"
         for _ in range(depth):
             value = nested.format(value)
-        text = BERT_FFN_RECIPE.replace("config: {sparsity: 0.75}", f"config: {{sparsity: 0.75, deep: {value}}}")
+        text = BERT_FFN_RECIPE.replace(
+            "config: {sparsity: 0.75}", f"config: {{sparsity: 0.75, deep: {value}}}"
+        )
         path = write(tmp_path / "deep.yaml", text)
-        error = recipe_error(lambda: load_recipe(path), str(path), text)
+        error = recipe_error(partial(load_recipe, path), str(path), text)
         assert error is not None
     code, _, err = run_cli("check", path, "--model", bert_dir)
     assert code == 1
@@ -519,11 +742,12 @@ def test_deeply_nested_yaml_is_a_recipe_error(tmp_path, bert_dir):
 
 
 def test_control_characters_are_a_located_recipe_error(tmp_path, bert_dir):
-    """YAML forbids most C0 controls; one pasted into a recipe is reported at its line, like any syntax error."""
+    """YAML forbids most C0 controls; one pasted into a recipe is reported at its line, like any syntax
+    error."""
     for char in ("\x00", "\x07", "\x1b", "\ufffe"):
         text = BERT_FFN_RECIPE.replace("magnitude", f"magni{char}tude")
         path = write(tmp_path / "recipe.yaml", text)
-        error = recipe_error(lambda: load_recipe(path), str(path), text)
+        error = recipe_error(partial(load_recipe, path), str(path), text)
         assert error is not None and error.line == 4, repr(error and str(error))
         code, _, err = run_cli("check", path, "--model", bert_dir)
         assert code == 1
@@ -535,14 +759,21 @@ def non_finite_cases() -> list[tuple[str, tuple]]:
     cases = []
     for name, text in BUILTINS.items():
         doc = yaml.safe_load(text)
-        cases += [(name, p) for p in tree_paths(doc) if p and p[0] == "pruners" and type(node_at(doc, p)) in (int, float)]
-    cases += [("magnitude", ("training", key)) for key in ("epochs", "learning_rate", "batch_size", "max_steps")]
+        cases += [
+            (name, p)
+            for p in tree_paths(doc)
+            if p and p[0] == "pruners" and type(node_at(doc, p)) in (int, float)
+        ]
+    cases += [
+        ("magnitude", ("training", key)) for key in ("epochs", "learning_rate", "batch_size", "max_steps")
+    ]
     cases += [("magnitude", ("data", key)) for key in ("test_fraction", "max_length")]
     return cases
 
 
 def test_non_finite_numbers_are_refused_wherever_a_number_goes():
-    """NaN or an infinity (also what YAML's 1e400 becomes) is never a usable hyperparameter: each is a located error."""
+    """NaN or an infinity (also what YAML's 1e400 becomes) is never a usable hyperparameter: each is a located
+    error."""
     accepted = []
     for name, path in non_finite_cases():
         for value in (math.nan, math.inf, -math.inf):
@@ -551,8 +782,11 @@ def test_non_finite_numbers_are_refused_wherever_a_number_goes():
                 doc.setdefault(path[0], {})
             node_at(doc, path[:-1])[path[-1]] = value
             text = yaml.safe_dump(doc, sort_keys=False)
-            error = recipe_error(lambda: load_recipe(text), "<string>", text)
-            if error is None or not any(within(p.key, format_key_path(path)) or within(format_key_path(path), p.key) for p in error.problems):
+            error = recipe_error(partial(load_recipe, text), "<string>", text)
+            if error is None or not any(
+                within(p.key, format_key_path(path)) or within(format_key_path(path), p.key)
+                for p in error.problems
+            ):
                 accepted.append(f"{name}: {format_key_path(path)} = {value}")
     assert not accepted, "non-finite numbers accepted:\n" + "\n".join(accepted)
 
@@ -563,33 +797,45 @@ PYTHON_TAGS = {
     "apply os.system": "!!python/object/apply:os.system ['touch {marker}']",
     "apply subprocess": "!!python/object/apply:subprocess.check_call [['touch', '{marker}']]",
     "new Popen": "!!python/object/new:subprocess.Popen [['touch', '{marker}']]",
-    "apply Path.touch": "!!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]",
+    "apply Path.touch": "!!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path "
+    "['{marker}']]",
     "object": "!!python/object:argparse.Namespace {{marker: '{marker}'}}",
     "name": "!!python/name:os.system",
     "module": "!!python/module:os",
 }
 TAG_PLACES = {
-    "config value": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {{sparsity: 0.5, scope: {tag}}}\n",
-    "schedule": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    schedule: {tag}\n    config: {{sparsity: 0.5}}\n",
-    "target item": "version: 1\npruners:\n  - strategy: magnitude\n    targets:\n      - {tag}\n    config: {{sparsity: 0.5}}\n",
-    "version": "version: {tag}\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {{sparsity: 0.5}}\n",
-    "anchor, alias": "version: 1\nx: &payload {tag}\npruners:\n  - strategy: *payload\n    targets: [Linear]\n    config: {{sparsity: 0.5}}\n",
-    "mapping key": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config:\n      sparsity: 0.5\n      ? {tag}\n      : 1\n",
-    "second document": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {{sparsity: 0.5}}\n---\n{tag}\n",
+    "config value": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: "
+    "{{sparsity: 0.5, scope: {tag}}}\n",
+    "schedule": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    schedule: "
+    "{tag}\n    config: {{sparsity: 0.5}}\n",
+    "target item": "version: 1\npruners:\n  - strategy: magnitude\n    targets:\n      - {tag}\n    config: "
+    "{{sparsity: 0.5}}\n",
+    "version": "version: {tag}\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: "
+    "{{sparsity: 0.5}}\n",
+    "anchor, alias": "version: 1\nx: &payload {tag}\npruners:\n  - strategy: *payload\n    targets: "
+    "[Linear]\n    config: {{sparsity: 0.5}}\n",
+    "mapping key": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config:\n     "
+    " sparsity: 0.5\n      ? {tag}\n      : 1\n",
+    "second document": "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: "
+    "{{sparsity: 0.5}}\n---\n{tag}\n",
 }
 
 
 @pytest.mark.parametrize("place", TAG_PLACES)
 @pytest.mark.parametrize("tag", PYTHON_TAGS)
 def test_python_tags_anywhere_are_refused_and_never_run(tmp_path, tag, place):
-    """A tag that would import or call Python is a RecipeError at its line (or the stray document's), and runs nothing."""
+    """A tag that would import or call Python is a RecipeError at its line (or the stray document's), and runs
+    nothing."""
     marker = tmp_path / "pwned"
     text = TAG_PLACES[place].format(tag=PYTHON_TAGS[tag].format(marker=marker))
     path = write(tmp_path / "recipe.yaml", text)
     for load, source in ((lambda: load_recipe(path), str(path)), (lambda: load_recipe(text), "<string>")):
         error = recipe_error(load, source, text)
         assert error is not None
-        assert error.line in (text[: text.index("!!python")].count("\n") + 1, text[: text.find("---")].count("\n") + 1), str(error)
+        assert error.line in (
+            text[: text.index("!!python")].count("\n") + 1,
+            text[: text.find("---")].count("\n") + 1,
+        ), str(error)
     assert not marker.exists()
 
 
@@ -619,7 +865,8 @@ class Touch:
 
 
 def stepped(recipe: str, model, steps: int, total: int = 8) -> Pruner:
-    """A pruner attached to ``model`` that has run ``steps`` optimizer steps of SGD (no loss: weights move only by pruning)."""
+    """A pruner attached to ``model`` that has run ``steps`` optimizer steps of SGD (no loss: weights move
+    only by pruning)."""
     pruner = Pruner(recipe)
     pruner.attach(model)
     pruner.start(total_steps=total)
@@ -650,17 +897,23 @@ def checkpoint(tmp_path):
 def pickles(marker: Path) -> dict[str, bytes]:
     payload = {"format": 1, "step": 3, "entries": [{"mask.x": Touch(marker)}]}
     buffers = {}
-    for name, kwargs in (("torch.save zip", {}), ("torch.save legacy", {"_use_new_zipfile_serialization": False})):
+    for name, kwargs in (
+        ("torch.save zip", {}),
+        ("torch.save legacy", {"_use_new_zipfile_serialization": False}),
+    ):
         buffer = io.BytesIO()
         torch.save(payload, buffer, **kwargs)
         buffers[name] = buffer.getvalue()
-    buffers |= {f"pickle protocol {p}": pickle.dumps(payload, protocol=p) for p in (0, 2, pickle.HIGHEST_PROTOCOL)}
+    buffers |= {
+        f"pickle protocol {p}": pickle.dumps(payload, protocol=p) for p in (0, 2, pickle.HIGHEST_PROTOCOL)
+    }
     return buffers
 
 
 @pytest.mark.parametrize("kind", list(pickles(Path("x"))))
 def test_a_pickle_in_place_of_the_state_file_is_refused_unopened(tmp_path, checkpoint, kind):
-    """Loading the state (directly, in the engine, in the Trainer callback) never unpickles: StateError, no marker."""
+    """Loading the state (directly, in the engine, in the Trainer callback) never unpickles: StateError, no
+    marker."""
     folder, model = checkpoint
     marker = tmp_path / "pwned"
     poison = pickles(marker)[kind]
@@ -688,7 +941,9 @@ def test_compact_refuses_a_pickled_state_with_exit_1_and_runs_nothing(tmp_path, 
     recipe = write(tmp_path / "recipe.yaml", BERT_FFN_RECIPE)
     code, out, err = run_cli("compact", folder, "--recipe", recipe, "--output", tmp_path / "small")
     assert code == 1 and "Traceback" not in err, err
-    assert err.rstrip("\n").split("\n")[-1].startswith("error: pruning state at "), err  # after transformers' loading bar
+    assert err.rstrip("\n").split("\n")[-1].startswith("error: pruning state at "), (
+        err
+    )  # after transformers' loading bar
     assert not marker.exists() and not (tmp_path / "small").exists()
 
 
@@ -701,12 +956,21 @@ def assert_refused_or_loaded(folder: Path, model) -> None:
 
 
 def test_random_bytes_as_state_are_state_errors(tmp_path, checkpoint, tally):
-    """Random bytes, or a safetensors-like header of random JSON: StateError (or, if it parses, a state the engine checks)."""
+    """Random bytes, or a safetensors-like header of random JSON: StateError (or, if it parses, a state the
+    engine checks)."""
     folder, model = checkpoint
-    header = st.builds(lambda h: json.dumps(h).encode(), json_like | st.dictionaries(st.text(max_size=6), json_like, max_size=4))
+    header = st.builds(
+        lambda h: json.dumps(h).encode(),
+        json_like | st.dictionaries(st.text(max_size=6), json_like, max_size=4),
+    )
 
     @budget(200)
-    @given(body=st.binary(max_size=600) | st.tuples(header, st.binary(max_size=64)).map(lambda p: len(p[0]).to_bytes(8, "little") + p[0] + p[1]))
+    @given(
+        body=st.binary(max_size=600)
+        | st.tuples(header, st.binary(max_size=64)).map(
+            lambda p: len(p[0]).to_bytes(8, "little") + p[0] + p[1]
+        )
+    )
     def prop(body):
         tally()
         (folder / STATE_FILE).write_bytes(body)
@@ -720,12 +984,16 @@ def test_random_bytes_as_state_are_state_errors(tmp_path, checkpoint, tally):
 
 
 def test_truncated_or_bit_flipped_state_is_refused_or_checked(tmp_path, checkpoint, tally):
-    """A real state file cut anywhere is StateError; one with a flipped byte is StateError or a state the engine accepts."""
+    """A real state file cut anywhere is StateError; one with a flipped byte is StateError or a state the
+    engine accepts."""
     folder, model = checkpoint
     good = (folder / STATE_FILE).read_bytes()
 
     @budget(200)
-    @given(cut=st.integers(0, len(good) - 1), flip=st.none() | st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)))
+    @given(
+        cut=st.integers(0, len(good) - 1),
+        flip=st.none() | st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)),
+    )
     def prop(cut, flip):
         tally()
         (folder / STATE_FILE).write_bytes(good[:cut])
@@ -733,19 +1001,23 @@ def test_truncated_or_bit_flipped_state_is_refused_or_checked(tmp_path, checkpoi
             load_state(folder)
         if flip is not None:
             at, bits = flip
-            (folder / STATE_FILE).write_bytes(good[:at] + bytes([good[at] ^ bits]) + good[at + 1:])
+            (folder / STATE_FILE).write_bytes(good[:at] + bytes([good[at] ^ bits]) + good[at + 1 :])
             assert_refused_or_loaded(folder, model)
 
     prop()
 
 
 def test_hand_crafted_state_metadata_is_a_state_error(tmp_path, checkpoint, tally):
-    """A well-formed safetensors file whose hfprune metadata was edited (any JSON, a node replaced or removed):
+    """A well-formed safetensors file whose hfprune metadata was edited (any JSON, a node replaced or
+    removed):
     the engine restores it or raises StateError, never AttributeError, KeyError or TypeError."""
     folder, model = checkpoint
     skeleton = json.loads(load_state_metadata(folder))
     tensors = load_tensors(folder)
-    for deep in ("[" * 100_000 + "]" * 100_000, '{"a": ' * 100_000 + "1" + "}" * 100_000):  # past json's recursion limit
+    for deep in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": ' * 100_000 + "1" + "}" * 100_000,
+    ):  # past json's recursion limit
         save_file(tensors, str(folder / STATE_FILE), metadata={"hfprune": deep})
         with pytest.raises(StateError):
             fresh_pruner(model).load(folder)
@@ -790,29 +1062,40 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 # --- 4. a strategy whose plugin fails to import, through `hfprune check` --------------------------
 
 
-def test_check_names_the_distribution_of_a_strategy_plugin_that_fails_to_import(tmp_path, monkeypatch, bert_dir):
-    """The recipe naming the broken plugin's strategy: exit 1, its file:line:key, the distribution and the import error."""
+def test_check_names_the_distribution_of_a_strategy_plugin_that_fails_to_import(
+    tmp_path, monkeypatch, bert_dir
+):
+    """The recipe naming the broken plugin's strategy: exit 1, its file:line:key, the distribution and the
+    import error."""
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
     monkeypatch.delenv(PLUGINS_ENV, raising=False)
     site = tmp_path / "site"
     info = site / "hostile_broken-3.1.dist-info"
     info.mkdir(parents=True)
-    (site / "hostile_broken_plugin.py").write_text("import hostile_missing_dependency  # not installed anywhere\n")
+    (site / "hostile_broken_plugin.py").write_text(
+        "import hostile_missing_dependency  # not installed anywhere\n"
+    )
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hostile-broken\nVersion: 3.1\n")
     (info / "entry_points.txt").write_text("[hfprune]\nhostile = hostile_broken_plugin\n")
     monkeypatch.syspath_prepend(site)
     default_registry.cache_clear()
 
-    broken = write(tmp_path / "broken.yaml", BERT_FFN_RECIPE.replace("strategy: magnitude", "strategy: hostile"))
+    broken = write(
+        tmp_path / "broken.yaml", BERT_FFN_RECIPE.replace("strategy: magnitude", "strategy: hostile")
+    )
     code, out, err = run_cli("check", broken, "--model", bert_dir)
     assert code == 1
     assert_clean_cli_failure(err, broken)
     assert err.startswith(
-        f"error: {broken}:4: pruners[0].strategy: strategy 'hostile' is provided by plugin 'hostile' of distribution "
-        "hostile-broken 3.1, which failed to load: ModuleNotFoundError: No module named 'hostile_missing_dependency'"
+        f"error: {broken}:4: pruners[0].strategy: strategy 'hostile' is provided by plugin 'hostile' of "
+        "distribution "
+        "hostile-broken 3.1, which failed to load: ModuleNotFoundError: No module named "
+        "'hostile_missing_dependency'"
     ), err
     fine = write(tmp_path / "fine.yaml", BERT_FFN_RECIPE)
-    assert run_cli("check", fine, "--model", bert_dir)[0] == 0  # the broken plugin blocks only its own strategy
+    assert (
+        run_cli("check", fine, "--model", bert_dir)[0] == 0
+    )  # the broken plugin blocks only its own strategy
     sys.modules.pop("hostile_broken_plugin", None)
 
 
@@ -820,7 +1103,8 @@ def test_check_names_the_distribution_of_a_strategy_plugin_that_fails_to_import(
 
 
 def one_layer_copy(model) -> torch.nn.Module:
-    """A 1-layer BERT holding ``model``'s weights for everything but layer 1: the resumed model lost a layer."""
+    """A 1-layer BERT holding ``model``'s weights for everything but layer 1: the resumed model lost a
+    layer."""
     smaller = tiny_bert(layers=1)
     smaller.load_state_dict({k: v for k, v in model.state_dict().items() if k in smaller.state_dict()})
     return smaller
@@ -837,12 +1121,15 @@ pruners:
 
 
 def test_a_named_target_missing_from_the_resumed_model_is_a_recipe_error(tmp_path):
-    """The recipe names layer 1; the run resumes with a 1-layer model: RecipeError at the target, before training."""
+    """The recipe names layer 1; the run resumes with a 1-layer model: RecipeError at the target, before
+    training."""
     model = tiny_bert()
     folder = tmp_path / "checkpoint-3"
     stepped(LAYER1_RECIPE, model, steps=3).save(folder)
     with pytest.raises(RecipeError) as info:
-        make_trainer(tmp_path / "out", one_layer_copy(model), [PruneCallback(LAYER1_RECIPE, resume_from=folder)])
+        make_trainer(
+            tmp_path / "out", one_layer_copy(model), [PruneCallback(LAYER1_RECIPE, resume_from=folder)]
+        )
     assert info.value.key == "pruners[0].targets[0]" and info.value.line == 5
     assert "'bert.encoder.layer.1.intermediate.dense' matches no module" in str(info.value)
 
@@ -885,7 +1172,8 @@ pruners:
 
 @pytest.mark.parametrize("case", PATTERN_RECIPES)
 def test_a_pattern_target_that_matches_less_after_resume_is_a_state_error_naming_it(tmp_path, case):
-    """The pattern matches layers 0 and 1 when training starts, only layer 0 in the resumed model: the state saved
+    """The pattern matches layers 0 and 1 when training starts, only layer 0 in the resumed model: the state
+    saved
     for layer 1 cannot be restored, and the error says so by name (no KeyError, no silent partial restore)."""
     recipe = PATTERN_RECIPES[case]
     model = tiny_bert()
@@ -893,8 +1181,12 @@ def test_a_pattern_target_that_matches_less_after_resume_is_a_state_error_naming
     stepped(recipe, model, steps=3).save(folder)
     callback = PruneCallback(recipe, resume_from=folder)
     with pytest.raises(StateError) as info:
-        callback.on_train_begin(training_args(tmp_path / "out"), TrainerState(global_step=3, max_steps=8), TrainerControl(),
-                                model=one_layer_copy(model))
+        callback.on_train_begin(
+            training_args(tmp_path / "out"),
+            TrainerState(global_step=3, max_steps=8),
+            TrainerControl(),
+            model=one_layer_copy(model),
+        )
     assert "bert.encoder.layer.1" in str(info.value), str(info.value)
 
 
@@ -919,14 +1211,20 @@ def failing_replace(src, dst):
 
 
 FAILURES = {
-    "disk full half-way": lambda mp: mp.setattr(state_module, "save_file", half_written(OSError(28, "No space left on device"))),
-    "interrupted half-way": lambda mp: mp.setattr(state_module, "save_file", half_written(KeyboardInterrupt())),
+    "disk full half-way": lambda mp: mp.setattr(
+        state_module, "save_file", half_written(OSError(28, "No space left on device"))
+    ),
+    "interrupted half-way": lambda mp: mp.setattr(
+        state_module, "save_file", half_written(KeyboardInterrupt())
+    ),
     "rename refused": lambda mp: mp.setattr(state_module.os, "replace", failing_replace),
 }
 
 
 @pytest.mark.parametrize("failure", FAILURES)
-def test_a_save_that_fails_half_way_leaves_the_last_good_checkpoint_byte_identical(tmp_path, monkeypatch, failure):
+def test_a_save_that_fails_half_way_leaves_the_last_good_checkpoint_byte_identical(
+    tmp_path, monkeypatch, failure
+):
     """Engine state saved at step 3; at step 5 the save into the same folder fails mid-way: the step-3 file is
     byte-identical and restores step 3, and no temporary file is left."""
     model = tiny_bert()
@@ -952,7 +1250,8 @@ def test_a_save_that_fails_half_way_leaves_the_last_good_checkpoint_byte_identic
 
 @pytest.mark.parametrize("failure", FAILURES)
 def test_a_first_save_that_fails_leaves_no_state_file_and_no_temporary(tmp_path, monkeypatch, failure):
-    """With no earlier state, the trainer callback's failed save leaves the checkpoint folder without a state file at all,
+    """With no earlier state, the trainer callback's failed save leaves the checkpoint folder without a state
+    file at all,
     so a resume reports a missing state instead of reading half a file."""
     model = tiny_bert()
     callback = PruneCallback(BERT_FFN_RECIPE)

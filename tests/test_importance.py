@@ -1,23 +1,29 @@
-"""Importance-based structured pruning: the mask gradient is the true one, the least important groups go first, gradually."""
+"""Importance-based structured pruning: the mask gradient is the true one, the least important groups go
+first, gradually."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import TokenDataset, tiny_bert
 from hfprune import Pruner, RecipeError
 from hfprune.blocks import build_block_sets
 from hfprune.compaction.compact import probe_batch
 from hfprune.plugins import default_registry
 
+from conftest import TokenDataset, tiny_bert
+
 LAYER0 = "bert.encoder.layer.0"
 
 
 def recipe(group: str, ratio: float = 0.5, end: int = 8, every: int = 2, **config) -> str:
-    settings = ", ".join(f"{key}: {value}" for key, value in {"group": group, "ratio": ratio, **config}.items())
-    return (f"version: 1\npruners:\n  - strategy: importance\n    targets: [BertLayer]\n"
-            f"    schedule: {{start: 0, end: {end}, every: {every}}}\n    config: {{{settings}}}\n")
+    settings = ", ".join(
+        f"{key}: {value}" for key, value in {"group": group, "ratio": ratio, **config}.items()
+    )
+    return (
+        f"version: 1\npruners:\n  - strategy: importance\n    targets: [BertLayer]\n"
+        f"    schedule: {{start: 0, end: {end}, every: {every}}}\n    config: {{{settings}}}\n"
+    )
 
 
 def inputs(size: int = 8) -> dict[str, torch.Tensor]:
@@ -39,7 +45,8 @@ def train(model, pruner: Pruner, steps: int) -> None:
 
 @pytest.mark.parametrize("group", ["head", "neuron"])
 def test_the_mask_gradient_is_autograds_gradient_of_a_mask_on_each_group(group):
-    """A mask variable scaling each head's (neuron's) input to the projection that consumes it, at 1: its gradient
+    """A mask variable scaling each head's (neuron's) input to the projection that consumes it, at 1: its
+    gradient
     equals sum(W * dW) over the group's columns, which is what the strategy reads."""
     model = tiny_bert()
     layer = model.bert.encoder.layer[0]
@@ -51,7 +58,9 @@ def test_the_mask_gradient_is_autograds_gradient_of_a_mask_on_each_group(group):
     model(**inputs()).loss.backward()
     handle.remove()
 
-    (block_set,) = [s for s in build_block_sets({LAYER0: layer}, group, None, default_registry().architectures)]
+    (block_set,) = [
+        s for s in build_block_sets({LAYER0: layer}, group, None, default_registry().architectures)
+    ]
     torch.testing.assert_close(block_set.mask_gradient(), mask.grad, rtol=1e-4, atol=1e-7)
 
 
@@ -68,7 +77,10 @@ def test_the_least_important_head_goes_first():
     kept = plan[f"{LAYER0}.attention.output.dense.weight"].any(dim=0)
     assert kept[:16].all() and not kept[16:].any()
     compacted = pruner.compact(model)
-    assert compacted.config.hfprune_layout["head"] == {f"{LAYER0}.attention": 1, "bert.encoder.layer.1.attention": 1}
+    assert compacted.config.hfprune_layout["head"] == {
+        f"{LAYER0}.attention": 1,
+        "bert.encoder.layer.1.attention": 1,
+    }
     probe = probe_batch(model)
     model.eval(), compacted.eval()
     with torch.no_grad():

@@ -6,17 +6,21 @@ import pytest
 import torch
 from transformers import TrainerCallback, get_linear_schedule_with_warmup
 
-from conftest import TokenDataset, make_trainer, tiny_bert
 from hfprune import PruneCallback, RecipeError, load_recipe
-from hfprune.blocks import block_norms
 from hfprune.learning_rates import future_learning_rates
 from hfprune.strategy import StepContext
+
+from conftest import TokenDataset, make_trainer, tiny_bert
 
 
 def optimizer_and_scheduler(lr: float = 1e-3, steps: int = 20):
     weights, bias = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([{"params": [weights]}, {"params": [bias], "lr": lr / 10}], lr=lr)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=steps), (weights, bias)
+    return (
+        optimizer,
+        get_linear_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=steps),
+        (weights, bias),
+    )
 
 
 def test_future_learning_rates_are_the_ones_the_scheduler_will_set():
@@ -36,14 +40,21 @@ def test_future_learning_rates_are_the_ones_the_scheduler_will_set():
 
 
 def test_without_a_scheduler_the_current_rates_are_taken_to_hold():
-    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
-                                 {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}], lr=1e-3)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(1))]},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4},
+        ],
+        lr=1e-3,
+    )
     assert future_learning_rates(optimizer, None, 3) == [[1e-3] * 3, [1e-4] * 3]
 
 
 def test_summed_learning_rates_are_per_parameter_group_up_to_the_end():
     optimizer, scheduler, (weights, bias) = optimizer_and_scheduler(lr=1.0, steps=10)
-    ctx = StepContext(step=0, optimizer=optimizer, group_of={id(weights): 0, id(bias): 1}, lr_scheduler=scheduler)
+    ctx = StepContext(
+        step=0, optimizer=optimizer, group_of={id(weights): 0, id(bias): 1}, lr_scheduler=scheduler
+    )
     # warm-up 0, 1/3, 2/3, then linear decay 7/7 .. over steps 0..9; summed over steps 0..4
     expected = 0 + 1 / 3 + 2 / 3 + 1 + 6 / 7
     assert ctx.summed_learning_rates([weights, bias], end=5) == pytest.approx([expected, expected / 10])
@@ -64,28 +75,43 @@ class QuantileNorms(TrainerCallback):
 
 @pytest.mark.parametrize(("steps", "lr"), [(20, 1e-3), (100, 3e-5)])
 def test_auto_shrinks_the_target_blocks_alike_in_short_fast_runs_and_long_slow_ones(tmp_path, steps, lr):
-    """The summed learning rate of these two runs differs 7-fold; a fixed lam tuned for one either does nothing in
+    """The summed learning rate of these two runs differs 7-fold; a fixed lam tuned for one either does
+    nothing in
     the other or zeroes every block. lam: auto takes the quantile block most of the way in both."""
-    recipe = ("version: 1\npruners:\n  - strategy: block-lasso\n    targets: [BertLayer]\n"
-              "    schedule: {start: 0.1, end: 0.7}\n    config: {group: head, ratio: 0.5, reweight_every: 2}\n")
+    recipe = (
+        "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [BertLayer]\n"
+        "    schedule: {start: 0.1, end: 0.7}\n    config: {group: head, ratio: 0.5, reweight_every: 2}\n"
+    )
     callback = PruneCallback(recipe)
     watch = QuantileNorms(callback)
-    make_trainer(tmp_path, tiny_bert(), [callback, watch], max_steps=steps, learning_rate=lr, dataset=TokenDataset(size=256)).train()
+    make_trainer(
+        tmp_path,
+        tiny_bert(),
+        [callback, watch],
+        max_steps=steps,
+        learning_rate=lr,
+        dataset=TokenDataset(size=256),
+    ).train()
     strategy = callback.pruner.strategies[0]
-    assert strategy.lam == pytest.approx(watch.seen["first"] ** 2 / (2 * expected_phase_lr_sum(steps, lr)), rel=0.05)
+    assert strategy.lam == pytest.approx(
+        watch.seen["first"] ** 2 / (2 * expected_phase_lr_sum(steps, lr)), rel=0.05
+    )
     assert 0.05 < watch.seen["last"] / watch.seen["first"] < 0.5
     assert callback.pruner.metrics()["lam/0.block-lasso"] == strategy.lam
 
 
 def expected_phase_lr_sum(steps: int, lr: float) -> float:
-    """The Trainer's linear decay summed over the lasso phase [0.1, 0.7) of ``steps``, from its first step on."""
+    """The Trainer's linear decay summed over the lasso phase [0.1, 0.7) of ``steps``, from its first step
+    on."""
     start, end = round(0.1 * steps), round(0.7 * steps)
     return sum(lr * (steps - step) / steps for step in range(start, end))
 
 
 def test_auto_lam_is_saved_with_the_state_and_restored():
-    recipe = ("version: 1\npruners:\n  - strategy: rpp\n    targets: ['re:.*intermediate\\.dense']\n"
-              "    schedule: {start: 0, end: 5}\n    config: {sparsity: 0.5}\n")
+    recipe = (
+        "version: 1\npruners:\n  - strategy: rpp\n    targets: ['re:.*intermediate\\.dense']\n"
+        "    schedule: {start: 0, end: 5}\n    config: {sparsity: 0.5}\n"
+    )
     callback = PruneCallback(recipe)
     model = tiny_bert()
     callback.pruner.attach(model)
@@ -105,11 +131,17 @@ def test_auto_lam_is_saved_with_the_state_and_restored():
     assert again.pruner.strategies[0].lam == lam
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    ("{group: head, ratio: 0.5, form: penalty}", "lam: auto follows the proximal step"),
-    ("{group: head, ratio: 0.5, squared: true}", "lam: auto follows the proximal step"),
-    ("{group: head, ratio: 0.5, lam: 3.0, lam_scale: 0.3}", "lam_scale scales lam: auto"),
-])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{group: head, ratio: 0.5, form: penalty}", "lam: auto follows the proximal step"),
+        ("{group: head, ratio: 0.5, squared: true}", "lam: auto follows the proximal step"),
+        ("{group: head, ratio: 0.5, lam: 3.0, lam_scale: 0.3}", "lam_scale scales lam: auto"),
+    ],
+)
 def test_settings_lam_auto_cannot_serve_are_recipe_errors(config, message):
     with pytest.raises(RecipeError, match=message):
-        load_recipe(f"version: 1\npruners:\n  - strategy: block-lasso\n    targets: [BertLayer]\n    config: {config}\n")
+        load_recipe(
+            "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [BertLayer]\n    config: "
+            f"{config}\n"
+        )

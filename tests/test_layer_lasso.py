@@ -1,4 +1,5 @@
-"""layer-lasso: gates on whole layers, LD-Net's regularizer, layer-wise dropout, and compaction that deletes layers."""
+"""layer-lasso: gates on whole layers, LD-Net's regularizer, layer-wise dropout, and compaction that deletes
+layers."""
 
 from __future__ import annotations
 
@@ -9,20 +10,29 @@ import torch
 import transformers
 from torch import nn
 
-from conftest import TINY_MODELS, TokenDataset, make_trainer, tiny_bert
 from hfprune import CompactionError, Pruner, RecipeError
 from hfprune.callback import PruneCallback
 from hfprune.compaction.compact import LAYOUT_KEY, probe_batch
-from hfprune.model_hooks import ModelHook
 from hfprune.compaction.loading import load_compacted
+from hfprune.model_hooks import ModelHook
 
-STACKS = {"bert": "bert.encoder.layer", "roberta": "roberta.encoder.layer", "distilbert": "distilbert.transformer.layer",
-          "gpt2": "transformer.h", "llama": "model.layers"}
+from conftest import TINY_MODELS, TokenDataset, make_trainer, tiny_bert
+
+STACKS = {
+    "bert": "bert.encoder.layer",
+    "roberta": "roberta.encoder.layer",
+    "distilbert": "distilbert.transformer.layer",
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+}
 
 
 def lasso_recipe(target: str = "encoder.layer", start=0, end=1.0, **config) -> str:
     settings = ", ".join(f"{k}: {v}" for k, v in ({"keep": 2} | config).items() if v is not None)
-    return f"version: 1\npruners:\n  - strategy: layer-lasso\n    targets: [{target}]\n    schedule: {{start: {start}, end: {end}}}\n    config: {{{settings}}}\n"
+    return (
+        f"version: 1\npruners:\n  - strategy: layer-lasso\n    targets: [{target}]\n    schedule: {{start: "
+        f"{start}, end: {end}}}\n    config: {{{settings}}}\n"
+    )
 
 
 def started(model, text: str, steps: int = 100) -> Pruner:
@@ -48,12 +58,22 @@ def settle_at(pruner: Pruner, gates: list[float]) -> None:
 # --- the regularizer and the gate update --------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep, expected", [
-    # R's gradient l0 (1 - 2g) + l0 [more than keep gates > 0] [g > 0]; Adam's first step moves each gate by
-    # gate_lr against its sign (0 where it is 0), then the clamp to [0, 1].
-    (2, [1.0, 0.8 - 0.1, 0.3 - 0.1, 0.0]),  # 3 live gates > keep: the L1 part acts; at g = 1 the two parts cancel
-    (3, [1.0, 0.8 + 0.1, 0.3 - 0.1, 0.0]),  # 3 live gates = keep: only the 0/1 part, which pushes away from 0.5
-])
+@pytest.mark.parametrize(
+    "keep, expected",
+    [
+        # R's gradient l0 (1 - 2g) + l0 [more than keep gates > 0] [g > 0]; Adam's first step moves each gate
+        # by
+        # gate_lr against its sign (0 where it is 0), then the clamp to [0, 1].
+        (
+            2,
+            [1.0, 0.8 - 0.1, 0.3 - 0.1, 0.0],
+        ),  # 3 live gates > keep: the L1 part acts; at g = 1 the two parts cancel
+        (
+            3,
+            [1.0, 0.8 + 0.1, 0.3 - 0.1, 0.0],
+        ),  # 3 live gates = keep: only the 0/1 part, which pushes away from 0.5
+    ],
+)
 def test_one_gate_step_follows_ld_nets_regularizer_and_the_clamp(keep, expected):
     model = tiny_bert(layers=4)
     pruner = started(model, lasso_recipe(keep=keep, l0=0.05, gate_lr=0.1))
@@ -103,12 +123,23 @@ def test_a_gate_at_zero_makes_its_layer_the_identity_and_one_leaves_it_alone():
 # --- settling ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settle, gates, kept", [
-    ("round", [0.9, 0.2, 0.6, 0.4], [True, False, True, False]),
-    ("round", [0.9, 0.7, 0.6, 0.0], [True, True, False, False]),  # three round to 1, keep 2: the largest two
-    ("round", [0.1, 0.2, 0.3, 0.4], [False, False, False, True]),  # none reaches 0.5: the stack keeps its largest
-    ("top", [0.1, 0.2, 0.3, 0.4], [False, False, True, True]),
-])
+@pytest.mark.parametrize(
+    "settle, gates, kept",
+    [
+        ("round", [0.9, 0.2, 0.6, 0.4], [True, False, True, False]),
+        (
+            "round",
+            [0.9, 0.7, 0.6, 0.0],
+            [True, True, False, False],
+        ),  # three round to 1, keep 2: the largest two
+        (
+            "round",
+            [0.1, 0.2, 0.3, 0.4],
+            [False, False, False, True],
+        ),  # none reaches 0.5: the stack keeps its largest
+        ("top", [0.1, 0.2, 0.3, 0.4], [False, False, True, True]),
+    ],
+)
 def test_settling_fixes_gates_at_zero_or_one(settle, gates, kept):
     pruner = started(tiny_bert(layers=4), lasso_recipe(settle=settle))
     settle_at(pruner, gates)
@@ -167,7 +198,9 @@ def test_gates_resume_exactly_from_a_checkpoint_in_the_middle_of_selection(tmp_p
         model = tiny_bert(layers=4)
         callback = PruneCallback(lasso_recipe(end=0.75, l0=0.5, gate_lr=0.1, dropout=0.3))
         extra = [StopAt(stop)] if stop else []
-        trainer = make_trainer(output_dir, model, [callback, *extra], max_steps=16, save_strategy="steps", save_steps=6)
+        trainer = make_trainer(
+            output_dir, model, [callback, *extra], max_steps=16, save_strategy="steps", save_steps=6
+        )
         trainer.train(resume_from_checkpoint=resume or None)
         return model, callback.pruner.strategies[0]
 
@@ -220,7 +253,9 @@ class DenseStack(nn.Module):
 
     def __init__(self, width: int = 4, depth: int = 3):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width * (i + 1), width), nn.Tanh()) for i in range(depth))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(width * (i + 1), width), nn.Tanh()) for i in range(depth)
+        )
         self.head = nn.Linear(width * (depth + 1), 1)
 
     def forward(self, x):
@@ -266,13 +301,18 @@ def test_compaction_deletes_gated_off_layers_into_a_stock_checkpoint(family, tmp
 
     assert compacted.config.num_hidden_layers == 1 and len(compacted.get_submodule(STACKS[family])) == 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the gated model is untouched
-    assert not any(isinstance(hook, ModelHook) for m in compacted.modules() for hook in m._forward_hooks.values())
+    assert not any(
+        isinstance(hook, ModelHook) for m in compacted.modules() for hook in m._forward_hooks.values()
+    )
     compacted.save_pretrained(tmp_path)
     loaded = getattr(transformers, type(model).__name__).from_pretrained(tmp_path)  # plain transformers
     probe = probe_batch(model)
     model.eval(), loaded.eval()
     with torch.no_grad():
-        reference, result = model(**probe, output_hidden_states=True), loaded(**probe, output_hidden_states=True)
+        reference, result = (
+            model(**probe, output_hidden_states=True),
+            loaded(**probe, output_hidden_states=True),
+        )
     torch.testing.assert_close(result.logits, reference.logits, atol=1e-4, rtol=0)
     assert len(result.hidden_states) == 2
 
@@ -309,7 +349,9 @@ def test_layers_heads_and_neurons_compact_together_and_load_in_one_call(tmp_path
     compacted.save_pretrained(tmp_path)
 
     layout = getattr(compacted.config, LAYOUT_KEY)
-    assert layout == {"head": {"bert.encoder.layer.0.attention": 1, "bert.encoder.layer.1.attention": 1}}  # renumbered
+    assert layout == {
+        "head": {"bert.encoder.layer.0.attention": 1, "bert.encoder.layer.1.attention": 1}
+    }  # renumbered
     loaded = load_compacted(tmp_path)
     probe = probe_batch(model)
     model.eval()
@@ -344,12 +386,15 @@ def test_compaction_before_the_gates_settle_says_so():
 # --- recipe errors -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, key, message", [
-    (lasso_recipe(keep=4), "pruners[0].targets", "keep is 4, but the targeted stacks have 4 layers"),
-    (lasso_recipe(target="attention.self"), "pruners[0].targets", "none is a layer stack"),
-    (lasso_recipe(keep=None), "pruners[0].config", "set keep (layers to select) or dropout"),
-    (lasso_recipe(stack="dense", dropout=0.5), "pruners[0].config", "the model must do it"),
-])
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        (lasso_recipe(keep=4), "pruners[0].targets", "keep is 4, but the targeted stacks have 4 layers"),
+        (lasso_recipe(target="attention.self"), "pruners[0].targets", "none is a layer stack"),
+        (lasso_recipe(keep=None), "pruners[0].config", "set keep (layers to select) or dropout"),
+        (lasso_recipe(stack="dense", dropout=0.5), "pruners[0].config", "the model must do it"),
+    ],
+)
 def test_bad_layer_lasso_entries_fail_before_training_with_their_key(text, key, message):
     with pytest.raises(RecipeError) as info:
         Pruner(text).attach(tiny_bert(layers=4))
@@ -363,9 +408,23 @@ def test_compact_command_deletes_the_layers_of_a_trainer_checkpoint(tmp_path, ca
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(lasso_recipe(end=0.5, keep=2, l0=0.5, gate_lr=0.2))
     model = tiny_bert(layers=4)
-    make_trainer(tmp_path / "run", model, [PruneCallback(str(recipe_file))], save_strategy="steps", save_steps=12).train()
+    make_trainer(
+        tmp_path / "run", model, [PruneCallback(str(recipe_file))], save_strategy="steps", save_steps=12
+    ).train()
 
-    assert main(["compact", str(tmp_path / "run" / "checkpoint-12"), "--recipe", str(recipe_file), "--output", str(tmp_path / "small")]) == 0
+    assert (
+        main(
+            [
+                "compact",
+                str(tmp_path / "run" / "checkpoint-12"),
+                "--recipe",
+                str(recipe_file),
+                "--output",
+                str(tmp_path / "small"),
+            ]
+        )
+        == 0
+    )
     assert "from_pretrained" in capsys.readouterr().out
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "small")
     assert loaded.config.num_hidden_layers <= 2

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle inside hfprune, the library apart from the command, moved paths still working."""
+"""The package's shape: no import cycle inside hfprune, the library apart from the command, moved paths still
+working."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def modules() -> dict[str, Path]:
 
 
 def imported(path: Path, known: set[str]) -> set[str]:
-    """The hfprune modules ``path`` imports anywhere (lazily inside functions too), but not under ``if TYPE_CHECKING``."""
+    """The hfprune modules ``path`` imports anywhere (lazily inside functions too), but not under ``if
+    TYPE_CHECKING``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
@@ -35,7 +37,10 @@ def imported(path: Path, known: set[str]) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # ``from hfprune.cli import run`` imports the submodule when there is one, else the package
-            found.update(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module for alias in node.names)
+            found.update(
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                for alias in node.names
+            )
     return {name for name in found if name in known}
 
 
@@ -89,8 +94,11 @@ def test_no_import_cycle_inside_hfprune():
 def test_the_library_never_imports_the_command():
     graph = import_graph()
     library = [name for name in graph if not name.startswith("hfprune.cli")]
-    assert {name: sorted(d for d in graph[name] if d.startswith("hfprune.cli")) for name in library if any(
-        d.startswith("hfprune.cli") for d in graph[name])} == {}
+    assert {
+        name: sorted(d for d in graph[name] if d.startswith("hfprune.cli"))
+        for name in library
+        if any(d.startswith("hfprune.cli") for d in graph[name])
+    } == {}
 
 
 def test_the_layer_lasso_strategy_does_not_import_ldnets_models():
@@ -98,12 +106,15 @@ def test_the_layer_lasso_strategy_does_not_import_ldnets_models():
         assert "hfprune_ldnet" not in path.read_text(encoding="utf-8"), path
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    ("hfprune.hooks", "hfprune.model_hooks"),
-    ("hfprune.sharding", "hfprune.integrations.sharding"),
-    ("hfprune.peft_names", "hfprune.integrations.peft_names"),
-    ("hfprune.lora", "hfprune.integrations.lora"),
-])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("hfprune.hooks", "hfprune.model_hooks"),
+        ("hfprune.sharding", "hfprune.integrations.sharding"),
+        ("hfprune.peft_names", "hfprune.integrations.peft_names"),
+        ("hfprune.lora", "hfprune.integrations.lora"),
+    ],
+)
 def test_moved_modules_import_by_their_old_path_with_a_warning(old, new):
     sys.modules.pop(old, None)
     with warnings.catch_warnings(record=True) as caught:

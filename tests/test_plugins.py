@@ -23,7 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfprune import PluginError, PruneOptimizer, Pruner, RecipeError, Strategy, StrategyConfig, hookimpl, load_recipe
+from hfprune import (
+    PluginError,
+    PruneOptimizer,
+    Pruner,
+    RecipeError,
+    Strategy,
+    StrategyConfig,
+    hookimpl,
+    load_recipe,
+)
 from hfprune.plugins import DISABLE_AUTOLOAD_ENV, NOT_DISTRIBUTED, PLUGINS_ENV, PluginInfo, build_registry
 
 from conftest import TokenDataset, tiny_bert
@@ -36,7 +45,10 @@ THRESHOLD = 0.02  # BERT initialises weights with std 0.02: about two thirds fal
 
 
 def recipe_text(strategy: str, config: str = "{}", schedule: str = "{start: 0, end: 1.0, every: 1}") -> str:
-    return f"version: 1\npruners:\n  - strategy: {strategy}\n    targets: {FFN_TARGETS}\n    schedule: {schedule}\n    config: {config}\n"
+    return (
+        f"version: 1\npruners:\n  - strategy: {strategy}\n    targets: {FFN_TARGETS}\n    schedule: "
+        f"{schedule}\n    config: {config}\n"
+    )
 
 
 RECIPES = {
@@ -67,18 +79,33 @@ def plugin_site(tmp_path_factory) -> Path:
     sources = []
     for name in DISTRIBUTIONS:
         sources.append(root / "src" / name)
-        shutil.copytree(PLUGIN_DIST / name, sources[-1], ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        shutil.copytree(
+            PLUGIN_DIST / name,
+            sources[-1],
+            ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+        )
     site = root / "site"
     command = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-        "--no-cache-dir", "--disable-pip-version-check", "--target", str(site), *map(str, sources),
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--target",
+        str(site),
+        *map(str, sources),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         pytest.fail(
             f"pip could not build and install the test plugins (exit {result.returncode}). "
             "--no-build-isolation builds with this environment's setuptools: install the test extra "
-            f"(pip install -e '.[test]').\n$ {' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}",
+            "(pip install -e '.[test]').\n$ "
+            f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}",
             pytrace=False,
         )
     return site
@@ -87,14 +114,24 @@ def plugin_site(tmp_path_factory) -> Path:
 def subprocess_env(site: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (DISABLE_AUTOLOAD_ENV, PLUGINS_ENV)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+    )
     env.update(overrides)
     return env
 
 
 def run(command: list[str], site: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=subprocess_env(site, **env), cwd=cwd, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"$ {' '.join(command)}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    result = subprocess.run(
+        command, env=subprocess_env(site, **env), cwd=cwd, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, (
+        f"$ {' '.join(command)}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
     return result
 
 
@@ -102,7 +139,11 @@ def plugin_rows(listing: str) -> dict[str, list[str]]:
     """The rows of ``hfprune plugins``' table by strategy: plugin, distribution, version."""
     lines = listing.splitlines()
     assert lines and lines[0].split()[:4] == ["strategy", "plugin", "distribution", "version"], listing
-    return {line.split()[0]: line.split()[1:4] for line in lines[1:] if line.strip() and not line.startswith(("failed:", "note:"))}
+    return {
+        line.split()[0]: line.split()[1:4]
+        for line in lines[1:]
+        if line.strip() and not line.startswith(("failed:", "note:"))
+    }
 
 
 def hfprune_plugins(site: Path, cwd: Path) -> tuple[dict[str, list[str]], str]:
@@ -132,7 +173,9 @@ print(json.dumps({"listing": listing.getvalue(), "recipes": recipes}))
 """
 
 
-def probe(site: Path, tmp_path: Path, *names: str, **env: str) -> tuple[dict[str, list[str]], str, dict[str, str]]:
+def probe(
+    site: Path, tmp_path: Path, *names: str, **env: str
+) -> tuple[dict[str, list[str]], str, dict[str, str]]:
     """In one fresh process (imports cost seconds): what ``hfprune plugins`` prints, and what loading each
     named recipe from a file gives ('ok' or the RecipeError text)."""
     script = tmp_path / "probe.py"
@@ -141,8 +184,14 @@ def probe(site: Path, tmp_path: Path, *names: str, **env: str) -> tuple[dict[str
     for name in names:
         paths.append(tmp_path / f"{name}.yaml")
         paths[-1].write_text(RECIPES[name])
-    report = json.loads(run([sys.executable, str(script), *map(str, paths)], site, tmp_path, **env).stdout.splitlines()[-1])
-    return plugin_rows(report["listing"]), report["listing"], {name: report["recipes"][str(path)] for name, path in zip(names, paths)}
+    report = json.loads(
+        run([sys.executable, str(script), *map(str, paths)], site, tmp_path, **env).stdout.splitlines()[-1]
+    )
+    return (
+        plugin_rows(report["listing"]),
+        report["listing"],
+        {name: report["recipes"][str(path)] for name, path in zip(names, paths)},
+    )
 
 
 def test_cli_lists_installed_plugins_with_their_distributions(plugin_site, tmp_path):
@@ -151,7 +200,9 @@ def test_cli_lists_installed_plugins_with_their_distributions(plugin_site, tmp_p
     assert rows["magnitude"] == ["magnitude", "hfprune", importlib.metadata.version("hfprune")], out
     assert "broken" not in rows, out
     failed = [line for line in out.splitlines() if "hfprune-broken" in line]
-    assert len(failed) == 1 and "'broken'" in failed[0] and "1.0.0" in failed[0] and MISSING_MODULE in failed[0], out
+    assert (
+        len(failed) == 1 and "'broken'" in failed[0] and "1.0.0" in failed[0] and MISSING_MODULE in failed[0]
+    ), out
 
 
 TRAIN = """
@@ -211,11 +262,17 @@ print(json.dumps({
 def test_installed_plugin_prunes_in_a_stock_trainer(plugin_site, tmp_path):
     (tmp_path / "threshold.yaml").write_text(RECIPES["threshold"])
     (tmp_path / "train.py").write_text(TRAIN)
-    out = run([sys.executable, "train.py", "threshold.yaml", str(tmp_path), str(Path(__file__).parent)], plugin_site, tmp_path).stdout
+    out = run(
+        [sys.executable, "train.py", "threshold.yaml", str(tmp_path), str(Path(__file__).parent)],
+        plugin_site,
+        tmp_path,
+    ).stdout
     report = json.loads(out.splitlines()[-1])
 
     assert report["strategy"] == "hfprune_threshold"
-    assert Path(report["plugin_file"]).is_relative_to(plugin_site)  # the pip-installed copy, not the source tree
+    assert Path(report["plugin_file"]).is_relative_to(
+        plugin_site
+    )  # the pip-installed copy, not the source tree
     assert report["provenance"] == "hfprune-threshold 0.3.0"
     assert report["zeros_only_grow"], report
     assert len(report["zero_counts"]) == 6
@@ -228,7 +285,9 @@ def test_installed_plugin_prunes_in_a_stock_trainer(plugin_site, tmp_path):
     total = sum(w.numel() for w in targets.values())
     assert 0.5 < zeros / total < 1.0
     assert report["sparsity"] == pytest.approx(zeros / total)
-    assert int((torch.load(tmp_path / "untargeted.pt") == 0).sum()) == 0  # modules outside the recipe are untouched
+    assert (
+        int((torch.load(tmp_path / "untargeted.pt") == 0).sum()) == 0
+    )  # modules outside the recipe are untouched
 
 
 def test_broken_plugin_fails_only_the_recipe_that_names_it(plugin_site, tmp_path):
@@ -245,10 +304,19 @@ def test_autoload_switches(plugin_site, tmp_path):
     rows, listing, results = probe(plugin_site, tmp_path, "magnitude", **{DISABLE_AUTOLOAD_ENV: "1"})
     assert rows == {}, listing
     assert DISABLE_AUTOLOAD_ENV in listing and "hfprune-broken" not in listing, listing
-    assert results["magnitude"].startswith("RecipeError: ") and "unknown strategy 'magnitude'" in results["magnitude"]
+    assert (
+        results["magnitude"].startswith("RecipeError: ")
+        and "unknown strategy 'magnitude'" in results["magnitude"]
+    )
     assert DISABLE_AUTOLOAD_ENV in results["magnitude"] and PLUGINS_ENV in results["magnitude"], results
 
-    rows, listing, results = probe(plugin_site, tmp_path, "magnitude", "threshold", **{DISABLE_AUTOLOAD_ENV: "1", PLUGINS_ENV: "magnitude"})
+    rows, listing, results = probe(
+        plugin_site,
+        tmp_path,
+        "magnitude",
+        "threshold",
+        **{DISABLE_AUTOLOAD_ENV: "1", PLUGINS_ENV: "magnitude"},
+    )
     assert list(rows) == ["magnitude"] and rows["magnitude"][1] == "hfprune", listing
     assert results["magnitude"] == "ok", results
     assert "unknown strategy 'threshold'" in results["threshold"], results
@@ -303,7 +371,12 @@ def test_object_with_hookimpl_method():
 
 
 def test_same_strategy_name_from_two_plugins_names_both_when_asked_for():
-    registry = build_registry(extra_plugins={"first": module_plugin("first", toy=Toy), "second": module_plugin("second", toy=OtherToy)})
+    registry = build_registry(
+        extra_plugins={
+            "first": module_plugin("first", toy=Toy),
+            "second": module_plugin("second", toy=OtherToy),
+        }
+    )
     assert registry.get("magnitude").cls.__name__ == "MagnitudeStrategy"  # the clash blocks only its own name
     with pytest.raises(PluginError) as info:
         registry.get("toy")
@@ -367,7 +440,9 @@ def test_a_hook_with_a_bad_signature_is_a_load_failure_not_a_crash():
 
     module.hfprune_register_strategies = hfprune_register_strategies
     registry = build_registry(extra_plugins={"badsig": module})
-    assert [p.name for p in registry.failed] == ["badsig"] and "PluginValidationError" in registry.failed[0].error
+    assert [p.name for p in registry.failed] == ["badsig"] and "PluginValidationError" in registry.failed[
+        0
+    ].error
 
 
 def test_a_plugin_name_used_twice_is_a_conflict_for_that_name_only():
@@ -437,7 +512,9 @@ def test_fake_distribution_is_discovered_with_its_name_and_version(fake_distribu
 
 
 def test_fake_distribution_that_fails_to_import(fake_distribution):
-    fake_distribution("fake-broken", "2.5", "fakebroken", "fake_broken_plugin", "raise ImportError('needs libfoo')\n")
+    fake_distribution(
+        "fake-broken", "2.5", "fakebroken", "fake_broken_plugin", "raise ImportError('needs libfoo')\n"
+    )
     registry = build_registry()  # a broken plugin does not break the registry
     assert PluginInfo("fakebroken", "fake-broken", "2.5", "ImportError: needs libfoo") in registry.plugins
     assert "magnitude" in registry.strategies
@@ -494,7 +571,10 @@ def test_threshold_strategy_masks_only_grow_and_resume(threshold_registry, one_t
         load_recipe(recipe_text("threshold", "{threshold: 0.1, sparsity: 0.5}"), threshold_registry)
 
     model = tiny_bert()
-    pruner = Pruner(recipe_text("threshold", f"{{threshold: {THRESHOLD}}}", "{start: 0, end: 4, every: 2}"), threshold_registry)
+    pruner = Pruner(
+        recipe_text("threshold", f"{{threshold: {THRESHOLD}}}", "{start: 0, end: 4, every: 2}"),
+        threshold_registry,
+    )
     pruner.attach(model)
     pruner.start(total_steps=6)
     optimizer = PruneOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), pruner)
@@ -512,7 +592,9 @@ def test_threshold_strategy_masks_only_grow_and_resume(threshold_registry, one_t
         optimizer.zero_grad()
         zeros = [p == 0 for p in params]
         if pruned is not None:
-            assert all(bool(z[gone].all()) for z, gone in zip(zeros, pruned)), f"a pruned weight came back at step {step}"
+            assert all(bool(z[gone].all()) for z, gone in zip(zeros, pruned)), (
+                f"a pruned weight came back at step {step}"
+            )
         if step in (0, 2, 4):  # update steps: nothing under the threshold survives
             assert all(bool((p[p.abs() < THRESHOLD] == 0).all()) for p in params)
         pruned = zeros
@@ -523,4 +605,6 @@ def test_threshold_strategy_masks_only_grow_and_resume(threshold_registry, one_t
     resumed.start(total_steps=6)
     resumed.load_state_dict(pruner.state_dict())
     assert resumed.step == 6
-    assert all(torch.equal(a, b) for a, b in zip(resumed.strategies[0].masks.masks, pruner.strategies[0].masks.masks))
+    assert all(
+        torch.equal(a, b) for a, b in zip(resumed.strategies[0].masks.masks, pruner.strategies[0].masks.masks)
+    )

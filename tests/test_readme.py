@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup_commands() -> list[str]:
-    block = re.search(r"## Setup: two commands.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(
+        r"## Setup: two commands.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S
+    ).group(1)
     return [line for line in block.splitlines() if line and not line.startswith("#")]
 
 
@@ -26,7 +28,8 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def python_block(path: Path, section: str) -> str:
-    """The first ```python block under the markdown heading ``section`` (any level) of the file at ``path``."""
+    """The first ```python block under the markdown heading ``section`` (any level) of the file at
+    ``path``."""
     text = path.read_text()
     found = re.search(rf"^#+ {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S | re.M)
     assert found, f"{path.relative_to(ROOT)} has no python block under a heading {section!r}"
@@ -34,10 +37,11 @@ def python_block(path: Path, section: str) -> str:
 
 
 def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
-    """The README's Trainer example, verbatim but for the model folder, on a tiny BERT: it trains, prunes and compacts."""
-    from conftest import TokenDataset, tiny_bert
-
+    """The README's Trainer example, verbatim but for the model folder, on a tiny BERT: it trains, prunes and
+    compacts."""
     import hfprune
+
+    from conftest import TokenDataset, tiny_bert
 
     model_dir = tmp_path / "my-bert"
     tiny_bert().save_pretrained(model_dir)
@@ -49,22 +53,36 @@ def test_the_trainer_example_runs_as_written(tmp_path, monkeypatch):
     small = hfprune.load_compacted(tmp_path / "small")
     full = sum(p.numel() for p in namespace["model"].parameters())
     assert sum(p.numel() for p in small.parameters()) < full
-    assert small.config.hfprune_layout  # half the heads of a BERT: per-block sizes, as the example's comment says
+    assert (
+        small.config.hfprune_layout
+    )  # half the heads of a BERT: per-block sizes, as the example's comment says
 
 
 def test_the_peft_example_runs_as_written(tmp_path):
     """docs/peft.md's LoRA example on a tiny BERT: the merged model keeps the pruned zeros, and compacts."""
-    from conftest import TokenDataset, tiny_bert
     from transformers import TrainingArguments
 
+    from conftest import TokenDataset, tiny_bert
+
     code = python_block(ROOT / "docs" / "peft.md", "Prune the base while LoRA trains")
-    # A small learning rate: the built-in lam, made for MiniLM, would shrink all of a tiny model's frozen weights to zero.
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-5,
-                             save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
+    # A small learning rate: the built-in lam, made for MiniLM, would shrink all of a tiny model's frozen
+    # weights to zero.
+    args = TrainingArguments(
+        str(tmp_path / "out"),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        learning_rate=1e-5,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     namespace = {"base": tiny_bert(), "args": args, "train": TokenDataset(size=64)}
     exec(compile(code, "docs/peft.md", "exec"), namespace)
     merged, small = namespace["merged"], namespace["small"]
     assert type(merged).__name__ == "BertForSequenceClassification"
     query = merged.bert.encoder.layer[0].attention.self.query.weight
-    assert (query == 0).all(dim=1).sum() == 16  # half of the rows: one of two heads, still exactly zero after the merge
+    assert (query == 0).all(
+        dim=1
+    ).sum() == 16  # half of the rows: one of two heads, still exactly zero after the merge
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in merged.parameters())

@@ -64,13 +64,37 @@ def test_yaml_exponent_without_dot_is_still_a_number():
 @pytest.mark.parametrize(
     ("old", "new", "line", "key", "message"),
     [
-        ("config: {sparsity: 0.8}", "config: {sparsity: 1.5}", 7, "pruners[0].config.sparsity", "must be < 1.0"),
-        ("config: {sparsity: 0.8}", "config: {sparsity: 0.8, scop: layer}", 7, "pruners[0].config.scop", "unknown key"),
-        ("config: {sparsity: 0.8}", "config: {sparsity: high}", 7, "pruners[0].config.sparsity", "valid number"),
+        (
+            "config: {sparsity: 0.8}",
+            "config: {sparsity: 1.5}",
+            7,
+            "pruners[0].config.sparsity",
+            "must be < 1.0",
+        ),
+        (
+            "config: {sparsity: 0.8}",
+            "config: {sparsity: 0.8, scop: layer}",
+            7,
+            "pruners[0].config.scop",
+            "unknown key",
+        ),
+        (
+            "config: {sparsity: 0.8}",
+            "config: {sparsity: high}",
+            7,
+            "pruners[0].config.sparsity",
+            "valid number",
+        ),
         ("config: {sparsity: 0.8}", "config: {}", 7, "pruners[0].config.sparsity", "required key is missing"),
         ("every: 10}", "every: 0}", 6, "pruners[0].schedule.every", "must be >= 1"),
         ("end: 0.7", "end: 1.5", 6, "pruners[0].schedule", "must be in [0, 1]"),
-        ("start: 0, end: 0.7", "start: 0.8, end: 0.7", 6, "pruners[0].schedule", "start (0.8) is after end (0.7)"),
+        (
+            "start: 0, end: 0.7",
+            "start: 0.8, end: 0.7",
+            6,
+            "pruners[0].schedule",
+            "start (0.8) is after end (0.7)",
+        ),
         ("schedule: {", "schedule: {when: 3, ", 6, "pruners[0].schedule.when", "unknown key"),
         ("strategy: magnitude", "strategy: magnitud", 3, "pruners[0].strategy", "did you mean 'magnitude'"),
         ('exclude: ["classifier"]', 'exclude: "classifier"', 5, "pruners[0].exclude", "valid list"),
@@ -95,14 +119,22 @@ def test_unknown_key_hint_lists_allowed_keys():
 def test_unknown_strategy_lists_installed_ones_and_their_distribution():
     error = error_of(GOOD.replace("strategy: magnitude", "strategy: lottery"))
     assert "unknown strategy 'lottery'" in str(error)
-    assert "installed strategies: " in str(error) and "magnitude (hfprune " in str(error) and "block-lasso (hfprune " in str(error)
+    assert (
+        "installed strategies: " in str(error)
+        and "magnitude (hfprune " in str(error)
+        and "block-lasso (hfprune " in str(error)
+    )
 
 
 def test_every_problem_is_reported_at_once_in_line_order():
     text = GOOD.replace("every: 10}", "every: 10, foo: 1}").replace("sparsity: 0.8", "sparsity: 2")
     text += "  - strategy: nope\n    targets: [Linear]\n"
     error = error_of(text)
-    assert [p.key for p in error.problems] == ["pruners[0].schedule.foo", "pruners[0].config.sparsity", "pruners[1].strategy"]
+    assert [p.key for p in error.problems] == [
+        "pruners[0].schedule.foo",
+        "pruners[0].config.sparsity",
+        "pruners[1].strategy",
+    ]
     assert [p.line for p in error.problems] == [6, 7, 8]
 
 
@@ -123,7 +155,11 @@ def test_file_errors_name_the_file(tmp_path):
         ("- just\n- a list\n", 1, "a recipe is a mapping"),
         ("version: 1\npruners: [\n", 3, "invalid YAML"),
         ("version: 1\npruners: []\n", 2, "at least 1 item"),
-        ("pruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {sparsity: 0.5}\n", 1, "required key is missing"),
+        (
+            "pruners:\n  - strategy: magnitude\n    targets: [Linear]\n    config: {sparsity: 0.5}\n",
+            1,
+            "required key is missing",
+        ),
         ("version: 1\nversion: 1\npruners: []\n", 2, "key appears twice"),
     ],
 )
@@ -142,7 +178,11 @@ def test_python_object_tags_are_refused_not_constructed(tmp_path):
 
 def test_alias_bombs_are_refused():
     lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]" for i in range(1, 7)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 7)
+    ]
     error = error_of("\n".join(lines) + "\npruners: []\n")
     assert "YAML nodes" in str(error)
 

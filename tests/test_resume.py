@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BERT_FFN_RECIPE, StopAt, make_trainer, tiny_bert
 
 from hfprune import PruneCallback, StateError
 from hfprune.state import STATE_FILE
+
+from conftest import BERT_FFN_RECIPE, StopAt, make_trainer, tiny_bert
 
 STEPS = 12  # the ramp ends at 0.5 of the run (step 6); checkpoints every 4 steps
 
@@ -15,7 +16,9 @@ STEPS = 12  # the ramp ends at 0.5 of the run (step 6); checkpoints every 4 step
 def run(output_dir, *extra_callbacks, resume=None, prune_callback=None):
     model = tiny_bert()
     callback = prune_callback or PruneCallback(BERT_FFN_RECIPE)
-    trainer = make_trainer(output_dir, model, [callback, *extra_callbacks], max_steps=STEPS, save_strategy="steps", save_steps=4)
+    trainer = make_trainer(
+        output_dir, model, [callback, *extra_callbacks], max_steps=STEPS, save_strategy="steps", save_steps=4
+    )
     trainer.train(resume_from_checkpoint=resume)
     return model, callback
 
@@ -47,8 +50,11 @@ def test_resume_from_a_checkpoint_in_another_folder_needs_resume_from(tmp_path, 
     run(source, StopAt(4))
     with pytest.raises(StateError, match="no hfprune_state.safetensors was found"):
         run(tmp_path / "second", resume=str(source / "checkpoint-4"))
-    model, callback = run(tmp_path / "third", resume=str(source / "checkpoint-4"),
-                          prune_callback=PruneCallback(BERT_FFN_RECIPE, resume_from=source / "checkpoint-4"))
+    model, callback = run(
+        tmp_path / "third",
+        resume=str(source / "checkpoint-4"),
+        prune_callback=PruneCallback(BERT_FFN_RECIPE, resume_from=source / "checkpoint-4"),
+    )
     assert all(torch.equal(a, b) for a, b in zip(masks_of(uninterrupted[1]), masks_of(callback)))
 
 
@@ -61,5 +67,8 @@ def test_state_from_another_run_is_refused(tmp_path):
     target.write_bytes(other.read_bytes())
     torch.manual_seed(1)
     with pytest.raises(StateError, match="different recipe|belongs to another checkpoint"):
-        run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-4"),
-            prune_callback=PruneCallback(BERT_FFN_RECIPE.replace("0.75", "0.7")))
+        run(
+            tmp_path / "b",
+            resume=str(tmp_path / "b" / "checkpoint-4"),
+            prune_callback=PruneCallback(BERT_FFN_RECIPE.replace("0.75", "0.7")),
+        )

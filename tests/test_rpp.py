@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import StopAt, make_trainer, tiny_bert
 from torch import nn
 from transformers import TrainerCallback
 
@@ -12,6 +11,8 @@ from hfprune import PruneCallback, RecipeError, StateError, load_recipe
 from hfprune.plugins import default_registry
 from hfprune.schedule import Schedule
 from hfprune.strategy import StepContext
+
+from conftest import StopAt, make_trainer, tiny_bert
 
 STEPS = 24
 FIX_STEP = 16  # schedule end: the proximal phase covers steps 2..15, the mask holds from step 16 on
@@ -25,14 +26,19 @@ pruners:
 """
 
 
-def rpp_strategy(weights: dict[str, list], schedule=Schedule(start=0, end=10, every=1), **config):
+TEN_STEPS = Schedule(start=0, end=10, every=1)
+
+
+def rpp_strategy(weights: dict[str, list], schedule=TEN_STEPS, **config):
     cls = default_registry().get("rpp").cls  # found through the entry point, as a user's recipe finds it
     params = {name: nn.Parameter(torch.tensor(value)) for name, value in weights.items()}
     return cls(cls.Config(sparsity=0.5, **config), {}, params, schedule)
 
 
 def test_proximal_step_matches_a_hand_computed_reference():
-    strategy = rpp_strategy({"a": [[0.5, -0.2], [0.03, -0.01]], "b": [0.6, -0.08]}, lam=0.1, eps=0.05, reweight_every=1)
+    strategy = rpp_strategy(
+        {"a": [[0.5, -0.2], [0.03, -0.01]], "b": [0.6, -0.08]}, lam=0.1, eps=0.05, reweight_every=1
+    )
     a, b = strategy.masks.params
     optimizer = torch.optim.SGD([{"params": [a], "lr": 0.5}, {"params": [b], "lr": 1.0}])
     group_of = {id(a): 0, id(b): 1}
@@ -56,7 +62,9 @@ def test_proximal_step_matches_a_hand_computed_reference():
 
 
 def test_reweighting_waits_reweight_every_steps_and_stops_at_schedule_end():
-    strategy = rpp_strategy({"a": [1.0, 0.5]}, schedule=Schedule(start=4, end=8, every=1), eps=1.0, reweight_every=3)
+    strategy = rpp_strategy(
+        {"a": [1.0, 0.5]}, schedule=Schedule(start=4, end=8, every=1), eps=1.0, reweight_every=3
+    )
     (a,) = strategy.masks.params
     optimizer = torch.optim.SGD([a], lr=0.0)  # lr 0: weights stay, only alpha moves
     group_of = {id(a): 0}
@@ -96,7 +104,9 @@ def rpp_run(tmp_path_factory):
     model = tiny_bert()
     callback = PruneCallback(RPP_RECIPE)
     record = RecordFFN(callback)
-    make_trainer(tmp_path_factory.mktemp("rpp"), model, [callback, record], max_steps=STEPS, weight_decay=0.1).train()
+    make_trainer(
+        tmp_path_factory.mktemp("rpp"), model, [callback, record], max_steps=STEPS, weight_decay=0.1
+    ).train()
     return model, callback, record
 
 
@@ -154,23 +164,31 @@ def test_state_round_trip_during_and_after_the_proximal_phase():
 def run_with_checkpoints(output_dir, *extra_callbacks, resume=None):
     model = tiny_bert()
     callback = PruneCallback(RPP_RECIPE)
-    trainer = make_trainer(output_dir, model, [callback, *extra_callbacks], max_steps=STEPS, save_strategy="steps", save_steps=5)
+    trainer = make_trainer(
+        output_dir, model, [callback, *extra_callbacks], max_steps=STEPS, save_strategy="steps", save_steps=5
+    )
     trainer.train(resume_from_checkpoint=resume)
     return model, callback
 
 
 def test_resume_in_the_proximal_phase_is_exact(tmp_path):
-    """Interrupted at step 8, resumed from the step-5 checkpoint: mid proximal phase, alphas already reweighted."""
+    """Interrupted at step 8, resumed from the step-5 checkpoint: mid proximal phase, alphas already
+    reweighted."""
     full_model, full = run_with_checkpoints(tmp_path / "full")
     run_with_checkpoints(tmp_path / "cut", StopAt(8))
     resumed_model, resumed = run_with_checkpoints(tmp_path / "cut", resume=True)
     for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    assert all(torch.equal(a, b) for a, b in zip(full.pruner.strategies[0].masks.keep(), resumed.pruner.strategies[0].masks.keep()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(full.pruner.strategies[0].masks.keep(), resumed.pruner.strategies[0].masks.keep())
+    )
 
 
 def test_bad_settings_fail_at_load_naming_the_key():
     with pytest.raises(RecipeError) as error:
-        load_recipe(RPP_RECIPE.replace("lam: 0.05", "lam: -1").replace("reweight_every: 2", "reweight_every: 0"))
+        load_recipe(
+            RPP_RECIPE.replace("lam: 0.05", "lam: -1").replace("reweight_every: 2", "reweight_every: 0")
+        )
     message = str(error.value)
     assert "pruners[0].config.lam" in message and "pruners[0].config.reweight_every" in message

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_bert
 
 from hfprune import Pruner
 from hfprune.schedule import Schedule, ScheduleSpec
+
+from conftest import tiny_bert
 
 
 def test_fractions_resolve_against_total_steps_and_ints_stay_steps():
@@ -63,4 +64,13 @@ pruners:
 
 def test_the_last_update_step_catches_up_with_missed_updates():
     schedule = Schedule(start=10, end=40, every=10)
-    assert [schedule.last_update_step(step) for step in (0, 9, 10, 19, 20, 39, 40, 99)] == [None, None, 10, 10, 20, 30, 40, 40]
+    assert [schedule.last_update_step(step) for step in (0, 9, 10, 19, 20, 39, 40, 99)] == [
+        None,
+        None,
+        10,
+        10,
+        20,
+        30,
+        40,
+        40,
+    ]

@@ -1,4 +1,5 @@
-"""Parameters split across processes (hfprune.integrations.sharding), in this process: FSDP2 on a one-process gloo group.
+"""Parameters split across processes (hfprune.integrations.sharding), in this process: FSDP2 on a one-process
+gloo group.
 
 With one process, ``fully_shard`` still makes every parameter a row-sharded DTensor and every
 collective runs (over one member), so the sharded code paths run here in milliseconds; the
@@ -10,23 +11,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import free_port
 from torch.distributed.fsdp import fully_shard
 
 from hfprune import Pruner, RecipeError, hookimpl
+from hfprune.integrations.sharding import WHOLE, RowShard, kth_smallest_of_parts, layout_of, plain_class
 from hfprune.masks import largest_magnitude_masks
 from hfprune.plugins import build_registry
-from hfprune.integrations.sharding import WHOLE, RowShard, kth_smallest_of_parts, layout_of, plain_class
 from hfprune.testing import tiny_bert
 from hfprune_magnitude import MagnitudeStrategy
 
-from test_distributed import free_port
-
-MAGNITUDE = "version: 1\npruners:\n  - strategy: {strategy}\n    targets: [{target}]\n    config: {{sparsity: 0.5}}\n"
+MAGNITUDE = (
+    "version: 1\npruners:\n  - strategy: {strategy}\n    targets: [{target}]\n    config: {{sparsity: 0.5}}\n"
+)
 
 
 @pytest.fixture(scope="module")
 def one_process_group():
-    """A gloo process group of this process alone, torn down after the module so other tests see no distributed run."""
+    """A gloo process group of this process alone, torn down after the module so other tests see no
+    distributed run."""
     import os
 
     saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
@@ -49,9 +52,14 @@ def test_fsdp2_rows_are_a_row_shard_and_class_targets_see_through_fully_shard(on
     model = sharded_bert()
     layer = model.bert.encoder.layer[0]
     layout = layout_of(layer.intermediate.dense.weight)
-    assert isinstance(layout, RowShard) and (layout.start, layout.stop) == (0, 64) and layout.shape == (64, 32)
+    assert (
+        isinstance(layout, RowShard) and (layout.start, layout.stop) == (0, 64) and layout.shape == (64, 32)
+    )
     assert type(layer).__name__ == "FSDPBertLayer" and plain_class(layer).__name__ == "BertLayer"
-    heads = "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [BertLayer]\n    config: {group: head, ratio: 0.5, lam: 0.1}\n"
+    heads = (
+        "version: 1\npruners:\n  - strategy: block-lasso\n    targets: [BertLayer]\n    config: {group: "
+        "head, ratio: 0.5, lam: 0.1}\n"
+    )
     plans = Pruner(heads).attach(model)
     assert len(plans[0].parameters) == 8  # Q, K, V and the output projection of both layers
 
@@ -66,9 +74,14 @@ def test_a_strategy_that_does_not_declare_sharding_support_is_refused(one_proces
             register("unaware", UnawareMagnitude)
 
     registry = build_registry(extra_plugins={"unaware-plugin": Plugin()})
-    with pytest.raises(RecipeError, match=r"(?s)targets.*intermediate\.dense\.weight is sharded by FSDP2, and strategy 'unaware' "
-                       r"does not declare .*2 targeted are.*CONTRIBUTING 'Sharded parameters'"):
-        Pruner(MAGNITUDE.format(strategy="unaware", target="intermediate.dense"), registry).attach(sharded_bert())
+    with pytest.raises(
+        RecipeError,
+        match=r"(?s)targets.*intermediate\.dense\.weight is sharded by FSDP2, and strategy 'unaware' "
+        r"does not declare .*2 targeted are.*CONTRIBUTING 'Sharded parameters'",
+    ):
+        Pruner(MAGNITUDE.format(strategy="unaware", target="intermediate.dense"), registry).attach(
+            sharded_bert()
+        )
 
 
 def test_other_splits_are_refused_with_what_is_supported(one_process_group):
@@ -79,19 +92,32 @@ def test_other_splits_are_refused_with_what_is_supported(one_process_group):
     dense = model.bert.encoder.layer[0].intermediate.dense
     mesh = init_device_mesh("cpu", (1,))
     dense.weight = torch.nn.Parameter(distribute_tensor(dense.weight.detach(), mesh, placements=[Shard(1)]))
-    with pytest.raises(RecipeError, match=r"layer\.0\.intermediate\.dense\.weight is a DTensor placed \(Shard\(dim=1\),\).*1-D row sharding"):
+    with pytest.raises(
+        RecipeError,
+        match=r"layer\.0\.intermediate\.dense\.weight is a DTensor placed \(Shard\(dim=1\),\).*1-D row "
+        r"sharding",
+    ):
         Pruner(MAGNITUDE.format(strategy="magnitude", target="intermediate.dense")).attach(model)
     model = tiny_bert()
-    model.bert.encoder.layer[1].intermediate.dense.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
-    with pytest.raises(RecipeError, match=r"(?s)layer\.1\.intermediate\.dense\.weight is partitioned by DeepSpeed ZeRO-3.*FSDP2"):
+    model.bert.encoder.layer[
+        1
+    ].intermediate.dense.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(
+        RecipeError,
+        match=r"(?s)layer\.1\.intermediate\.dense\.weight is partitioned by DeepSpeed ZeRO-3.*FSDP2",
+    ):
         Pruner(MAGNITUDE.format(strategy="magnitude", target="intermediate.dense")).attach(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_bisected_threshold_is_kthvalue(one_process_group, dtype):
-    """The sharded path (bisection on the float bits, counts all-reduced) finds the same k-th smallest, ties and zeros included."""
+    """The sharded path (bisection on the float bits, counts all-reduced) finds the same k-th smallest, ties
+    and zeros included."""
     generator = torch.Generator().manual_seed(0)
-    magnitudes = [torch.rand(40, 8, generator=generator).to(dtype), torch.rand(24, 8, generator=generator).to(dtype)]
+    magnitudes = [
+        torch.rand(40, 8, generator=generator).to(dtype),
+        torch.rand(24, 8, generator=generator).to(dtype),
+    ]
     magnitudes[0][:5] = 0.0  # already pruned
     magnitudes[1][3:9] = magnitudes[1][0, 0]  # ties
     parts = [m.float() for m in magnitudes]
@@ -100,7 +126,9 @@ def test_the_bisected_threshold_is_kthvalue(one_process_group, dtype):
     for k in (0, 1, 5, 6, 100, 257, everything.numel() - 1, everything.numel()):
         expected = everything.kthvalue(k).values if k else torch.tensor(-1.0)
         assert kth_smallest_of_parts(parts, shards, k) == expected, k
-        assert kth_smallest_of_parts(parts[:1], shards[:1], min(k, 320)) == kth_smallest_of_parts(parts[:1], [WHOLE], min(k, 320))
+        assert kth_smallest_of_parts(parts[:1], shards[:1], min(k, 320)) == kth_smallest_of_parts(
+            parts[:1], [WHOLE], min(k, 320)
+        )
 
 
 def test_magnitude_masks_of_sharded_parameters_are_those_of_the_whole_ones(one_process_group):
@@ -119,5 +147,9 @@ def test_lora_on_a_sharded_model_is_refused(one_process_group):
     model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query", "value"]))
     for layer in model.base_model.model.bert.encoder.layer:
         fully_shard(layer)
-    with pytest.raises(RecipeError, match=r"attention\.self\.query\.weight is sharded by FSDP2 in a peft model: LoRA under FSDP2 is not supported"):
+    with pytest.raises(
+        RecipeError,
+        match=r"attention\.self\.query\.weight is sharded by FSDP2 in a peft model: LoRA under FSDP2 is not "
+        r"supported",
+    ):
         Pruner(MAGNITUDE.format(strategy="magnitude", target="attention.self.query")).attach(model)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_bert, tiny_gpt2
 from transformers import AutoModelForSequenceClassification
 
-from hfprune.masks import largest_magnitude_masks
 from hfprune.compaction.sparse_file import load_sparse, pack_bits, save_sparse, unpack_bits
+from hfprune.masks import largest_magnitude_masks
+
+from conftest import tiny_bert, tiny_gpt2
 
 
 def test_bits_round_trip_at_lengths_that_are_not_multiples_of_eight():
@@ -36,9 +37,14 @@ def test_pruned_model_is_an_ordinary_checkpoint_and_its_sparse_file_is_exact_and
     path = save_sparse(state, tmp_path / "sparse.safetensors")
     restored = load_sparse(path)
     assert restored.keys() == state.keys()
-    assert all(torch.equal(value, restored[name]) and value.dtype == restored[name].dtype for name, value in state.items())
+    assert all(
+        torch.equal(value, restored[name]) and value.dtype == restored[name].dtype
+        for name, value in state.items()
+    )
     dense_size = (tmp_path / "dense" / "model.safetensors").stat().st_size
-    assert path.stat().st_size < 0.75 * dense_size  # the Linear weights (most of this model) shrink to 1/32 + 0.2
+    assert (
+        path.stat().st_size < 0.75 * dense_size
+    )  # the Linear weights (most of this model) shrink to 1/32 + 0.2
 
 
 def test_tied_weights_are_stored_once(tmp_path):

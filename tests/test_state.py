@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BERT_FFN_RECIPE, ffn_weights, tiny_bert
 from safetensors import safe_open
 
 from hfprune import Pruner, StateError
 from hfprune import state as state_module
 from hfprune.state import STATE_FILE, load_state, save_state
+
+from conftest import BERT_FFN_RECIPE, ffn_weights, tiny_bert
 
 
 def pruned(step_count: int = 3, recipe: str = BERT_FFN_RECIPE):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_bert, tiny_gpt2
 
 from hfprune import Pruner, RecipeError
 from hfprune.recipe.targets import match_targets, near_misses
+
+from conftest import tiny_bert, tiny_gpt2
 
 
 def names(model, targets, exclude=()):
@@ -16,8 +17,12 @@ def names(model, targets, exclude=()):
 def test_exact_name_dotted_suffix_regex_and_class_name():
     model = tiny_bert()
     assert names(model, ["bert.pooler.dense"]) == ["bert.pooler.dense"]
-    assert names(model, ["attention.output.dense"]) == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)]
-    assert names(model, [r"re:bert\.encoder\.layer\.1\.intermediate\.dense"]) == ["bert.encoder.layer.1.intermediate.dense"]
+    assert names(model, ["attention.output.dense"]) == [
+        f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)
+    ]
+    assert names(model, [r"re:bert\.encoder\.layer\.1\.intermediate\.dense"]) == [
+        "bert.encoder.layer.1.intermediate.dense"
+    ]
     linear = names(model, ["Linear"])
     assert len(linear) == 2 * 6 + 2  # six per layer, pooler, classifier
     assert "classifier" in linear
@@ -26,7 +31,10 @@ def test_exact_name_dotted_suffix_regex_and_class_name():
 def test_suffix_needs_a_whole_component_and_regex_a_full_match():
     model = tiny_bert()
     assert names(model, ["ense"]) == []
-    assert names(model, [r"re:.*query"]) == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query"]
+    assert names(model, [r"re:.*query"]) == [
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.1.attention.self.query",
+    ]
     assert names(model, [r"re:query"]) == []
 
 
@@ -67,7 +75,10 @@ def test_target_matching_nothing_is_a_recipe_error_with_line_and_hint():
 
 
 def test_two_entries_claiming_one_parameter_is_an_error():
-    text = RECIPE.format(targets="Linear") + "  - strategy: magnitude\n    targets: [intermediate.dense]\n    config: {sparsity: 0.3}\n"
+    text = (
+        RECIPE.format(targets="Linear")
+        + "  - strategy: magnitude\n    targets: [intermediate.dense]\n    config: {sparsity: 0.3}\n"
+    )
     with pytest.raises(RecipeError) as info:
         Pruner(text).attach(tiny_bert())
     assert info.value.key == "pruners[1].targets" and info.value.line == 7

@@ -7,12 +7,12 @@ import pytest
 from transformers.trainer_utils import PredictionOutput
 
 from hfprune.cli import build_parser
+from hfprune.cli.metrics import available, load_metric
+from hfprune.cli.run import RunSettings
+from hfprune.cli.tasks import PolarityTask
 from hfprune.data.polarity import CACHED_NAME
 from hfprune.errors import HfpruneError, RecipeError
-from hfprune.cli.run import RunSettings
-from hfprune.cli.metrics import available, load_metric
 from hfprune.recipe.run_sections import DataSection
-from hfprune.cli.tasks import PolarityTask
 
 SECTIONS_RECIPE = """\
 version: 1
@@ -35,7 +35,9 @@ def test_packaged_metrics_load_offline_and_agree_with_seqeval():
     result = load_metric("seqeval").compute(predictions=predicted, references=gold)
     assert result["f1"] == pytest.approx(f1_score(gold, predicted)) == pytest.approx(2 / 3)
     assert result["precision"] == pytest.approx(2 / 3) and result["recall"] == pytest.approx(2 / 3)
-    assert load_metric("accuracy").compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0]) == {"accuracy": 0.5}
+    assert load_metric("accuracy").compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0]) == {
+        "accuracy": 0.5
+    }
 
 
 def test_unknown_metric_names_the_available_ones():
@@ -47,7 +49,11 @@ def test_polarity_task_splits_encodes_and_scores(tmp_path, monkeypatch, minilm_t
     rows = [f'"{1 if i % 2 else -1}",sentence number {i} is {"good" if i % 2 else "bad"}' for i in range(50)]
     (tmp_path / CACHED_NAME).write_text("\n".join(rows) + "\n", encoding="utf-8")
     monkeypatch.setenv("HFPRUNE_CACHE", str(tmp_path))  # the cached CSV is read; nothing is downloaded
-    task = PolarityTask(DataSection(dataset="polarity", test_fraction=0.2, train_limit=30, max_length=8), minilm_tokenizer, seed=0)
+    task = PolarityTask(
+        DataSection(dataset="polarity", test_fraction=0.2, train_limit=30, max_length=8),
+        minilm_tokenizer,
+        seed=0,
+    )
     assert (len(task.train_examples), len(task.test_examples)) == (30, 10)
     assert task.labels == ["negative", "positive"]
     assert all(len(item["input_ids"]) <= 8 and item["labels"] in (0, 1) for item in task.train_set)
@@ -64,18 +70,49 @@ def run_args(*argv: str):
 def test_recipe_sections_set_the_run_and_flags_override_them(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(SECTIONS_RECIPE)
-    settings = RunSettings(run_args(str(recipe), "--output-dir", str(tmp_path / "out"), "--batch-size", "16", "--test-limit", "5"))
+    settings = RunSettings(
+        run_args(
+            str(recipe), "--output-dir", str(tmp_path / "out"), "--batch-size", "16", "--test-limit", "5"
+        )
+    )
     assert settings.model_path == "/models/some-bert"
-    assert (settings.data.dataset, settings.data.train_limit, settings.data.test_limit) == ("polarity", 100, 5)
+    assert (settings.data.dataset, settings.data.train_limit, settings.data.test_limit) == (
+        "polarity",
+        100,
+        5,
+    )
     training = settings.training
-    assert (training.epochs, training.batch_size, training.seed, training.learning_rate, training.baseline) == (2.0, 16, 7, 1e-4, True)
-    flags = RunSettings(run_args(str(recipe), "--output-dir", str(tmp_path / "out"), "--model", "/elsewhere", "--dataset", "wnut", "--no-baseline"))
-    assert flags.model_path == "/elsewhere" and flags.data.dataset == "wnut" and flags.training.baseline is False
+    assert (
+        training.epochs,
+        training.batch_size,
+        training.seed,
+        training.learning_rate,
+        training.baseline,
+    ) == (2.0, 16, 7, 1e-4, True)
+    flags = RunSettings(
+        run_args(
+            str(recipe),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--model",
+            "/elsewhere",
+            "--dataset",
+            "wnut",
+            "--no-baseline",
+        )
+    )
+    assert (
+        flags.model_path == "/elsewhere" and flags.data.dataset == "wnut" and flags.training.baseline is False
+    )
 
 
 def test_a_bad_run_section_fails_with_its_line(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(SECTIONS_RECIPE.replace("batch_size: 8", "batch_size: 0").replace("dataset: polarity", "dataset: imdb"))
+    recipe.write_text(
+        SECTIONS_RECIPE.replace("batch_size: 8", "batch_size: 0").replace(
+            "dataset: polarity", "dataset: imdb"
+        )
+    )
     with pytest.raises(RecipeError) as caught:
         RunSettings(run_args(str(recipe), "--output-dir", str(tmp_path / "out")))
     message = str(caught.value)
@@ -95,4 +132,7 @@ def test_an_output_folder_holding_other_files_is_refused_without_overwrite(tmp_p
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(HfpruneError, match="already holds files; pass --overwrite"):
         RunSettings(run_args("magnitude", "--output-dir", str(tmp_path / "out")))
-    assert RunSettings(run_args("magnitude", "--output-dir", str(tmp_path / "out"), "--overwrite")).output_dir == tmp_path / "out"
+    assert (
+        RunSettings(run_args("magnitude", "--output-dir", str(tmp_path / "out"), "--overwrite")).output_dir
+        == tmp_path / "out"
+    )

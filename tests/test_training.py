@@ -8,11 +8,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from conftest import BERT_FFN_RECIPE, TokenDataset, ffn_weights, make_trainer, tiny_bert, tiny_gpt2
 from transformers import TrainerCallback, default_data_collator, get_linear_schedule_with_warmup
 
 from hfprune import CompactionError, PruneCallback, PruneOptimizer, Pruner, Strategy, hookimpl
 from hfprune.plugins import build_registry
+
+from conftest import BERT_FFN_RECIPE, TokenDataset, ffn_weights, make_trainer, tiny_bert, tiny_gpt2
 
 
 def zeros_fraction(tensor: torch.Tensor) -> float:
@@ -72,13 +73,18 @@ def test_masked_weights_and_optimizer_state_stay_zero_every_step(tmp_path):
 
 def test_gradient_accumulation_acts_once_per_optimizer_step(tmp_path):
     callback = PruneCallback(BERT_FFN_RECIPE)
-    trainer = make_trainer(tmp_path, tiny_bert(), [callback], per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    trainer = make_trainer(
+        tmp_path, tiny_bert(), [callback], per_device_train_batch_size=2, gradient_accumulation_steps=4
+    )
     trainer.train()
     assert trainer.state.global_step == callback.pruner.step == 12
 
 
 def test_gpt2_causal_lm_trains_with_class_name_targets(tmp_path):
-    recipe = "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Conv1D]\n    schedule: {end: 0.5, every: 2}\n    config: {sparsity: 0.5, scope: global}\n"
+    recipe = (
+        "version: 1\npruners:\n  - strategy: magnitude\n    targets: [Conv1D]\n    schedule: {end: 0.5, "
+        "every: 2}\n    config: {sparsity: 0.5, scope: global}\n"
+    )
     model = tiny_gpt2()
     callback = PruneCallback(recipe)
     make_trainer(tmp_path, model, [callback], dataset=TokenDataset(causal_lm=True)).train()
@@ -106,7 +112,10 @@ class RecordingPlugin:
 def test_strategies_read_each_param_groups_lr_before_the_scheduler_moves_it(tmp_path):
     RecordingStrategy.calls = []
     registry = build_registry(extra_plugins={"recording": RecordingPlugin()})
-    recipe = "version: 1\npruners:\n  - strategy: recording\n    targets: [bert.encoder.layer.0.intermediate.dense, classifier]\n"
+    recipe = (
+        "version: 1\npruners:\n  - strategy: recording\n    targets: "
+        "[bert.encoder.layer.0.intermediate.dense, classifier]\n"
+    )
     model = tiny_bert()
     head = list(model.classifier.parameters())
     body = [p for p in model.parameters() if all(p is not h for h in head)]
@@ -169,8 +178,14 @@ def test_trainer_callback_and_accelerate_loop_give_the_same_weights(tmp_path):
     trained_by_trainer = tiny_bert()
     callback = PruneCallback(BERT_FFN_RECIPE)
     trainer = make_trainer(
-        tmp_path, trained_by_trainer, [callback], dataset=dataset, max_steps=steps, per_device_train_batch_size=batch,
-        max_grad_norm=0.0, train_sampling_strategy="sequential",
+        tmp_path,
+        trained_by_trainer,
+        [callback],
+        dataset=dataset,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
     )
     trainer.optimizer, trainer.lr_scheduler = optimizer_and_scheduler(trained_by_trainer)
     trainer.train()
@@ -203,7 +218,9 @@ def test_accelerate_gradient_accumulation_steps_the_pruner_once_per_real_step():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
     model = tiny_bert()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(TokenDataset(size=32), batch_size=2, collate_fn=default_data_collator)
+    loader = torch.utils.data.DataLoader(
+        TokenDataset(size=32), batch_size=2, collate_fn=default_data_collator
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     pruner = Pruner(BERT_FFN_RECIPE)
     pruner.attach(model)

@@ -26,8 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     except HfpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # a full disk or a folder without write permission: the system's words are clear enough
-        print(f"error: {exc}\n  hint: check the paths and free space; nothing was half-written over earlier results", file=sys.stderr)
+    except (
+        OSError
+    ) as exc:  # a full disk or a folder without write permission: the system's words are clear enough
+        print(
+            f"error: {exc}\n  hint: check the paths and free space; nothing was half-written over earlier "
+            "results",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -40,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="hfprune",
-        description="Prune Hugging Face models during training from a YAML recipe, and compact them into smaller ones.",
-        epilog="'hfprune COMMAND --help' explains each command. Exit codes: 0 success; 1 a problem with the recipe, a "
-        "plugin, state, compaction or the file system (one line, with a hint); 2 a usage error; 130 interrupted.",
+        description="Prune Hugging Face models during training from a YAML recipe, and compact them into "
+        "smaller ones.",
+        epilog="'hfprune COMMAND --help' explains each command. Exit codes: 0 success; 1 a problem with the "
+        "recipe, a "
+        "plugin, state, compaction or the file system (one line, with a hint); 2 a usage error; 130 "
+        "interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"hfprune {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from hfprune.cli.model_sources import AUTO_CLASSES, DEFAULT_MODEL_HINT, default_model_path, load_model_structure
+from hfprune.cli.model_sources import (
+    AUTO_CLASSES,
+    DEFAULT_MODEL_HINT,
+    default_model_path,
+    load_model_structure,
+)
 from hfprune.errors import HfpruneError
 from hfprune.integrations.peft_names import model_view
 from hfprune.pruner import Pruner
@@ -17,18 +22,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser(
         "check",
         help="validate a recipe against a model and show what each entry matches",
-        description="Validate RECIPE and match its targets in a model, without training. For each entry, print the "
-        "modules it matched, their parameter counts and the sparsity it will reach. Exits 1 with the recipe error "
+        description="Validate RECIPE and match its targets in a model, without training. For each entry, "
+        "print the "
+        "modules it matched, their parameter counts and the sparsity it will reach. Exits 1 with the recipe "
+        "error "
         "(file, line, key) when the recipe is bad.",
     )
-    check.add_argument("recipe", help=f"a YAML recipe file or a built-in recipe's name ({', '.join(builtin_recipes.builtin_names())})")
+    check.add_argument(
+        "recipe",
+        help=f"a YAML recipe file or a built-in recipe's name ({', '.join(builtin_recipes.builtin_names())})",
+    )
     check.add_argument("--model", help=f"model folder (config.json); default: {DEFAULT_MODEL_HINT}")
-    check.add_argument("--task", choices=sorted(AUTO_CLASSES), default="sequence-classification", help="which head to build (module names depend on it)")
-    check.add_argument("--total-steps", type=int, help="resolve fractional schedules against this many optimizer steps")
+    check.add_argument(
+        "--task",
+        choices=sorted(AUTO_CLASSES),
+        default="sequence-classification",
+        help="which head to build (module names depend on it)",
+    )
+    check.add_argument(
+        "--total-steps", type=int, help="resolve fractional schedules against this many optimizer steps"
+    )
     lora = check.add_mutually_exclusive_group()
-    lora.add_argument("--lora", metavar="MODULES", help="check against the model with LoRA on these comma-separated modules "
-                      "(peft's target_modules), showing which base weight each target resolves to")
-    lora.add_argument("--adapter", metavar="DIR", help="the same, with the LoRA config of a saved peft adapter (adapter_config.json)")
+    lora.add_argument(
+        "--lora",
+        metavar="MODULES",
+        help="check against the model with LoRA on these comma-separated modules "
+        "(peft's target_modules), showing which base weight each target resolves to",
+    )
+    lora.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="the same, with the LoRA config of a saved peft adapter (adapter_config.json)",
+    )
     check.set_defaults(handler=run_check)
 
 
@@ -40,40 +65,68 @@ def run_check(args: argparse.Namespace) -> int:
     plans = pruner.attach(model)
     view = model_view(model)
     if view.prefix:
-        print(f"names are the model's own: in the PeftModel each is prefixed {view.prefix!r} (targets may be written either way)")
+        print(
+            f"names are the model's own: in the PeftModel each is prefixed {view.prefix!r} (targets may be "
+            "written either way)"
+        )
     total_model = sum(p.numel() for p in model.parameters())
     total_targeted = 0
     for plan in plans:
         entry = pruner.recipe.pruners[plan.index]
         try:
-            schedule = entry.schedule.resolve(args.total_steps) if args.total_steps or not entry.schedule.uses_fractions else entry.schedule
+            schedule = (
+                entry.schedule.resolve(args.total_steps)
+                if args.total_steps or not entry.schedule.uses_fractions
+                else entry.schedule
+            )
         except ValueError as exc:
-            raise pruner.recipe.error([pruner.recipe.problem(("pruners", plan.index, "schedule"), str(exc))]) from None
+            raise pruner.recipe.error(
+                [pruner.recipe.problem(("pruners", plan.index, "schedule"), str(exc))]
+            ) from None
         count = plan.numel
         total_targeted += count
-        print(f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  schedule {_schedule_text(schedule)}")
+        print(
+            f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  schedule "
+            f"{_schedule_text(schedule)}"
+        )
         if not plan.parameters:
             for line in plan.strategy.cls.describe(plan.modules, plan.config):
                 print(f"  {line}")
             continue
         width = max(len(n) for n in plan.parameters)
         for name, param in plan.parameters.items():
-            print(f"  {name:<{width}}  {type(view.modules[name.rpartition('.')[0]]).__name__:<10} {tuple(param.shape)!s:<14} {param.numel():>10,}")
+            print(
+                f"  {name:<{width}}  {type(view.modules[name.rpartition('.')[0]]).__name__:<10} "
+                f"{tuple(param.shape)!s:<14} {param.numel():>10,}"
+            )
             if view.wrapped_layer(name):
-                print(f"    = {view.peft_name(name)} (LoRA base weight: its adapter's update is masked like it)")
+                print(
+                    f"    = {view.peft_name(name)} (LoRA base weight: its adapter's update is masked like it)"
+                )
         planned = plan.config.planned_sparsity()
-        reach = f"will zero {planned:.1%} ({round(planned * count):,} weights)" if planned is not None else "sparsity set by training"
+        reach = (
+            f"will zero {planned:.1%} ({round(planned * count):,} weights)"
+            if planned is not None
+            else "sparsity set by training"
+        )
         print(f"  {len(plan.parameters)} parameters, {count:,} weights; {reach}")
     if total_targeted:
         entries = "1 entry targets" if len(plans) == 1 else f"{len(plans)} entries target"
-        print(f"recipe OK: {entries} {total_targeted:,} of {total_model:,} model weights ({total_targeted / total_model:.1%})")
+        print(
+            f"recipe OK: {entries} {total_targeted:,} of {total_model:,} model weights "
+            f"({total_targeted / total_model:.1%})"
+        )
     else:
-        print(f"recipe OK: {len(plans)} {'entry' if len(plans) == 1 else 'entries'}, acting on what is listed above")
+        print(
+            f"recipe OK: {len(plans)} {'entry' if len(plans) == 1 else 'entries'}, acting on what is listed "
+            "above"
+        )
     return 0
 
 
 def _with_adapter(model, args: argparse.Namespace):
-    """``model`` wrapped by peft as ``--lora`` or ``--adapter`` say (structure only: no adapter weights are read)."""
+    """``model`` wrapped by peft as ``--lora`` or ``--adapter`` say (structure only: no adapter weights are
+    read)."""
     if not (args.lora or args.adapter):
         return model
     from peft import LoraConfig, PeftConfig, get_peft_model

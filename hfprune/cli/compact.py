@@ -17,19 +17,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``compact`` subcommand to the ``hfprune`` command line."""
     compact = commands.add_parser(
         "compact",
-        help="turn a pruned Trainer checkpoint into a smaller model without its pruned layers, heads and neurons",
-        description="Load the model in CHECKPOINT (a Trainer checkpoint folder holding hfprune_state.safetensors), remove "
-        "the layers, heads and neurons RECIPE's structured strategies pruned, check the smaller model's outputs against the "
-        "pruned one's, and save it (with the tokenizer, if the checkpoint has one) to OUTPUT. A checkpoint of a LoRA run "
-        "(adapter_config.json) is loaded over the base model its config names, and the adapters are merged with the "
+        help="turn a pruned Trainer checkpoint into a smaller model without its pruned layers, heads and "
+        "neurons",
+        description="Load the model in CHECKPOINT (a Trainer checkpoint folder holding "
+        "hfprune_state.safetensors), remove "
+        "the layers, heads and neurons RECIPE's structured strategies pruned, check the smaller model's "
+        "outputs against the "
+        "pruned one's, and save it (with the tokenizer, if the checkpoint has one) to OUTPUT. A checkpoint "
+        "of a LoRA run "
+        "(adapter_config.json) is loaded over the base model its config names, and the adapters are merged "
+        "with the "
         "pruned weights kept zero before compacting. Load the result with "
-        "hfprune.load_compacted(OUTPUT); when every layer kept the same sizes and the config can state them, plain "
+        "hfprune.load_compacted(OUTPUT); when every layer kept the same sizes and the config can state "
+        "them, plain "
         "AutoModelFor*.from_pretrained(OUTPUT) loads it too.",
     )
-    compact.add_argument("checkpoint", help="Trainer checkpoint folder (config.json and weights, or a LoRA adapter; hfprune_state.safetensors)")
-    compact.add_argument("--recipe", required=True, help="the recipe the run trained with (a file or a built-in recipe's name)")
-    compact.add_argument("--output", required=True, help="folder to write the compacted model to (must not exist or be empty)")
-    compact.add_argument("--task", choices=sorted(AUTO_CLASSES), default="sequence-classification", help="which head the checkpoint has")
+    compact.add_argument(
+        "checkpoint",
+        help="Trainer checkpoint folder (config.json and weights, or a LoRA adapter; "
+        "hfprune_state.safetensors)",
+    )
+    compact.add_argument(
+        "--recipe", required=True, help="the recipe the run trained with (a file or a built-in recipe's name)"
+    )
+    compact.add_argument(
+        "--output", required=True, help="folder to write the compacted model to (must not exist or be empty)"
+    )
+    compact.add_argument(
+        "--task",
+        choices=sorted(AUTO_CLASSES),
+        default="sequence-classification",
+        help="which head the checkpoint has",
+    )
     compact.set_defaults(handler=run_compact)
 
 
@@ -46,11 +65,20 @@ def run_compact(args: argparse.Namespace) -> int:
     compacted = pruner.compact(model)
     save_compacted(compacted, args.output, tokenizer_from=checkpoint)
     after = sum(p.numel() for p in compacted.parameters())
-    print(f"compacted {before:,} -> {after:,} parameters ({before / after:.2f}x fewer); outputs checked on a probe batch")
+    print(
+        f"compacted {before:,} -> {after:,} parameters ({before / after:.2f}x fewer); outputs checked on a "
+        "probe batch"
+    )
     if getattr(compacted.config, LAYOUT_KEY, None):
-        how = f"hfprune.load_compacted({str(args.output)!r}) (the config records per-block sizes a stock config cannot state)"
+        how = (
+            f"hfprune.load_compacted({str(args.output)!r}) (the config records per-block sizes a stock "
+            "config cannot state)"
+        )
     else:
-        how = f"plain {AUTO_CLASSES[args.task]}.from_pretrained({str(args.output)!r}) (stock config) or hfprune.load_compacted"
+        how = (
+            f"plain {AUTO_CLASSES[args.task]}.from_pretrained({str(args.output)!r}) (stock config) or "
+            "hfprune.load_compacted"
+        )
     print(f"saved to {args.output}; load it with {how}")
     return 0
 

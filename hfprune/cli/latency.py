@@ -39,6 +39,11 @@ def interleaved_times(runs: dict[str, Callable[[], object]], repeats: int) -> di
 
 
 @torch.inference_mode()
-def interleaved_latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
-    """Median milliseconds per forward pass of each model (in eval mode) on ``inputs``: :func:`interleaved_times`."""
-    return interleaved_times({name: partial(model.eval(), **inputs) for name, model in models.items()}, repeats)
+def interleaved_latency(
+    models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int
+) -> dict[str, float]:
+    """Median milliseconds per forward pass of each model (in eval mode) on ``inputs``:
+    :func:`interleaved_times`."""
+    return interleaved_times(
+        {name: partial(model.eval(), **inputs) for name, model in models.items()}, repeats
+    )

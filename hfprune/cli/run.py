@@ -17,12 +17,12 @@ import argparse
 import time
 from pathlib import Path
 
-from hfprune.recipe import builtin as builtin_recipes
-from hfprune.errors import CompactionError, HfpruneError
 from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, default_model_path
-from hfprune.recipe.schema import load_recipe
-from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection, merge
 from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
+from hfprune.errors import CompactionError, HfpruneError
+from hfprune.recipe import builtin as builtin_recipes
+from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection, merge
+from hfprune.recipe.schema import load_recipe
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
 LATENCY_BATCHES = {1: 30, 32: 10}  # batch size: timed forward passes of each model
@@ -33,33 +33,98 @@ def register(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run",
         help="the main job: fine-tune while a recipe prunes, then compact, score, time and report",
-        description="Fine-tune a model with a stock transformers Trainer while RECIPE prunes it, compact it (delete pruned "
-        "layers, heads and neurons; outputs checked against the pruned model), score both on held-out data, time both on "
-        "this machine, and write to the output folder: model/ (the compacted checkpoint), report.json, report.md and "
-        "pruning.png. With no arguments: all-MiniLM-L6-v2 on WNUT-16 NER with the built-in 'default' recipe, offline, "
-        "about 8 minutes on 2 CPU cores. The recipe's model:, data: and training: sections set the run; the flags "
+        description="Fine-tune a model with a stock transformers Trainer while RECIPE prunes it, compact it "
+        "(delete pruned "
+        "layers, heads and neurons; outputs checked against the pruned model), score both on held-out data, "
+        "time both on "
+        "this machine, and write to the output folder: model/ (the compacted checkpoint), report.json, "
+        "report.md and "
+        "pruning.png. With no arguments: all-MiniLM-L6-v2 on WNUT-16 NER with the built-in 'default' "
+        "recipe, offline, "
+        "about 8 minutes on 2 CPU cores. The recipe's model:, data: and training: sections set the run; the "
+        "flags "
         "below override them.",
     )
-    run.add_argument("recipe", nargs="?", default="default",
-                     help=f"a YAML recipe file or a built-in recipe's name ({', '.join(builtin_recipes.builtin_names())}; default: default)")
-    run.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR, help=f"where the model and reports go (default: {DEFAULT_OUTPUT_DIR})")
-    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in the output folder")
+    run.add_argument(
+        "recipe",
+        nargs="?",
+        default="default",
+        help="a YAML recipe file or a built-in recipe's name "
+        f"({', '.join(builtin_recipes.builtin_names())}; default: default)",
+    )
+    run.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        default=DEFAULT_OUTPUT_DIR,
+        help=f"where the model and reports go (default: {DEFAULT_OUTPUT_DIR})",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in the output folder"
+    )
     model = run.add_argument_group("model and data (recipe sections model:, data:)")
-    model.add_argument("--model", metavar="PATH", help=f"model folder with config.json, weights and a fast tokenizer; default: {DEFAULT_MODEL_HINT}")
-    model.add_argument("--teacher", metavar="PATH", help="a model already fine-tuned on this task, used as the dense reference "
-                       "and as the teacher (recipe distillation:) instead of fine-tuning one first")
-    model.add_argument("--dataset", choices=["wnut", "polarity"], help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy")
-    model.add_argument("--train-limit", type=_positive(int), metavar="N", help="train on the first N training examples only (quick runs)")
-    model.add_argument("--test-limit", type=_positive(int), metavar="N", help="score on the first N test examples only")
+    model.add_argument(
+        "--model",
+        metavar="PATH",
+        help=f"model folder with config.json, weights and a fast tokenizer; default: {DEFAULT_MODEL_HINT}",
+    )
+    model.add_argument(
+        "--teacher",
+        metavar="PATH",
+        help="a model already fine-tuned on this task, used as the dense reference "
+        "and as the teacher (recipe distillation:) instead of fine-tuning one first",
+    )
+    model.add_argument(
+        "--dataset",
+        choices=["wnut", "polarity"],
+        help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy",
+    )
+    model.add_argument(
+        "--train-limit",
+        type=_positive(int),
+        metavar="N",
+        help="train on the first N training examples only (quick runs)",
+    )
+    model.add_argument(
+        "--test-limit", type=_positive(int), metavar="N", help="score on the first N test examples only"
+    )
     training = run.add_argument_group("training (recipe section training:)")
-    training.add_argument("--epochs", metavar="N", type=_positive(float), help=f"training epochs (default: {TrainingSection().epochs:g})")
-    training.add_argument("--max-steps", metavar="N", type=_positive(int), help="stop after this many optimizer steps; overrides epochs")
-    training.add_argument("--batch-size", metavar="N", type=_positive(int), help=f"examples per step (default: {TrainingSection().batch_size})")
-    training.add_argument("--learning-rate", metavar="LR", type=_positive(float), help=f"peak learning rate, decayed linearly to 0 (default: {TrainingSection().learning_rate:g})")
-    training.add_argument("--seed", metavar="N", type=int, help=f"seed for the split, the new head and training (default: {TrainingSection().seed})")
-    training.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                          help="first fine-tune the same model without pruning: the dense score beside the pruned one, and the "
-                          "teacher when the recipe distills (default: on; --no-baseline skips it, halving the time)")
+    training.add_argument(
+        "--epochs",
+        metavar="N",
+        type=_positive(float),
+        help=f"training epochs (default: {TrainingSection().epochs:g})",
+    )
+    training.add_argument(
+        "--max-steps",
+        metavar="N",
+        type=_positive(int),
+        help="stop after this many optimizer steps; overrides epochs",
+    )
+    training.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=_positive(int),
+        help=f"examples per step (default: {TrainingSection().batch_size})",
+    )
+    training.add_argument(
+        "--learning-rate",
+        metavar="LR",
+        type=_positive(float),
+        help=f"peak learning rate, decayed linearly to 0 (default: {TrainingSection().learning_rate:g})",
+    )
+    training.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        help=f"seed for the split, the new head and training (default: {TrainingSection().seed})",
+    )
+    training.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="first fine-tune the same model without pruning: the dense score beside the pruned one, and the "
+        "teacher when the recipe distills (default: on; --no-baseline skips it, halving the time)",
+    )
     run.set_defaults(handler=run_main)
 
 
@@ -84,21 +149,38 @@ class RunSettings:
 
     def __init__(self, args: argparse.Namespace):
         self.recipe_path = builtin_recipes.resolve(args.recipe)
-        self.recipe = load_recipe(self.recipe_path)  # a bad recipe fails here, before transformers is imported
+        self.recipe = load_recipe(
+            self.recipe_path
+        )  # a bad recipe fails here, before transformers is imported
         model = merge(self.recipe.model, ModelSection, {"path": args.model, "teacher": args.teacher})
-        self.data = merge(self.recipe.data, DataSection, {"dataset": args.dataset, "train_limit": args.train_limit, "test_limit": args.test_limit})
-        self.training = merge(self.recipe.training, TrainingSection, {
-            "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
-            "learning_rate": args.learning_rate, "seed": args.seed, "baseline": args.baseline,
-        })
+        self.data = merge(
+            self.recipe.data,
+            DataSection,
+            {"dataset": args.dataset, "train_limit": args.train_limit, "test_limit": args.test_limit},
+        )
+        self.training = merge(
+            self.recipe.training,
+            TrainingSection,
+            {
+                "epochs": args.epochs,
+                "max_steps": args.max_steps,
+                "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate,
+                "seed": args.seed,
+                "baseline": args.baseline,
+            },
+        )
         self.model_path = model.path or default_model_path()
         self.teacher_path = model.teacher
         distillation = self.recipe.distillation
-        # The dense model the run needs as its teacher, if the recipe distills and names no teacher of its own.
+        # The dense model the run needs as its teacher, if the recipe distills and names no teacher of its
+        # own.
         self.needs_teacher = distillation is not None and distillation.teacher is None
         if self.needs_teacher and not (self.teacher_path or self.training.baseline):
-            raise HfpruneError(f"{self.recipe_path} distills from the dense model, and --no-baseline skips fine-tuning it: "
-                               "drop --no-baseline, or pass --teacher PATH (a model already fine-tuned on this task)")
+            raise HfpruneError(
+                f"{self.recipe_path} distills from the dense model, and --no-baseline skips fine-tuning it: "
+                "drop --no-baseline, or pass --teacher PATH (a model already fine-tuned on this task)"
+            )
         self.output_dir = Path(args.output_dir)
         _check_output_dir(self.output_dir, args.overwrite)
 
@@ -109,22 +191,30 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise HfpruneError(f"--output-dir {output_dir} is a file, not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         earlier = "the results of an earlier run" if (output_dir / REPORT_JSON).is_file() else "files"
-        raise HfpruneError(f"{output_dir} already holds {earlier}; pass --overwrite to replace them, or --output-dir NEW")
+        raise HfpruneError(
+            f"{output_dir} already holds {earlier}; pass --overwrite to replace them, or --output-dir NEW"
+        )
 
 
 def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: settings first (cheap), then train, compact, score, time, save, report."""
     started = time.perf_counter()
     settings = RunSettings(args)
-    print(f"hfprune run: {settings.recipe_path} prunes {args.model or 'all-MiniLM-L6-v2'} while it is fine-tuned for "
-          f"{_task_class(settings).description}; results go to {settings.output_dir}/")
+    print(
+        f"hfprune run: {settings.recipe_path} prunes {args.model or 'all-MiniLM-L6-v2'} while it is "
+        "fine-tuned for "
+        f"{_task_class(settings).description}; results go to {settings.output_dir}/"
+    )
 
     # Imported after the banner: loading transformers takes seconds.
     from hfprune.callback import PruneCallback
     from hfprune.cli.tasks import load_task
 
     task = load_task(settings.data, _load_tokenizer(settings.model_path), settings.training.seed)
-    print(f"data: {len(task.train_examples)} training and {len(task.test_examples)} test examples, {len(task.labels)} labels")
+    print(
+        f"data: {len(task.train_examples)} training and {len(task.test_examples)} test examples, "
+        f"{len(task.labels)} labels"
+    )
     dense = _dense_model(task, settings)
     baseline = task.score(_predict(dense, task, settings)) if dense is not None else None
     if baseline is not None:
@@ -132,31 +222,41 @@ def run_main(args: argparse.Namespace) -> int:
     callback = PruneCallback(settings.recipe, teacher=dense if settings.needs_teacher else None)
     model, trainer = _train(task, settings, callbacks=[callback])
     compacted, compaction = _compact(callback, model)
-    report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {"compaction": compaction}
+    report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {
+        "compaction": compaction
+    }
     final = compacted if compacted is not None else model
     _save_model(final, settings)
     report["loader"] = _loader(final)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_results(settings.output_dir, report, task.headline)
     print(summary(report, task.headline))
-    print(f"results: {settings.output_dir / REPORT_MD}, {settings.output_dir / REPORT_JSON}, {settings.output_dir / PICTURE}; "
-          f"model: {settings.output_dir / MODEL_FOLDER}/")
+    print(
+        f"results: {settings.output_dir / REPORT_MD}, {settings.output_dir / REPORT_JSON}, "
+        f"{settings.output_dir / PICTURE}; "
+        f"model: {settings.output_dir / MODEL_FOLDER}/"
+    )
     return 0
 
 
 def _dense_model(task, settings: RunSettings):
-    """The dense reference (and teacher): loaded from ``--teacher``, or fine-tuned here without pruning; None if skipped."""
+    """The dense reference (and teacher): loaded from ``--teacher``, or fine-tuned here without pruning; None
+    if skipped."""
     if settings.teacher_path:
         print(f"dense: {settings.teacher_path}, already fine-tuned")
         return task.model(settings.teacher_path, fine_tuned=True)
     if settings.training.baseline:
-        print("dense: fine-tuning without pruning first (the reference" + (" and the teacher)" if settings.needs_teacher else ")"))
+        print(
+            "dense: fine-tuning without pruning first (the reference"
+            + (" and the teacher)" if settings.needs_teacher else ")")
+        )
         return _train(task, settings, callbacks=[])[0]
     return None
 
 
 def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: dict | None) -> dict:
-    """Everything report.json says about the trained model (``trainer.model``) and its compacted copy, if any."""
+    """Everything report.json says about the trained model (``trainer.model``) and its compacted copy, if
+    any."""
     from hfprune.compaction.structure import model_structure
 
     model = trainer.model
@@ -171,17 +271,26 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
         "test_examples": len(task.test_examples),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
-        "settings": settings.training.model_dump() | {"dataset": settings.data.dataset, "max_length": settings.data.max_length},
+        "settings": settings.training.model_dump()
+        | {"dataset": settings.data.dataset, "max_length": settings.data.max_length},
         "teacher": _teacher_source(settings, pruner),
-        "scores": {"baseline": baseline, "pruned": task.score(_predict(model, task, settings)), "compacted": compacted_score},
+        "scores": {
+            "baseline": baseline,
+            "pruned": task.score(_predict(model, task, settings)),
+            "compacted": compacted_score,
+        },
         "sparsity": _sparsity(pruner),
-        "strategy_metrics": {k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")},
+        "strategy_metrics": {
+            k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")
+        },
         "parameters": {
             "full_size": _count(model),
             "targeted": sum(plan.numel for plan in pruner.plans),
             "compacted": _count(compacted) if compacted is not None else None,
             "layers_full_size": _layer_parameters(structure),
-            "layers_compacted": _layer_parameters(model_structure(compacted, pruner.registry.architectures)) if compacted is not None else None,
+            "layers_compacted": _layer_parameters(model_structure(compacted, pruner.registry.architectures))
+            if compacted is not None
+            else None,
         },
         "latency": _latency(model, compacted, settings.data.max_length),
         "structure": structure,
@@ -219,7 +328,9 @@ def _arguments(settings: RunSettings):
 
     training = settings.training
     return TrainingArguments(
-        output_dir=str(settings.output_dir),  # nothing is written there by the Trainer itself: save_strategy="no"
+        output_dir=str(
+            settings.output_dir
+        ),  # nothing is written there by the Trainer itself: save_strategy="no"
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
         per_device_train_batch_size=training.batch_size,
@@ -240,8 +351,14 @@ def _train(task, settings: RunSettings, callbacks: list):
 
     set_seed(settings.training.seed)  # before the model is built: the new head is random
     model = task.model(settings.model_path)
-    trainer = Trainer(model=model, args=_arguments(settings), data_collator=task.collator(), train_dataset=task.train_set,
-                      processing_class=task.tokenizer, callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=_arguments(settings),
+        data_collator=task.collator(),
+        train_dataset=task.train_set,
+        processing_class=task.tokenizer,
+        callbacks=callbacks,
+    )
     trainer.train()
     return model, trainer
 
@@ -249,11 +366,14 @@ def _train(task, settings: RunSettings, callbacks: list):
 def _predict(model, task, settings: RunSettings):
     from transformers import Trainer
 
-    return Trainer(model=model, args=_arguments(settings), data_collator=task.collator()).predict(task.test_set)
+    return Trainer(model=model, args=_arguments(settings), data_collator=task.collator()).predict(
+        task.test_set
+    )
 
 
 def _compact(callback, model):
-    """(compacted model, 'ok'), or (None, why nothing could be removed: unstructured sparsity leaves nothing whole)."""
+    """(compacted model, 'ok'), or (None, why nothing could be removed: unstructured sparsity leaves nothing
+    whole)."""
     try:
         return callback.compact(model), "ok"
     except CompactionError as exc:
@@ -269,47 +389,68 @@ def _sparsity(pruner) -> dict:
     values = pruner.sparsity()
     return {
         "global": round(values.get("sparsity", 0.0), 4),
-        "entries": {key.removeprefix("sparsity/"): round(v, 4) for key, v in values.items() if key != "sparsity"},
+        "entries": {
+            key.removeprefix("sparsity/"): round(v, 4) for key, v in values.items() if key != "sparsity"
+        },
     }
 
 
 def _latency(model, compacted, sequence: int) -> list[dict]:
-    """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed alternately."""
+    """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed
+    alternately."""
     from hfprune.cli.latency import interleaved_latency, random_inputs
 
     if compacted is None:
         return []
-    print(f"timing the full-size and the compacted model (batch {' and '.join(map(str, LATENCY_BATCHES))}, {sequence} tokens)")
+    print(
+        f"timing the full-size and the compacted model (batch {' and '.join(map(str, LATENCY_BATCHES))}, "
+        f"{sequence} tokens)"
+    )
     rows = []
     for batch, repeats in LATENCY_BATCHES.items():
         inputs = random_inputs(model.config.vocab_size, batch, sequence)
         times = interleaved_latency({"full_size": model, "compacted": compacted}, inputs, repeats)
-        rows.append({"batch": batch, "sequence": sequence, "full_size_ms": round(times["full_size"], 2),
-                     "compacted_ms": round(times["compacted"], 2), "speedup": round(times["full_size"] / times["compacted"], 3)})
+        rows.append(
+            {
+                "batch": batch,
+                "sequence": sequence,
+                "full_size_ms": round(times["full_size"], 2),
+                "compacted_ms": round(times["compacted"], 2),
+                "speedup": round(times["full_size"] / times["compacted"], 3),
+            }
+        )
     return rows
 
 
 def _structure(model, pruner) -> dict:
-    """What is left of each layer of the trained full-size model: deleted layers (the stacks in the pruner's plan),
+    """What is left of each layer of the trained full-size model: deleted layers (the stacks in the pruner's
+    plan),
     live heads and neurons, sparsity."""
     from torch import nn
 
     from hfprune.compaction.structure import model_structure
 
     modules = dict(model.named_modules())
-    layer_keep = {name: keep for name, keep in pruner.compaction_plan().items() if isinstance(modules.get(name), nn.ModuleList)}
+    layer_keep = {
+        name: keep
+        for name, keep in pruner.compaction_plan().items()
+        if isinstance(modules.get(name), nn.ModuleList)
+    }
     return model_structure(model, pruner.registry.architectures, layer_keep)
 
 
 def _layer_parameters(structure: dict) -> int:
-    """Parameters in the layers of every layer stack: the part pruning shrinks (embeddings and heads are not in it)."""
+    """Parameters in the layers of every layer stack: the part pruning shrinks (embeddings and heads are not
+    in it)."""
     return sum(layer["parameters"] for stack in structure["stacks"] for layer in stack["layers"])
 
 
 def _save_model(model, settings: RunSettings) -> None:
     from hfprune.compaction.compact import save_compacted
 
-    save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer_from=settings.model_path, replace=True)
+    save_compacted(
+        model, settings.output_dir / MODEL_FOLDER, tokenizer_from=settings.model_path, replace=True
+    )
 
 
 def _loader(model) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from hfprune.cli.metrics import load_metric
 from hfprune.data import split, wnut
 from hfprune.errors import HfpruneError
-from hfprune.cli.metrics import load_metric
 from hfprune.recipe.run_sections import DataSection
 
 
@@ -41,16 +41,25 @@ class Task(ABC):
         """
         import transformers
 
-        labels = {} if fine_tuned else {
-            "num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
-            "label2id": {label: i for i, label in enumerate(self.labels)},
-        }
+        labels = (
+            {}
+            if fine_tuned
+            else {
+                "num_labels": len(self.labels),
+                "id2label": dict(enumerate(self.labels)),
+                "label2id": {label: i for i, label in enumerate(self.labels)},
+            }
+        )
         try:
             model = getattr(transformers, self.auto_class).from_pretrained(path, **labels)
         except (OSError, ValueError) as exc:
-            raise HfpruneError(f"cannot load a model for {self.description} from {path}: {str(exc).splitlines()[0]}") from None
+            raise HfpruneError(
+                f"cannot load a model for {self.description} from {path}: {str(exc).splitlines()[0]}"
+            ) from None
         if fine_tuned and model.config.num_labels != len(self.labels):
-            raise HfpruneError(f"{path} predicts {model.config.num_labels} labels; {self.description} has {len(self.labels)}")
+            raise HfpruneError(
+                f"{path} predicts {model.config.num_labels} labels; {self.description} has {len(self.labels)}"
+            )
         return model
 
     @abstractmethod
@@ -71,7 +80,8 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, predict_output) -> dict[str, float]:
-        """Scores of ``Trainer.predict`` output on the test split (the headline among them), rounded to 4 places."""
+        """Scores of ``Trainer.predict`` output on the test split (the headline among them), rounded to 4
+        places."""
 
 
 class EntityTask(Task):
@@ -86,8 +96,10 @@ class EntityTask(Task):
 
     def encode(self, examples):
         if not self.tokenizer.is_fast:
-            raise HfpruneError("entity labels are aligned through word ids, which only a fast tokenizer reports; "
-                               "give a model folder with tokenizer.json")
+            raise HfpruneError(
+                "entity labels are aligned through word ids, which only a fast tokenizer reports; "
+                "give a model folder with tokenizer.json"
+            )
         label_to_id = {label: i for i, label in enumerate(self.labels)}
         return wnut.tokenize_and_align(examples, self.tokenizer, label_to_id, self.data.max_length)
 
@@ -113,7 +125,10 @@ class PolarityTask(Task):
         return ["negative", "positive"]
 
     def encode(self, examples):
-        return [{**self.tokenizer(text, truncation=True, max_length=self.data.max_length), "labels": label} for text, label in examples]
+        return [
+            {**self.tokenizer(text, truncation=True, max_length=self.data.max_length), "labels": label}
+            for text, label in examples
+        ]
 
     def collator(self):
         from transformers import DataCollatorWithPadding
@@ -121,7 +136,9 @@ class PolarityTask(Task):
         return DataCollatorWithPadding(self.tokenizer)
 
     def score(self, predict_output):
-        result = load_metric("accuracy").compute(predictions=predict_output.predictions.argmax(-1), references=predict_output.label_ids)
+        result = load_metric("accuracy").compute(
+            predictions=predict_output.predictions.argmax(-1), references=predict_output.label_ids
+        )
         return {"accuracy": round(result["accuracy"], 4)}
 
 
@@ -133,7 +150,10 @@ def load_task(data: DataSection, tokenizer, seed: int, examples: list | None = N
 
 
 def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:
-    """Entity-level precision, recall and F1 (seqeval) of ``Trainer.predict`` output, scored per word against the gold tags."""
+    """Entity-level precision, recall and F1 (seqeval) of ``Trainer.predict`` output, scored per word against
+    the gold tags."""
     predicted = test_set.word_tags(output.predictions.argmax(-1), id_to_label)
-    result = load_metric("seqeval").compute(predictions=predicted, references=[tags for _, tags in test_examples])
+    result = load_metric("seqeval").compute(
+        predictions=predicted, references=[tags for _, tags in test_examples]
+    )
     return {key: round(result[key], 4) for key in ("f1", "precision", "recall")}

@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, delete_residual_layers, find_units, stack_owner
+from hfprune.architecture import (
+    ArchitectureAdapter,
+    Member,
+    Unit,
+    UnitKind,
+    delete_residual_layers,
+    find_units,
+    stack_owner,
+)
 from hfprune.errors import CompactionError
 from hfprune.model_hooks import strip_model_hooks
 
@@ -34,7 +42,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 @dataclass(frozen=True)
 class Removal:
-    """What compaction does to one unit: keep ``keep`` (bool per group), fold the constants of ``fold`` groups."""
+    """What compaction does to one unit: keep ``keep`` (bool per group), fold the constants of ``fold``
+    groups."""
 
     unit: Unit
     keep: torch.Tensor
@@ -47,7 +56,8 @@ def compact_model(
     adapters: list[ArchitectureAdapter],
     probe: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """A smaller copy of ``model`` without the layers, heads and neurons that ``pruned`` marks (keep-mask False).
+    """A smaller copy of ``model`` without the layers, heads and neurons that ``pruned`` marks (keep-mask
+    False).
 
     ``pruned`` maps parameter names to keep-masks of the parameter's shape, and layer stacks
     (the name of an ``nn.ModuleList``) to one bool per layer, all fixed for good. Layers are
@@ -65,24 +75,34 @@ def compact_model(
     if stacks:
         hidden_states = delete_layers(compacted, stacks, adapters)
     units = {kind: list(find_units(compacted, kind, adapters)) for kind in KINDS}
-    removals = [r for kind in KINDS for r in (_plan(unit, pruned, names) for unit in units[kind]) if r is not None]
+    removals = [
+        r for kind in KINDS for r in (_plan(unit, pruned, names) for unit in units[kind]) if r is not None
+    ]
     if hidden_states is None and not removals:
         if not any(units.values()):
             known = ", ".join(a.name for a in adapters) or "none"
-            raise CompactionError(f"no installed architecture adapter recognizes a block of {type(model).__name__} (adapters: {known})")
+            raise CompactionError(
+                f"no installed architecture adapter recognizes a block of {type(model).__name__} (adapters: "
+                f"{known})"
+            )
         raise CompactionError(
-            "no whole layer, head or neuron is pruned: compaction removes a head when its output-projection columns are "
+            "no whole layer, head or neuron is pruned: compaction removes a head when its output-projection "
+            "columns are "
             "pruned and a neuron when its down-projection column (or every row producing it) is pruned"
         )
     with torch.no_grad():
         for removal in removals:
             _remove(removal)
-    _update_config(compacted, adapters, changed={r.unit.kind for r in removals}, relabelled=hidden_states is not None)
+    _update_config(
+        compacted, adapters, changed={r.unit.kind for r in removals}, relabelled=hidden_states is not None
+    )
     verify(model, compacted, probe, hidden_states)
     return compacted
 
 
-def delete_layers(model: nn.Module, stacks: dict[str, torch.Tensor], adapters: list[ArchitectureAdapter]) -> list[int] | None:
+def delete_layers(
+    model: nn.Module, stacks: dict[str, torch.Tensor], adapters: list[ArchitectureAdapter]
+) -> list[int] | None:
     """Delete, in place, the layers ``stacks`` flags False, through the adapter that recognizes the stacks.
 
     A stack no adapter recognizes (a ModuleList a recipe named directly) is taken to be
@@ -91,7 +111,9 @@ def delete_layers(model: nn.Module, stacks: dict[str, torch.Tensor], adapters: l
     owners = {stack_owner(model, name, adapters) for name in stacks}
     if len(owners) > 1:
         names = ", ".join(sorted(owner.name if owner else "no adapter" for owner in owners))
-        raise CompactionError(f"the layer stacks {', '.join(stacks)} belong to different architecture adapters ({names})")
+        raise CompactionError(
+            f"the layer stacks {', '.join(stacks)} belong to different architecture adapters ({names})"
+        )
     (owner,) = owners
     return owner.delete_layers(model, stacks) if owner is not None else delete_residual_layers(model, stacks)
 
@@ -119,7 +141,8 @@ def _plan(unit: Unit, pruned: dict[str, torch.Tensor], names: dict[int, str]) ->
 
 
 def shrink_unit(unit: Unit, kept_groups: int) -> None:
-    """Cut ``unit`` to its first ``kept_groups`` groups (the loader rebuilds a compacted model's shapes this way)."""
+    """Cut ``unit`` to its first ``kept_groups`` groups (the loader rebuilds a compacted model's shapes this
+    way)."""
     keep = torch.arange(unit.count) < kept_groups
     _remove(Removal(unit, keep, torch.zeros_like(keep)))
 
@@ -138,7 +161,8 @@ def _remove(removal: Removal) -> None:
 
 
 def _fold_constant_neurons(unit: Unit, groups: torch.Tensor) -> None:
-    """Neurons whose producing rows are all zero output ``act(bias)``: add that through the down projection to its bias."""
+    """Neurons whose producing rows are all zero output ``act(bias)``: add that through the down projection to
+    its bias."""
     producers = unit.producers
     values = [_bias_at(m, groups) for m in producers]
     constant = unit.activation(values[0]) * values[1] if unit.gated else unit.activation(values[0])
@@ -148,7 +172,10 @@ def _fold_constant_neurons(unit: Unit, groups: torch.Tensor) -> None:
         contribution = columns @ constant if consumer.dim == 1 else constant @ columns
         if consumer.module.bias is None:
             if contribution.abs().max() > 0:
-                raise CompactionError(f"cannot fold the constant output of pruned neurons into {type(consumer.module).__name__} without a bias")
+                raise CompactionError(
+                    "cannot fold the constant output of pruned neurons into "
+                    f"{type(consumer.module).__name__} without a bias"
+                )
             continue
         consumer.module.bias.add_(contribution)
 
@@ -170,9 +197,13 @@ def _slice(members: list[Member], kept_groups: torch.Tensor, count: int) -> None
         keep[member.indices(torch.arange(count))] = False
         keep[member.indices(kept_groups.cpu())] = True
     index = keep.nonzero().flatten().to(module.weight.device)
-    module.weight = nn.Parameter(module.weight.index_select(dim, index), requires_grad=module.weight.requires_grad)
+    module.weight = nn.Parameter(
+        module.weight.index_select(dim, index), requires_grad=module.weight.requires_grad
+    )
     if members[0].side == "out" and module.bias is not None:
-        module.bias = nn.Parameter(module.bias.index_select(0, index), requires_grad=module.bias.requires_grad)
+        module.bias = nn.Parameter(
+            module.bias.index_select(0, index), requires_grad=module.bias.requires_grad
+        )
     _update_features(module, members[0].side, len(index))
 
 
@@ -185,8 +216,11 @@ def _update_features(module: nn.Module, side: str, size: int) -> None:
         module.nx = size
 
 
-def _update_config(model: nn.Module, adapters: list[ArchitectureAdapter], changed: set[str], relabelled: bool) -> None:
-    """State uniform sizes in the stock config fields; record per-unit sizes under ``hfprune_layout`` otherwise.
+def _update_config(
+    model: nn.Module, adapters: list[ArchitectureAdapter], changed: set[str], relabelled: bool
+) -> None:
+    """State uniform sizes in the stock config fields; record per-unit sizes under ``hfprune_layout``
+    otherwise.
 
     A kind is recorded when its groups changed now or when the layout already lists it
     (a model compacted before); after layers were deleted the layout is renamed to the
@@ -213,8 +247,14 @@ def _update_config(model: nn.Module, adapters: list[ArchitectureAdapter], change
         setattr(config, LAYOUT_KEY, layout or None)
 
 
-def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None, replace: bool = False) -> Path:
-    """``save_pretrained`` into a fresh folder, written beside it and renamed: a failed save leaves no half folder.
+def save_compacted(
+    model: nn.Module,
+    output: str | os.PathLike,
+    tokenizer_from: str | os.PathLike | None = None,
+    replace: bool = False,
+) -> Path:
+    """``save_pretrained`` into a fresh folder, written beside it and renamed: a failed save leaves no half
+    folder.
 
     Refuses an ``output`` that exists and is not empty, so nothing is overwritten, unless
     ``replace``: then the old folder is swapped out only after the new one is complete, so a
@@ -223,7 +263,9 @@ def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: 
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not replace:
-        raise CompactionError(f"{output} exists and is not empty; choose a new folder for the compacted model")
+        raise CompactionError(
+            f"{output} exists and is not empty; choose a new folder for the compacted model"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -240,7 +282,8 @@ def save_compacted(model: nn.Module, output: str | os.PathLike, tokenizer_from: 
 
 
 def _swap_in(staging: Path, output: Path) -> None:
-    """Put the complete folder ``staging`` at ``output``; an old ``output`` is moved aside first and deleted last."""
+    """Put the complete folder ``staging`` at ``output``; an old ``output`` is moved aside first and deleted
+    last."""
     if not output.exists():
         staging.rename(output)
         return
@@ -262,7 +305,7 @@ def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch_size, length), generator=generator)
     attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    attention_mask[1:, length // 2:] = 0
+    attention_mask[1:, length // 2 :] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -285,15 +328,20 @@ def verify(
     worst = max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
     if not worst <= TOLERANCE:
         raise CompactionError(
-            f"the compacted model's outputs differ from the pruned model's by {worst:.3g} (tolerance {TOLERANCE}) on a probe "
-            "batch; the model was left as it was. Are the removed heads and neurons exactly zero in the weights, and the "
+            f"the compacted model's outputs differ from the pruned model's by {worst:.3g} (tolerance "
+            f"{TOLERANCE}) on a probe "
+            "batch; the model was left as it was. Are the removed heads and neurons exactly zero in the "
+            "weights, and the "
             "deleted layers' gates exactly 0?"
         )
     return worst
 
 
-def _outputs(model: nn.Module, probe: dict[str, torch.Tensor], hidden_states: list[int] | None = None) -> list[torch.Tensor]:
-    """Every floating-point tensor the model returns for ``probe`` (of its hidden states, those picked), in float32.
+def _outputs(
+    model: nn.Module, probe: dict[str, torch.Tensor], hidden_states: list[int] | None = None
+) -> list[torch.Tensor]:
+    """Every floating-point tensor the model returns for ``probe`` (of its hidden states, those picked), in
+    float32.
 
     Runs in eval mode; the model's mode is restored.
     """

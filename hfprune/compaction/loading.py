@@ -26,9 +26,13 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def load_compacted(
-    path: str | os.PathLike, model_class: type | None = None, architectures: list[ArchitectureAdapter] | None = None, **kwargs,
+    path: str | os.PathLike,
+    model_class: type | None = None,
+    architectures: list[ArchitectureAdapter] | None = None,
+    **kwargs,
 ) -> nn.Module:
-    """Load a model saved after ``compact``: ``model_class`` (default: the config's architecture), in eval mode.
+    """Load a model saved after ``compact``: ``model_class`` (default: the config's architecture), in eval
+    mode.
 
     Stock configs go through ``model_class.from_pretrained(path, **kwargs)``; configs with
     per-layer sizes are rebuilt shape by shape, their blocks found by ``architectures``
@@ -46,7 +50,10 @@ def load_compacted(
         for name, kept in sizes.items():
             unit = unit_of(model.get_submodule(name), kind, adapters)
             if unit is None:
-                raise CompactionError(f"{path}: {LAYOUT_KEY} names {kind} block {name}, which no installed architecture adapter recognizes")
+                raise CompactionError(
+                    f"{path}: {LAYOUT_KEY} names {kind} block {name}, which no installed architecture "
+                    "adapter recognizes"
+                )
             shrink_unit(unit, kept)
     _load_weights(model, Path(path))
     return model.eval()
@@ -67,7 +74,10 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
         state = {k: v for shard in shards for k, v in load_file(path / shard).items()}
     else:
-        raise CompactionError(f"{path} has no {WEIGHTS} (or {WEIGHTS_INDEX}); save with save_pretrained(safe_serialization=True)")
+        raise CompactionError(
+            f"{path} has no {WEIGHTS} (or {WEIGHTS_INDEX}); save with "
+            "save_pretrained(safe_serialization=True)"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise CompactionError(f"{path}: weights the rebuilt model has no place for: {unexpected[:5]}")

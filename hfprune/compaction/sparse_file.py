@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
 from safetensors.torch import save_file
 
 from hfprune.atomic import write_atomically
@@ -49,7 +48,9 @@ def _nonzero_if_worth_encoding(tensor: torch.Tensor) -> torch.Tensor | None:
     return keep if encoded_bytes < tensor.numel() * tensor.element_size() else None
 
 
-def encode(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
+def encode(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
     """Tensors to store, the original shapes of those stored as bitmask plus values, and aliases.
 
     A tensor that is the same tensor as an earlier one (tied weights) is stored once and
@@ -90,7 +91,9 @@ def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         shapes = json.loads(metadata.get(_SHAPES_KEY, "{}"))
         aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    state = {key: value for key, value in tensors.items() if not key.endswith((BITMASK_SUFFIX, VALUES_SUFFIX))}
+    state = {
+        key: value for key, value in tensors.items() if not key.endswith((BITMASK_SUFFIX, VALUES_SUFFIX))
+    }
     for name, shape in shapes.items():
         keep = unpack_bits(tensors[name + BITMASK_SUFFIX], tuple(shape))
         values = tensors[name + VALUES_SUFFIX]

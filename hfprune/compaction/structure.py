@@ -25,7 +25,9 @@ DIGITS = 4  # fractions are rounded so report.json stays readable
 
 
 def model_structure(
-    model: nn.Module, adapters: list[ArchitectureAdapter], layer_keep: Mapping[str, Sequence[bool] | torch.Tensor] | None = None,
+    model: nn.Module,
+    adapters: list[ArchitectureAdapter],
+    layer_keep: Mapping[str, Sequence[bool] | torch.Tensor] | None = None,
 ) -> dict:
     """A JSON-able description of ``model`` as it is now, its layers, heads and neurons found by ``adapters``.
 
@@ -58,36 +60,57 @@ def model_structure(
         "sparsity": round(zero_total / total, DIGITS) if total else 0.0,
         "hfprune_layout": getattr(config, LAYOUT_KEY, None),
         "stacks": [
-            {"name": name, "layers": [_layer(f"{name}.{i}" if name else str(i), i, layer, keep[i], zeros, config, adapters)
-                                      for i, layer in enumerate(stack)]}
+            {
+                "name": name,
+                "layers": [
+                    _layer(f"{name}.{i}" if name else str(i), i, layer, keep[i], zeros, config, adapters)
+                    for i, layer in enumerate(stack)
+                ],
+            }
             for name, stack, keep in _stacks(model, layer_keep or {}, adapters)
         ],
         "matrices": [
             {"name": name, "shape": list(p.shape), "sparsity": round(zeros[id(p)] / p.numel(), DIGITS)}
-            for name, p in model.named_parameters() if p.dim() >= 2
+            for name, p in model.named_parameters()
+            if p.dim() >= 2
         ],
     }
 
 
 def _stacks(
-    model: nn.Module, layer_keep: Mapping[str, Sequence[bool] | torch.Tensor], adapters: list[ArchitectureAdapter],
+    model: nn.Module,
+    layer_keep: Mapping[str, Sequence[bool] | torch.Tensor],
+    adapters: list[ArchitectureAdapter],
 ) -> list[tuple[str, nn.ModuleList, list[bool]]]:
-    """(name, stack, keep flags) for the stacks adapters find and those ``layer_keep`` names, in module order."""
+    """(name, stack, keep flags) for the stacks adapters find and those ``layer_keep`` names, in module
+    order."""
     names = {id(module): name for name, module in model.named_modules()}
     stacks = {names[id(stack)]: stack for stack in find_layer_stacks(model, adapters)}
     for name, flags in layer_keep.items():
         stack = model.get_submodule(name) if name else model
         if not isinstance(stack, nn.ModuleList) or len(stack) != len(flags):
-            found = f"a ModuleList of {len(stack)} layers" if isinstance(stack, nn.ModuleList) else type(stack).__name__
+            found = (
+                f"a ModuleList of {len(stack)} layers"
+                if isinstance(stack, nn.ModuleList)
+                else type(stack).__name__
+            )
             raise ValueError(f"layer_keep[{name!r}] has {len(flags)} flags, but {name!r} is {found}")
         stacks[name] = stack
     position = {name: i for i, name in enumerate(names.values())}
-    return [(name, stacks[name], [bool(k) for k in layer_keep.get(name, [True] * len(stacks[name]))])
-            for name in sorted(stacks, key=position.__getitem__)]
+    return [
+        (name, stacks[name], [bool(k) for k in layer_keep.get(name, [True] * len(stacks[name]))])
+        for name in sorted(stacks, key=position.__getitem__)
+    ]
 
 
 def _layer(
-    name: str, index: int, layer: nn.Module, kept: bool, zeros: dict[int, int], config, adapters: list[ArchitectureAdapter],
+    name: str,
+    index: int,
+    layer: nn.Module,
+    kept: bool,
+    zeros: dict[int, int],
+    config,
+    adapters: list[ArchitectureAdapter],
 ) -> dict:
     weights = [p for p in layer.parameters() if p.dim() >= 2]
     numel = sum(p.numel() for p in weights)
@@ -103,7 +126,8 @@ def _layer(
 
 
 def _groups(layer: nn.Module, kind: UnitKind, config, adapters: list[ArchitectureAdapter]) -> dict | None:
-    """Live heads or neurons in ``layer`` and how many its config states, summed over its units; None if it has none."""
+    """Live heads or neurons in ``layer`` and how many its config states, summed over its units; None if it
+    has none."""
     units = list(find_units(layer, kind, adapters))
     if not units:
         return None

@@ -25,17 +25,28 @@ from hfprune.errors import HfpruneError
 PACKAGE = "r-cran-janeaustenr"
 DATABASE = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 CACHED_NAME = "jane-austen.json"
-NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")  # publication order
+NOVELS = (
+    "sensesensibility",
+    "prideprejudice",
+    "mansfieldpark",
+    "emma",
+    "northangerabbey",
+    "persuasion",
+)  # publication order
 
 
 def austen_path() -> Path:
     """The cached novels (JSON: novel name to its lines), downloaded and converted on first use."""
-    return cached_file(PACKAGE, CACHED_NAME, "the Jane Austen text", _novels_json, "the novels as JSON (name to lines)")
+    return cached_file(
+        PACKAGE, CACHED_NAME, "the Jane Austen text", _novels_json, "the novels as JSON (name to lines)"
+    )
 
 
 def _novels_json(deb: Path) -> bytes:
     records = read_lazyload(extract_member(deb, DATABASE + ".rdx"), extract_member(deb, DATABASE + ".rdb"))
-    novels = {name: ["" if line is None else str(line) for line in records[name]] for name in NOVELS}  # NA: no text
+    novels = {
+        name: ["" if line is None else str(line) for line in records[name]] for name in NOVELS
+    }  # NA: no text
     return json.dumps(novels).encode("utf-8")
 
 
@@ -57,13 +68,16 @@ def read_lazyload(index: bytes, database: bytes) -> dict[str, object]:
         warnings.simplefilter("ignore", UserWarning)
         table = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(index)))
         return {
-            str(name): rdata.conversion.convert(rdata.parser.parse_data(_record(database[offset:offset + length])))
+            str(name): rdata.conversion.convert(
+                rdata.parser.parse_data(_record(database[offset : offset + length]))
+            )
             for name, (offset, length) in table["variables"].items()
         }
 
 
 def _record(blob: bytes) -> bytes:
-    """One record's R serialization: a 4-byte big-endian length, then zlib data, or a type byte and its payload."""
+    """One record's R serialization: a 4-byte big-endian length, then zlib data, or a type byte and its
+    payload."""
     size = struct.unpack(">I", blob[:4])[0]
     kind, payload = blob[4:5], blob[5:]
     if kind == b"Z":
@@ -72,7 +86,7 @@ def _record(blob: bytes) -> bytes:
         data = bz2.decompress(payload)
     elif kind == b"0":
         data = payload
-    else:  # compress = TRUE: plain zlib right after the length (its first byte is the zlib header, not a type)
+    else:  # compress = TRUE: plain zlib after the length (its first byte is the zlib header, not a type)
         data = zlib.decompress(blob[4:])
     if len(data) != size:
         raise HfpruneError(f"an R lazy-load record decompressed to {len(data)} bytes, its header says {size}")

@@ -25,11 +25,16 @@ def cache_dir() -> Path:
 
 
 def cached_member(package: str, member: str, cached_name: str, what: str) -> Path:
-    """``member`` of ``package`` as ``cache_dir() / cached_name``, downloaded on first use; ``what`` names it in errors."""
-    return cached_file(package, cached_name, what, lambda deb: extract_member(deb, member), f"its file {member}")
+    """``member`` of ``package`` as ``cache_dir() / cached_name``, downloaded on first use; ``what`` names it
+    in errors."""
+    return cached_file(
+        package, cached_name, what, lambda deb: extract_member(deb, member), f"its file {member}"
+    )
 
 
-def cached_file(package: str, cached_name: str, what: str, build: Callable[[Path], bytes], by_hand: str) -> Path:
+def cached_file(
+    package: str, cached_name: str, what: str, build: Callable[[Path], bytes], by_hand: str
+) -> Path:
     """``cache_dir() / cached_name``, written on first use as ``build(deb)`` of ``package``'s downloaded .deb.
 
     The file appears whole or not at all (written beside it, then renamed). ``what`` names the
@@ -38,8 +43,10 @@ def cached_file(package: str, cached_name: str, what: str, build: Callable[[Path
     target = cache_dir() / cached_name
     if not target.is_file():
         if shutil.which("apt-get") is None:
-            raise HfpruneError(f"{what} comes from the Debian package {package}, and apt-get is not available; "
-                               f"put {by_hand} at {target} yourself")
+            raise HfpruneError(
+                f"{what} comes from the Debian package {package}, and apt-get is not available; "
+                f"put {by_hand} at {target} yourself"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as workdir:
             content = build(download_deb(Path(workdir), package))
@@ -52,7 +59,9 @@ def download_deb(workdir: Path, package: str) -> Path:
     done = subprocess.run(["apt-get", "download", package], cwd=workdir, capture_output=True, text=True)
     debs = sorted(workdir.glob(f"{package}_*.deb"))
     if done.returncode != 0 or not debs:
-        raise HfpruneError(f"apt-get download {package} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        raise HfpruneError(
+            f"apt-get download {package} failed: {(done.stderr or done.stdout).strip()[-500:]}"
+        )
     return debs[0]
 
 

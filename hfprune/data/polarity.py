@@ -34,6 +34,8 @@ def read_polarity(path: str | Path | None = None) -> list[Example]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         for number, row in enumerate(csv.reader(handle), start=1):
             if len(row) != 2 or row[0] not in ("1", "-1"):
-                raise HfpruneError(f"{path}: row {number}: expected '\"1\",text' or '\"-1\",text', got {row!r:.80}")
+                raise HfpruneError(
+                    f"{path}: row {number}: expected '\"1\",text' or '\"-1\",text', got {row!r:.80}"
+                )
             examples.append((" ".join(row[1].split()), int(row[0] == "1")))
     return examples

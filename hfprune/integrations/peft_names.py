@@ -49,7 +49,8 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def shown_module(module: nn.Module) -> nn.Module:
-    """What the user's model has where peft put ``module``: the layer an adapter wraps, the trained copy of a module
+    """What the user's model has where peft put ``module``: the layer an adapter wraps, the trained copy of a
+    module
     peft trains whole (``modules_to_save``, such as a classifier), or ``module`` itself."""
     if is_adapter_layer(module):
         return module.get_base_layer()
@@ -62,7 +63,8 @@ def shown_module(module: nn.Module) -> nn.Module:
 
 
 def named_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``root.named_modules(prefix=prefix)`` as the user's model has them (:func:`shown_module`), peft's own modules hidden."""
+    """``root.named_modules(prefix=prefix)`` as the user's model has them (:func:`shown_module`), peft's own
+    modules hidden."""
     root = shown_module(root)
     yield prefix, root
     for child_name, child in root.named_children():
@@ -78,7 +80,8 @@ class ModelView:
     prefix: str  # PEFT_PREFIX for a PeftModel, else ""
 
     def spellings(self, name: str) -> tuple[str, ...]:
-        """``name`` and how peft spells it: with the ``base_model.model.`` prefix, with ``.base_layer`` for a wrapped layer."""
+        """``name`` and how peft spells it: with the ``base_model.model.`` prefix, with ``.base_layer`` for a
+        wrapped layer."""
         spellings = [name]
         if name in self.wrapped:
             spellings.append(f"{name}.{BASE_LAYER}")
@@ -87,7 +90,8 @@ class ModelView:
         return tuple(spellings)
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        """Every parameter by the user's name (``<module>.<leaf>``); adapters' own parameters are not among them."""
+        """Every parameter by the user's name (``<module>.<leaf>``); adapters' own parameters are not among
+        them."""
         return {
             f"{name}.{leaf}" if name else leaf: param
             for name, module in self.modules.items()

@@ -1,4 +1,5 @@
-"""How a parameter lies across processes, and the few collectives that make whole-matrix pruning work on pieces.
+"""How a parameter lies across processes, and the few collectives that make whole-matrix pruning work on
+pieces.
 
 Every strategy thinks in whole parameters: a magnitude threshold over a matrix, a group
 norm over a head's rows and columns, a mask the size of the weight. Under DDP each process
@@ -46,7 +47,8 @@ class Layout:
     sharded = False
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What this process holds of ``tensor`` (the parameter, its gradient, optimizer state): a view it may write."""
+        """What this process holds of ``tensor`` (the parameter, its gradient, optimizer state): a view it may
+        write."""
         return tensor
 
     def whole_shape(self, local: torch.Tensor) -> torch.Size:
@@ -70,7 +72,8 @@ WHOLE = Layout()
 
 @dataclass(frozen=True)
 class RowShard(Layout):
-    """Rows ``[start, stop)`` of a parameter of ``shape``, split along dim 0 over ``group`` (FSDP2's layout)."""
+    """Rows ``[start, stop)`` of a parameter of ``shape``, split along dim 0 over ``group`` (FSDP2's
+    layout)."""
 
     shape: torch.Size
     start: int
@@ -87,11 +90,11 @@ class RowShard(Layout):
 
     def spread(self, local: torch.Tensor) -> torch.Tensor:
         whole = local.new_zeros(self.shape)
-        whole[self.start:self.stop] = local
+        whole[self.start : self.stop] = local
         return whole
 
     def rows(self, whole: torch.Tensor) -> torch.Tensor:
-        return whole[self.start:self.stop]
+        return whole[self.start : self.stop]
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         # The parts do not overlap, so summing zero-padded parts assembles the whole; bool has no SUM in gloo.
@@ -113,7 +116,8 @@ def layout_of(param: nn.Parameter) -> Layout:
     mesh, placements = param.device_mesh, tuple(param.placements)
     if mesh.ndim != 1 or placements[0] not in (Shard(0), Replicate()):
         raise UnsupportedSharding(
-            f"a DTensor placed {placements} on a {mesh.ndim}-D mesh (hfprune prunes FSDP2's 1-D row sharding, Shard(0))"
+            f"a DTensor placed {placements} on a {mesh.ndim}-D mesh (hfprune prunes FSDP2's 1-D row "
+            "sharding, Shard(0))"
         )
     if placements[0] == Replicate():
         return WHOLE
@@ -121,7 +125,9 @@ def layout_of(param: nn.Parameter) -> Layout:
     chunk = -(-param.shape[0] // mesh.size())  # torch.chunk's rule, which FSDP2 follows
     start = min(mesh.get_local_rank() * chunk, param.shape[0])
     if local_rows != min(chunk, param.shape[0] - start):
-        raise UnsupportedSharding(f"a DTensor whose {local_rows} local rows are not torch.chunk's share of {param.shape[0]}")
+        raise UnsupportedSharding(
+            f"a DTensor whose {local_rows} local rows are not torch.chunk's share of {param.shape[0]}"
+        )
     return RowShard(param.shape, start, start + local_rows, mesh.get_group())
 
 
@@ -129,12 +135,15 @@ def shard_group(layouts: list[Layout]) -> dist.ProcessGroup | None:
     """The one process group the sharded layouts split over, None when none is sharded."""
     groups = {id(layout.group): layout.group for layout in layouts if layout.sharded}
     if len(groups) > 1:
-        raise UnsupportedSharding("split over different process groups (one FSDP2 mesh per recipe is supported)")
+        raise UnsupportedSharding(
+            "split over different process groups (one FSDP2 mesh per recipe is supported)"
+        )
     return next(iter(groups.values()), None)
 
 
 def sum_parts(parts: list[torch.Tensor], layouts: list[Layout]) -> torch.Tensor:
-    """``sum(parts)``, where a sharded layout's part is this process's share: one ``all_reduce`` for all of them."""
+    """``sum(parts)``, where a sharded layout's part is this process's share: one ``all_reduce`` for all of
+    them."""
     sharded = [part for part, layout in zip(parts, layouts, strict=True) if layout.sharded]
     whole = [part for part, layout in zip(parts, layouts) if not layout.sharded]
     total = torch.stack(sharded).sum(0) if sharded else None
@@ -149,12 +158,15 @@ def count_zeros(params: list[nn.Parameter], layouts: list[Layout]) -> int:
     """How many of the (whole) parameters' weights are exactly zero."""
     if not params:
         return 0
-    return int(sum_parts([(layout.local(p.detach()) == 0).sum() for p, layout in zip(params, layouts)], layouts))
+    return int(
+        sum_parts([(layout.local(p.detach()) == 0).sum() for p, layout in zip(params, layouts)], layouts)
+    )
 
 
 @torch.no_grad()
 def kth_smallest_of_parts(magnitudes: list[torch.Tensor], layouts: list[Layout], k: int) -> torch.Tensor:
-    """The k-th smallest value (k >= 1) of the whole tensors whose local parts are ``magnitudes`` (float, >= 0).
+    """The k-th smallest value (k >= 1) of the whole tensors whose local parts are ``magnitudes`` (float, >=
+    0).
 
     Without sharding it is ``kthvalue``. With it, non-negative floats order like their bit
     patterns read as integers, so a bisection over the bits, counting on every process the
@@ -165,7 +177,9 @@ def kth_smallest_of_parts(magnitudes: list[torch.Tensor], layouts: list[Layout],
     if k <= 0:
         return magnitudes[0].new_tensor(-1.0)
     if not any(layout.sharded for layout in layouts):
-        values = magnitudes[0].flatten() if len(magnitudes) == 1 else torch.cat([m.flatten() for m in magnitudes])
+        values = (
+            magnitudes[0].flatten() if len(magnitudes) == 1 else torch.cat([m.flatten() for m in magnitudes])
+        )
         return values.kthvalue(k).values
     bits = [m.float().view(torch.int32) for m in magnitudes]
     low, high = 0, int(max_of_parts(bits, layouts))
@@ -179,7 +193,8 @@ def kth_smallest_of_parts(magnitudes: list[torch.Tensor], layouts: list[Layout],
 
 
 def max_of_parts(values: list[torch.Tensor], layouts: list[Layout]) -> torch.Tensor:
-    """The largest value over all processes' parts, which are >= 0 (a process may hold no rows of a small matrix)."""
+    """The largest value over all processes' parts, which are >= 0 (a process may hold no rows of a small
+    matrix)."""
     largest = torch.stack([v.max() if v.numel() else v.new_zeros(()) for v in values]).max()
     group = shard_group(layouts)
     if group is not None:
@@ -188,7 +203,8 @@ def max_of_parts(values: list[torch.Tensor], layouts: list[Layout]) -> torch.Ten
 
 
 def plain_class(module: nn.Module) -> type:
-    """``module``'s class as its model defines it: FSDP2's ``fully_shard`` swaps in a subclass named ``FSDP<name>``."""
+    """``module``'s class as its model defines it: FSDP2's ``fully_shard`` swaps in a subclass named
+    ``FSDP<name>``."""
     if "torch.distributed.fsdp" in sys.modules:
         from torch.distributed.fsdp import FSDPModule
 
@@ -211,7 +227,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def unsharded_copy(model: nn.Module) -> nn.Module:
-    """A plain copy of an FSDP2 model with its hfprune hooks, built from its config and full state dict; collective.
+    """A plain copy of an FSDP2 model with its hfprune hooks, built from its config and full state dict;
+    collective.
 
     Every process gets the whole copy. A deep copy would carry FSDP2's sharded parameters
     and hooks along, so the copy is a new model of the class ``fully_shard`` derived from.
@@ -221,7 +238,8 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
     if config is None:
         raise CompactionError(
-            f"{type(model).__name__} is sharded by FSDP2 and has no config to build an unsharded copy from: save its full "
+            f"{type(model).__name__} is sharded by FSDP2 and has no config to build an unsharded copy from: "
+            "save its full "
             "state dict, load it into an unsharded model, and compact that"
         )
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

@@ -24,10 +24,14 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """Which pretrained model to fine-tune."""
 
-    path: StrictStr | None = Field(default=None, min_length=1, description="folder with config.json, weights and a fast tokenizer")
+    path: StrictStr | None = Field(
+        default=None, min_length=1, description="folder with config.json, weights and a fast tokenizer"
+    )
     teacher: StrictStr | None = Field(
-        default=None, min_length=1,
-        description="a model already fine-tuned on this task: the dense reference and the teacher, instead of fine-tuning one first",
+        default=None,
+        min_length=1,
+        description="a model already fine-tuned on this task: the dense reference and the teacher, instead "
+        "of fine-tuning one first",
     )
 
 
@@ -37,7 +41,9 @@ class DataSection(_Section):
     dataset: Literal["wnut", "polarity"] = "wnut"
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     max_length: int = Field(default=64, gt=0, description="sub-tokens per example after truncation")
-    train_limit: int | None = Field(default=None, gt=0, description="train on the first N training examples only")
+    train_limit: int | None = Field(
+        default=None, gt=0, description="train on the first N training examples only"
+    )
     test_limit: int | None = Field(default=None, gt=0, description="score on the first N test examples only")
 
 
@@ -51,7 +57,8 @@ class TrainingSection(_Section):
     seed: int = 42
     baseline: bool = Field(
         default=True,
-        description="first fine-tune without pruning: the dense score pruning is measured against, and the teacher when "
+        description="first fine-tune without pruning: the dense score pruning is measured against, and the "
+        "teacher when "
         "the recipe distills",
     )
 

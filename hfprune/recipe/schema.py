@@ -17,15 +17,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictStr, ValidationError
 
-from hfprune.recipe import builtin as builtin_recipes
 from hfprune.distill import DistillationConfig
 from hfprune.errors import PluginError, Problem, RecipeError
 from hfprune.plugins import Registry, default_registry
+from hfprune.recipe import builtin as builtin_recipes
 from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection
-from hfprune.schedule import ScheduleSpec
-from hfprune.strategy import StrategyConfig
 from hfprune.recipe.targets import check_pattern
 from hfprune.recipe.yaml_source import KeyPath, YamlDocument, format_key_path, parse_yaml
+from hfprune.schedule import ScheduleSpec
+from hfprune.strategy import StrategyConfig
 
 
 def _usable_target(pattern: str) -> str:
@@ -86,13 +86,17 @@ class Recipe(BaseModel):
         return RecipeError(self.source, problems)
 
     def to_yaml(self) -> str:
-        absent = {name for name in ("distillation", "model", "data", "training") if getattr(self, name) is None}
+        absent = {
+            name for name in ("distillation", "model", "data", "training") if getattr(self, name) is None
+        }
         return yaml.safe_dump(self.model_dump(mode="json", exclude=absent), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """Stable hash of what the engine runs (not the run sections), stored with pruning state to catch a mismatched resume.
+        """Stable hash of what the engine runs (not the run sections), stored with pruning state to catch a
+        mismatched resume.
 
-        A recipe without distillation hashes as before the section existed, so earlier checkpoints still resume.
+        A recipe without distillation hashes as before the section existed, so earlier checkpoints still
+        resume.
         """
         engine = {"version", "pruners"} | ({"distillation"} if self.distillation is not None else set())
         canonical = json.dumps(self.model_dump(mode="json", include=engine), sort_keys=True)
@@ -103,17 +107,24 @@ RecipeSource = str | os.PathLike | dict | Recipe
 
 
 def load_recipe(source: RecipeSource, registry: Registry | None = None) -> Recipe:
-    """Load and validate a recipe from a path, a built-in recipe's name, a YAML string, a mapping, or return a Recipe as is."""
+    """Load and validate a recipe from a path, a built-in recipe's name, a YAML string, a mapping, or return a
+    Recipe as is."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
         document = YamlDocument(data=source, source="<dict>")
     elif isinstance(source, os.PathLike) or _looks_like_path(source):
-        path = builtin_recipes.builtin_path(source) if isinstance(source, str) and builtin_recipes.is_builtin_name(source) else Path(source)
+        path = (
+            builtin_recipes.builtin_path(source)
+            if isinstance(source, str) and builtin_recipes.is_builtin_name(source)
+            else Path(source)
+        )
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise RecipeError(str(path), [Problem("", f"cannot read recipe: {exc.strerror or exc}")]) from None
+            raise RecipeError(
+                str(path), [Problem("", f"cannot read recipe: {exc.strerror or exc}")]
+            ) from None
         except UnicodeDecodeError as exc:
             raise RecipeError(str(path), [Problem("", f"recipe is not UTF-8 text: {exc.reason}")]) from None
         document = parse_yaml(text, str(path))
@@ -126,14 +137,20 @@ def load_recipe(source: RecipeSource, registry: Registry | None = None) -> Recip
 
 def _looks_like_path(text: object) -> bool:
     """A one-line string is a path unless it could be a recipe itself (every recipe has a ``key:``)."""
-    return isinstance(text, str) and "\n" not in text and (":" not in text or text.endswith((".yaml", ".yml")) or os.path.isfile(text))
+    return (
+        isinstance(text, str)
+        and "\n" not in text
+        and (":" not in text or text.endswith((".yaml", ".yml")) or os.path.isfile(text))
+    )
 
 
 def _validate(document: YamlDocument, registry: Registry) -> Recipe:
     """Check the recipe schema and every entry's strategy config; report all problems together."""
     data = document.data
     if not isinstance(data, dict):
-        raise RecipeError(document.source, [Problem("", "a recipe is a mapping with the keys 'version' and 'pruners'", 1)])
+        raise RecipeError(
+            document.source, [Problem("", "a recipe is a mapping with the keys 'version' and 'pruners'", 1)]
+        )
     problems: list[Problem] = []
     recipe = None
     try:
@@ -149,8 +166,11 @@ def _validate(document: YamlDocument, registry: Registry) -> Recipe:
     return recipe
 
 
-def _validate_strategy_configs(entries: Any, document: YamlDocument, registry: Registry) -> tuple[list[StrategyConfig], list[Problem]]:
-    """Validate each entry's ``config`` with its strategy's schema, even when the rest of the recipe is broken."""
+def _validate_strategy_configs(
+    entries: Any, document: YamlDocument, registry: Registry
+) -> tuple[list[StrategyConfig], list[Problem]]:
+    """Validate each entry's ``config`` with its strategy's schema, even when the rest of the recipe is
+    broken."""
     configs: list[StrategyConfig] = []
     problems: list[Problem] = []
     for index, entry in enumerate(entries if isinstance(entries, list) else []):
@@ -172,11 +192,15 @@ def _validate_strategy_configs(entries: Any, document: YamlDocument, registry: R
     return configs, problems
 
 
-def _problems(exc: ValidationError, document: YamlDocument, model: type[BaseModel], prefix: KeyPath) -> list[Problem]:
+def _problems(
+    exc: ValidationError, document: YamlDocument, model: type[BaseModel], prefix: KeyPath
+) -> list[Problem]:
     problems = []
     for error in exc.errors(include_url=False):
         path = (*prefix, *(part for part in error["loc"] if isinstance(part, str | int)))
-        problems.append(Problem(format_key_path(path), _describe(error), document.line_of(path), _hint(error, model)))
+        problems.append(
+            Problem(format_key_path(path), _describe(error), document.line_of(path), _hint(error, model))
+        )
     return problems
 
 

@@ -31,7 +31,7 @@ class TargetPattern:
 
     @cached_property
     def regex(self) -> re.Pattern[str] | None:
-        return re.compile(self.text[len(REGEX_PREFIX):]) if self.text.startswith(REGEX_PREFIX) else None
+        return re.compile(self.text[len(REGEX_PREFIX) :]) if self.text.startswith(REGEX_PREFIX) else None
 
     def matches(self, names: tuple[str, ...], module: nn.Module) -> bool:
         """Whether the target selects ``module``, known by any of ``names``."""
@@ -51,7 +51,7 @@ def check_pattern(text: str) -> str | None:
         return "a target must not be empty"
     if text.startswith(REGEX_PREFIX):
         try:
-            re.compile(text[len(REGEX_PREFIX):])
+            re.compile(text[len(REGEX_PREFIX) :])
         except re.error as exc:
             return f"invalid regular expression: {exc}"
     return None
@@ -92,7 +92,7 @@ def match_targets(model: nn.Module | ModelView, targets: list[str], exclude: lis
 def near_misses(model: nn.Module | ModelView, target: str, limit: int = 5) -> list[str]:
     """Module names and class names that look like ``target``, for "did you mean" hints."""
     view = model if isinstance(model, ModelView) else model_view(model)
-    text = target[len(REGEX_PREFIX):] if target.startswith(REGEX_PREFIX) else target
+    text = target[len(REGEX_PREFIX) :] if target.startswith(REGEX_PREFIX) else target
     names = [name for name in view.modules if name]
     candidates = sorted(set(names) | {plain_class(m).__name__ for m in view.modules.values()})
     close = difflib.get_close_matches(text, candidates, n=limit, cutoff=0.6)

@@ -54,7 +54,8 @@ class YamlDocument:
 
 
 class _SafeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, whose constructors' own failures (``!!int abc``, ``!!timestamp x``) become YAML errors at the node."""
+    """PyYAML's safe loader, whose constructors' own failures (``!!int abc``, ``!!timestamp x``) become YAML
+    errors at the node."""
 
     def construct_object(self, node, deep=False):
         try:
@@ -63,13 +64,17 @@ class _SafeLoader(yaml.SafeLoader):
             raise
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError):
             what = repr(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
-            raise yaml.constructor.ConstructorError(None, None, f"{what} is not a valid !!{node.tag.rsplit(':', 1)[-1]}", node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{what} is not a valid !!{node.tag.rsplit(':', 1)[-1]}", node.start_mark
+            ) from None
 
 
 def parse_yaml(text: str, source: str) -> YamlDocument:
     """Parse one YAML document with the safe loader; raise RecipeError with a line on failure."""
     if len(text) > MAX_CHARS:
-        raise RecipeError(source, [Problem("", f"recipe is {len(text)} characters; at most {MAX_CHARS} are read")])
+        raise RecipeError(
+            source, [Problem("", f"recipe is {len(text)} characters; at most {MAX_CHARS} are read")]
+        )
     try:
         loader = _SafeLoader(text)  # the reader refuses non-printable characters here, before any parsing
     except yaml.reader.ReaderError as exc:
@@ -91,7 +96,9 @@ def parse_yaml(text: str, source: str) -> YamlDocument:
     except yaml.YAMLError as exc:
         raise RecipeError(source, [Problem("", f"invalid YAML: {exc}", line=loader.line + 1)]) from None
     except RecursionError:
-        raise RecipeError(source, [Problem("", "invalid YAML: collections nest too deeply", line=loader.line + 1)]) from None
+        raise RecipeError(
+            source, [Problem("", "invalid YAML: collections nest too deeply", line=loader.line + 1)]
+        ) from None
     finally:
         loader.dispose()
     return YamlDocument(data=data, source=source, lines=lines)
@@ -105,14 +112,23 @@ def _unreadable(exc: yaml.reader.ReaderError, text: str) -> Problem:
 
 
 def _index_lines(
-    node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str, budget: list[int], inside: frozenset[int] = frozenset()
+    node: yaml.Node,
+    path: KeyPath,
+    lines: dict[KeyPath, int],
+    source: str,
+    budget: list[int],
+    inside: frozenset[int] = frozenset(),
 ) -> None:
     budget[0] -= 1
     if budget[0] < 0:
-        raise RecipeError(source, [Problem(format_key_path(path), f"recipe has more than {MAX_NODES} YAML nodes")])
+        raise RecipeError(
+            source, [Problem(format_key_path(path), f"recipe has more than {MAX_NODES} YAML nodes")]
+        )
     if id(node) in inside:
         line = lines.get(path, node.start_mark.line + 1)
-        raise RecipeError(source, [Problem(format_key_path(path), "an alias refers to a collection that contains it", line)])
+        raise RecipeError(
+            source, [Problem(format_key_path(path), "an alias refers to a collection that contains it", line)]
+        )
     if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
         inside = inside | {id(node)}
     if isinstance(node, yaml.MappingNode):
@@ -120,12 +136,16 @@ def _index_lines(
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 line = key_node.start_mark.line + 1
-                raise RecipeError(source, [Problem(format_key_path(path), "mapping keys must be plain scalars", line)])
+                raise RecipeError(
+                    source, [Problem(format_key_path(path), "mapping keys must be plain scalars", line)]
+                )
             key = key_node.value
             child = (*path, key)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise RecipeError(source, [Problem(format_key_path(child), "key appears twice in the same mapping", line)])
+                raise RecipeError(
+                    source, [Problem(format_key_path(child), "key appears twice in the same mapping", line)]
+                )
             seen.add(key)
             lines[child] = line
             _index_lines(value_node, child, lines, source, budget, inside)

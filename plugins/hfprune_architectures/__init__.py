@@ -20,25 +20,42 @@ def _linears(*modules) -> bool:
 
 def _head_unit(adapter: ArchitectureAdapter, module, q, k, v, output, size: int) -> Unit:
     """Multi-head attention with separate Q, K, V projections, each head ``size`` wide."""
-    members = (Member(q, "out", 0, size), Member(k, "out", 0, size), Member(v, "out", 0, size), Member(output, "in", 0, size))
+    members = (
+        Member(q, "out", 0, size),
+        Member(k, "out", 0, size),
+        Member(v, "out", 0, size),
+        Member(output, "in", 0, size),
+    )
     return Unit("head", module, features(q, "out") // size, members, adapter)
 
 
 def _neuron_unit(adapter: ArchitectureAdapter, module, up, down, activation) -> Unit:
     """An ungated FFN: ``down(activation(up(x)))``."""
-    return Unit("neuron", module, features(up, "out"), (Member(up, "out", 0, 1), Member(down, "in", 0, 1)), adapter, activation=activation)
+    return Unit(
+        "neuron",
+        module,
+        features(up, "out"),
+        (Member(up, "out", 0, 1), Member(down, "in", 0, 1)),
+        adapter,
+        activation=activation,
+    )
 
 
 def _stack(module, attribute: str, *block_parts: str) -> nn.ModuleList | None:
     """``module.<attribute>`` if it is a non-empty ModuleList of blocks that each have ``block_parts``."""
     stack = getattr(module, attribute, None)
-    if isinstance(stack, nn.ModuleList) and len(stack) and all(hasattr(b, p) for b in stack for p in block_parts):
+    if (
+        isinstance(stack, nn.ModuleList)
+        and len(stack)
+        and all(hasattr(b, p) for b in stack for p in block_parts)
+    ):
         return stack
     return None
 
 
 class BertFamily(ArchitectureAdapter):
-    """BERT, RoBERTa, ELECTRA, MiniLM: attention.self.{query,key,value} + attention.output.dense; intermediate + output."""
+    """BERT, RoBERTa, ELECTRA, MiniLM: attention.self.{query,key,value} + attention.output.dense; intermediate
+    + output."""
 
     name = "bert"
 
@@ -107,10 +124,17 @@ class GPT2(ArchitectureAdapter):
 
     def attention(self, module):
         fused, output = layer(module, "c_attn"), layer(module, "c_proj")
-        if fused is None or output is None or not hasattr(module, "split_size") or getattr(module, "is_cross_attention", False):
+        if (
+            fused is None
+            or output is None
+            or not hasattr(module, "split_size")
+            or getattr(module, "is_cross_attention", False)
+        ):
             return None
         size, width = module.head_dim, module.split_size
-        members = tuple(Member(fused, "out", offset, size) for offset in (0, width, 2 * width)) + (Member(output, "in", 0, size),)
+        members = tuple(Member(fused, "out", offset, size) for offset in (0, width, 2 * width)) + (
+            Member(output, "in", 0, size),
+        )
         return Unit("head", module, width // size, members, self)
 
     def feed_forward(self, module):
@@ -147,8 +171,12 @@ class LlamaFamily(ArchitectureAdapter):
         if not _linears(q, k, v, o) or not hasattr(module, "num_key_value_groups"):
             return None
         size, per_group = module.head_dim, module.num_key_value_groups
-        members = (Member(q, "out", 0, size * per_group), Member(k, "out", 0, size), Member(v, "out", 0, size),
-                   Member(o, "in", 0, size * per_group))
+        members = (
+            Member(q, "out", 0, size * per_group),
+            Member(k, "out", 0, size),
+            Member(v, "out", 0, size),
+            Member(o, "in", 0, size * per_group),
+        )
         return Unit("head", module, features(k, "out") // size, members, self, heads_per_group=per_group)
 
     def feed_forward(self, module):
@@ -156,7 +184,9 @@ class LlamaFamily(ArchitectureAdapter):
         if not _linears(gate, up, down) or not hasattr(module, "act_fn"):
             return None
         members = (Member(gate, "out", 0, 1), Member(up, "out", 0, 1), Member(down, "in", 0, 1))
-        return Unit("neuron", module, features(up, "out"), members, self, activation=module.act_fn, gated=True)
+        return Unit(
+            "neuron", module, features(up, "out"), members, self, activation=module.act_fn, gated=True
+        )
 
     def layer_stack(self, module):
         return _stack(module, "layers", "self_attn", "mlp")

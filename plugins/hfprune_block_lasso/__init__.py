@@ -1,4 +1,5 @@
-"""Built-in plugin: block-structured reweighted group lasso (Li et al., Findings of EMNLP 2020, arXiv 2009.08065).
+"""Built-in plugin: block-structured reweighted group lasso (Li et al., Findings of EMNLP 2020, arXiv
+2009.08065).
 
 Shipped inside hfprune but found exactly as a third-party plugin is: through the
 ``block-lasso`` entry point in the ``hfprune`` group.
@@ -12,11 +13,10 @@ import torch
 from pydantic import Field, model_validator
 
 from hfprune import hookimpl
+from hfprune.blocks import BlockSet, block_norms, build_block_sets
 from hfprune.errors import TargetError
 from hfprune.masks import ProximalConfig, ReweightedPhaseStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
-
-from hfprune.blocks import BlockSet, block_norms, build_block_sets
 
 Group = Literal["tile", "row", "column", "head", "neuron"]
 
@@ -24,20 +24,40 @@ Group = Literal["tile", "row", "column", "head", "neuron"]
 class BlockLassoConfig(ProximalConfig):
     """``config:`` of the block-lasso strategy."""
 
-    group: Group = Field(description="what one block is: a tile of one matrix, a whole row or column, an attention head, an FFN neuron")
-    block: tuple[int, int] | None = Field(default=None, description="tile shape (rows, columns) in nn.Linear orientation; only for group 'tile'")
-    ratio: float = Field(ge=0.0, lt=1.0, description="fraction of blocks the hard prune at schedule end removes")
+    group: Group = Field(
+        description="what one block is: a tile of one matrix, a whole row or column, an attention head, an "
+        "FFN neuron"
+    )
+    block: tuple[int, int] | None = Field(
+        default=None, description="tile shape (rows, columns) in nn.Linear orientation; only for group 'tile'"
+    )
+    ratio: float = Field(
+        ge=0.0, lt=1.0, description="fraction of blocks the hard prune at schedule end removes"
+    )
     form: Literal["proximal", "penalty"] = Field(
         default="proximal",
-        description="'proximal': block soft threshold after each step; 'penalty': the penalty's gradient added before it",
+        description="'proximal': block soft threshold after each step; 'penalty': the penalty's gradient "
+        "added before it",
     )
-    squared: bool = Field(default=False, description="penalize squared block norms (shrinks, never zeroes; the hard prune does)")
-    eps: float = Field(default=1e-3, gt=0.0, description="keeps alpha = 1 / (||W_b|| + eps) finite for blocks at zero")
-    reweight_every: int = Field(default=10, ge=1, description="optimizer steps between recomputations of alpha")
-    scope: Scope = Field(default="layer", description="'layer': each attention/FFN block or matrix loses `ratio` of its blocks; 'global': one threshold")
+    squared: bool = Field(
+        default=False, description="penalize squared block norms (shrinks, never zeroes; the hard prune does)"
+    )
+    eps: float = Field(
+        default=1e-3, gt=0.0, description="keeps alpha = 1 / (||W_b|| + eps) finite for blocks at zero"
+    )
+    reweight_every: int = Field(
+        default=10, ge=1, description="optimizer steps between recomputations of alpha"
+    )
+    scope: Scope = Field(
+        default="layer",
+        description="'layer': each attention/FFN block or matrix loses `ratio` of its blocks; 'global': one "
+        "threshold",
+    )
     multiple_of: int = Field(
-        default=1, ge=1,
-        description="with scope 'layer', round the blocks each set keeps to a multiple of this: matrix sizes CPUs and GPUs run at full speed",
+        default=1,
+        ge=1,
+        description="with scope 'layer', round the blocks each set keeps to a multiple of this: matrix "
+        "sizes CPUs and GPUs run at full speed",
     )
 
     @model_validator(mode="after")
@@ -51,8 +71,11 @@ class BlockLassoConfig(ProximalConfig):
         if self.multiple_of > 1 and self.scope != "layer":
             raise ValueError("multiple_of rounds each set's kept blocks, so it needs scope 'layer'")
         if self.lam == "auto" and (self.form != "proximal" or self.squared):
-            raise ValueError("lam: auto follows the proximal step's shrinkage: it needs form 'proximal' and squared false; "
-                             "set a number for lam")
+            raise ValueError(
+                "lam: auto follows the proximal step's shrinkage: it needs form 'proximal' and squared "
+                "false; "
+                "set a number for lam"
+            )
         return self
 
     def planned_sparsity(self) -> float:
@@ -91,11 +114,15 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     """
 
     Config = BlockLassoConfig
-    shardable = True  # block norms sum every process's part (blocks.block_norms); masks and factors apply per part
+    shardable = (
+        True  # block norms sum every process's part (blocks.block_norms); masks and factors apply per part
+    )
 
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
-        self.sets: list[BlockSet] = build_block_sets(targets, config.group, config.block, targets.architectures)
+        self.sets: list[BlockSet] = build_block_sets(
+            targets, config.group, config.block, targets.architectures
+        )
         # One alpha per block, set from the weights when the phase starts; dropped once the
         # pattern is fixed (masked training needs only masks).
         self.alphas: list[torch.Tensor] | None = self.new_alphas()
@@ -109,7 +136,8 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         frozen = [name for name, param in selected.items() if not param.requires_grad]
         if frozen and config.form == "penalty":
             raise TargetError(
-                f"form: penalty adds the penalty's gradient, but {frozen[0]} is frozen (a LoRA base weight?) and gets "
+                f"form: penalty adds the penalty's gradient, but {frozen[0]} is frozen (a LoRA base "
+                "weight?) and gets "
                 "none; use form: proximal, which shrinks frozen weights at their adapter's learning rate"
             )
         return selected
@@ -135,7 +163,9 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         elif self._lasso_acts(ctx, "proximal"):
             lam = self.penalty_weight(ctx, self._lr_params)
             norms = [None] * len(self.sets) if self.config.squared else block_norms(self.sets)
-            for block_set, alpha, lr, norm in zip(self.sets, self.alphas, ctx.learning_rates(self._lr_params), norms):
+            for block_set, alpha, lr, norm in zip(
+                self.sets, self.alphas, ctx.learning_rates(self._lr_params), norms
+            ):
                 threshold = alpha * (lr * lam)
                 if self.config.squared:
                     factor = threshold.mul_(2).add_(1).reciprocal_()
@@ -144,7 +174,8 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
                 block_set.scale_weights(factor)
 
     def _lasso_acts(self, ctx: StepContext, form: str) -> bool:
-        """Whether the lasso in ``form`` acts at this step; at the phase's first real step, alpha is set first.
+        """Whether the lasso in ``form`` acts at this step; at the phase's first real step, alpha is set
+        first.
 
         Not at ``start`` itself: a proximal step there may be one an fp16 scaler skipped.
         """
@@ -174,10 +205,15 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         """The hard prune: mask the ``ratio`` of blocks with the smallest norms, for good."""
         keeps = self._keep_vectors(block_norms(self.sets))
         params = zip(self.masks.names, self.masks.params)
-        masks = {name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in params}  # whole: blocks span rows
+        masks = {
+            name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in params
+        }  # whole: blocks span rows
         for block_set, keep in zip(self.sets, keeps):
             block_set.keep_masks(keep, masks)
-        self.masks.set([layout.rows(masks[name]) for name, layout in zip(self.masks.names, self.masks.layouts)], optimizer)
+        self.masks.set(
+            [layout.rows(masks[name]) for name, layout in zip(self.masks.names, self.masks.layouts)],
+            optimizer,
+        )
         self.alphas = None
 
     def _keep_vectors(self, norms: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -212,13 +248,17 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     # --- reporting and state ----------------------------------------------------------------
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """``zero_blocks``: the fraction of blocks whose weights are all zero (pruned, or thresholded to zero)."""
+        """``zero_blocks``: the fraction of blocks whose weights are all zero (pruned, or thresholded to
+        zero)."""
         norms = block_norms(self.sets)
         zeros = torch.stack([(n == 0).sum() for n in norms]).sum().item()
-        return {"zero_blocks": zeros / sum(n.numel() for n in norms)} | ({"lam": self.lam} if self.lam is not None else {})
+        return {"zero_blocks": zeros / sum(n.numel() for n in norms)} | (
+            {"lam": self.lam} if self.lam is not None else {}
+        )
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
-        """Once the pattern is fixed: each parameter's keep-mask, whose all-False slices compaction removes."""
+        """Once the pattern is fixed: each parameter's keep-mask, whose all-False slices compaction
+        removes."""
         if not self.masks.active:
             return None
         return dict(zip(self.masks.names, self.masks.whole_keep()))
@@ -233,7 +273,9 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         # States saved before this flag: alphas still all 1 were never computed from the weights.
-        self.weighted = bool(state.get("weighted", self.alphas is not None and any((a != 1).any() for a in self.alphas)))
+        self.weighted = bool(
+            state.get("weighted", self.alphas is not None and any((a != 1).any() for a in self.alphas))
+        )
 
     def new_alphas(self) -> list[torch.Tensor]:
         return [torch.ones_like(norms) for norms in block_norms(self.sets)]

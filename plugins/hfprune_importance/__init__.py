@@ -38,19 +38,27 @@ SCORE_PREFIX = "score."
 class ImportanceConfig(StrategyConfig):
     """``config:`` of the importance strategy."""
 
-    group: Literal["head", "neuron"] = Field(description="what is pruned: attention heads (key/value groups) or FFN neurons")
+    group: Literal["head", "neuron"] = Field(
+        description="what is pruned: attention heads (key/value groups) or FFN neurons"
+    )
     ratio: float = Field(ge=0.0, lt=1.0, description="fraction of heads or neurons pruned by schedule end")
     criterion: Literal["taylor", "fisher"] = Field(
-        default="taylor", description="'taylor': moving average of |dL/dm|; 'fisher': of (dL/dm)^2",
+        default="taylor",
+        description="'taylor': moving average of |dL/dm|; 'fisher': of (dL/dm)^2",
     )
-    beta: float = Field(default=0.9, ge=0.0, lt=1.0, description="moving-average factor of the importance, per optimizer step")
+    beta: float = Field(
+        default=0.9, ge=0.0, lt=1.0, description="moving-average factor of the importance, per optimizer step"
+    )
     scope: Scope = Field(
         default="layer",
-        description="'layer': every attention or FFN block loses `ratio` of its groups; 'global': one ranking, each "
+        description="'layer': every attention or FFN block loses `ratio` of its groups; 'global': one "
+        "ranking, each "
         "block's importances normalized to unit L2 norm first (Michel et al.)",
     )
     multiple_of: int = Field(
-        default=1, ge=1, description="with scope 'layer', the groups each block keeps at the end are a multiple of this",
+        default=1,
+        ge=1,
+        description="with scope 'layer', the groups each block keeps at the end are a multiple of this",
     )
 
     @model_validator(mode="after")
@@ -89,7 +97,8 @@ class ImportanceStrategy(MaskingStrategy):
         frozen = [name for name, param in selected.items() if not param.requires_grad]
         if frozen:
             raise TargetError(
-                f"importance is measured from weight gradients, and {frozen[0]} is frozen (a LoRA base weight?): "
+                f"importance is measured from weight gradients, and {frozen[0]} is frozen (a LoRA base "
+                "weight?): "
                 "prune frozen weights with block-lasso (form: proximal) instead"
             )
         return selected
@@ -111,22 +120,32 @@ class ImportanceStrategy(MaskingStrategy):
             score.mul_(beta).add_(value, alpha=1 - beta)
 
     def on_step_end(self, ctx: StepContext) -> None:
-        # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real one.
+        # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real
+        # one.
         due = self.schedule.last_update_step(ctx.step)
         if due is not None and due != self.updated_for:
-            self._prune(self.schedule.cubic_ramp(due, self.config.ratio), final=due == self.schedule.end, optimizer=ctx.optimizer)
+            self._prune(
+                self.schedule.cubic_ramp(due, self.config.ratio),
+                final=due == self.schedule.end,
+                optimizer=ctx.optimizer,
+            )
             self.updated_for = due
 
     @torch.no_grad()
     def _prune(self, ratio: float, final: bool, optimizer: torch.optim.Optimizer | None) -> None:
         """Mask the least important ``ratio`` of the groups; groups pruned before stay pruned."""
         pruned = self._pruned_groups()
-        ranked = [score.masked_fill(gone, -1.0) for score, gone in zip(self.scores, pruned)]  # scores are >= 0
+        ranked = [
+            score.masked_fill(gone, -1.0) for score, gone in zip(self.scores, pruned)
+        ]  # scores are >= 0
         if self.config.scope == "global":
             keeps = self._global_keeps(ranked, ratio)
         else:
             keeps = [self._largest(rank, self._kept_count(rank.numel(), ratio, final)) for rank in ranked]
-        masks = {name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in zip(self.masks.names, self.masks.params)}
+        masks = {
+            name: torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            for name, p in zip(self.masks.names, self.masks.params)
+        }
         for block_set, keep in zip(self.sets, keeps):
             block_set.keep_masks(keep, masks)
         self.masks.set([masks[name] for name in self.masks.names], optimizer)
@@ -138,7 +157,8 @@ class ImportanceStrategy(MaskingStrategy):
         return [~block_set.kept_groups(keep) for block_set in self.sets]
 
     def _global_keeps(self, ranked: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
-        """One threshold over every block's importances, each normalized to unit L2 norm; every block keeps one group."""
+        """One threshold over every block's importances, each normalized to unit L2 norm; every block keeps
+        one group."""
         normalized = [rank / rank.clamp_min(0).norm().clamp_min(1e-30) for rank in ranked]
         everything = torch.cat(normalized)
         threshold = kth_smallest(everything, round(ratio * everything.numel()))
@@ -168,13 +188,16 @@ class ImportanceStrategy(MaskingStrategy):
         return {"pruned_groups": sum(int(p.sum()) for p in pruned) / sum(p.numel() for p in pruned)}
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
-        """Once the pattern is fixed (``end`` reached): each parameter's keep-mask, whose all-False slices compaction removes."""
+        """Once the pattern is fixed (``end`` reached): each parameter's keep-mask, whose all-False slices
+        compaction removes."""
         if self.updated_for != self.schedule.end:
             return None
         return dict(zip(self.masks.names, self.masks.keep()))
 
     def state_dict(self) -> dict:
-        scores = {SCORE_PREFIX + block_set.name: score.cpu() for block_set, score in zip(self.sets, self.scores)}
+        scores = {
+            SCORE_PREFIX + block_set.name: score.cpu() for block_set, score in zip(self.sets, self.scores)
+        }
         return {**super().state_dict(), **scores, "updated_for": self.updated_for}
 
     @torch.no_grad()

@@ -19,7 +19,6 @@ from hfprune.architecture import find_layer_stacks
 from hfprune.errors import StateError, TargetError
 from hfprune.integrations.peft_names import named_modules
 from hfprune.strategy import StepContext, Strategy, Targets
-
 from hfprune_layer_lasso.gates import LayerGateHook, StackKind
 
 logger = logging.getLogger("hfprune.layer_lasso")
@@ -32,22 +31,42 @@ class LayerLassoConfig(StrategyConfig):
     """``config:`` of the layer-lasso strategy."""
 
     keep: int | None = Field(
-        default=None, ge=1,
-        description="layers to keep, counted over every targeted stack together; leave out for layer-wise dropout alone",
+        default=None,
+        ge=1,
+        description="layers to keep, counted over every targeted stack together; leave out for layer-wise "
+        "dropout alone",
     )
-    l0: float = Field(default=0.05, ge=0.0, description="weight of the regularizer that drives gates to 0 or 1 and to at most `keep` layers")
+    l0: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="weight of the regularizer that drives gates to 0 or 1 and to at most `keep` layers",
+    )
     gate_lr: float = Field(
-        default=0.05, gt=0.0,
-        description="Adam learning rate of the gates: a gate moves at most about this far per step, so give the schedule 1/gate_lr steps or more",
+        default=0.05,
+        gt=0.0,
+        description="Adam learning rate of the gates: a gate moves at most about this far per step, so give "
+        "the schedule 1/gate_lr steps or more",
     )
-    train_layers: bool = Field(default=True, description="false: the stack's layers stay frozen (LD-Net); only gates and the rest train")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="layer-wise dropout: chance a layer is skipped on a training forward pass")
+    train_layers: bool = Field(
+        default=True,
+        description="false: the stack's layers stay frozen (LD-Net); only gates and the rest train",
+    )
+    dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="layer-wise dropout: chance a layer is skipped on a training forward pass",
+    )
     settle: Literal["top", "round"] = Field(
         default="top",
-        description="at schedule end, gates go to 1 or 0: each stack's largest to 1, then up to `keep` in all the largest others "
+        description="at schedule end, gates go to 1 or 0: each stack's largest to 1, then up to `keep` in "
+        "all the largest others "
         "('top') or those of them at 0.5 or more ('round')",
     )
-    stack: StackKind = Field(default="residual", description="'residual': x + g (f(x) - x); 'dense': g f(x) wherever it is consumed")
+    stack: StackKind = Field(
+        default="residual",
+        description="'residual': x + g (f(x) - x); 'dense': g f(x) wherever it is consumed",
+    )
 
     @model_validator(mode="after")
     def _something_to_do(self) -> LayerLassoConfig:
@@ -55,14 +74,17 @@ class LayerLassoConfig(StrategyConfig):
             raise ValueError("set keep (layers to select) or dropout (layer-wise dropout alone), or both")
         if self.stack == "dense" and self.dropout > 0.0:
             raise ValueError(
-                "layer-wise dropout on a densely connected stack drops a layer from deeper layers' inputs but keeps it in the "
-                "stack's output, which a hook on the layer cannot tell apart: the model must do it (dropout: 0 here)"
+                "layer-wise dropout on a densely connected stack drops a layer from deeper layers' inputs "
+                "but keeps it in the "
+                "stack's output, which a hook on the layer cannot tell apart: the model must do it "
+                "(dropout: 0 here)"
             )
         return self
 
 
 def find_stacks(targets: Targets) -> dict[str, nn.ModuleList]:
-    """The layer stacks of the matched modules, by full name: a matched ModuleList, or the stacks adapters find inside."""
+    """The layer stacks of the matched modules, by full name: a matched ModuleList, or the stacks adapters
+    find inside."""
     stacks: dict[str, nn.ModuleList] = {}
     for name, module in targets.items():
         names = {id(m): n for n, m in named_modules(module, name)}
@@ -72,7 +94,8 @@ def find_stacks(targets: Targets) -> dict[str, nn.ModuleList]:
 
 
 class LayerLassoStrategy(Strategy):
-    """A gate per layer and LD-Net's regularizer, which select ``keep`` layers to keep; or layer-wise dropout alone.
+    """A gate per layer and LD-Net's regularizer, which select ``keep`` layers to keep; or layer-wise dropout
+    alone.
 
     Gates start at 1 and learn during ``[start, end)`` of the schedule, with their own Adam
     (``gate_lr``) on the task gradient plus the gradient of
@@ -121,26 +144,41 @@ class LayerLassoStrategy(Strategy):
         stacks = find_stacks(targets)
         if not stacks:
             raise TargetError(
-                f"matched {len(targets)} modules, but none is a layer stack (an nn.ModuleList such as bert.encoder.layer, "
+                f"matched {len(targets)} modules, but none is a layer stack (an nn.ModuleList such as "
+                "bert.encoder.layer, "
                 "transformer.h or model.layers) or holds one an architecture adapter recognizes"
             )
         depth = sum(len(stack) for stack in stacks.values())
         if config.keep is not None and config.keep >= depth:
-            raise TargetError(f"keep is {config.keep}, but the targeted stacks have {depth} layers in all: nothing would go")
+            raise TargetError(
+                f"keep is {config.keep}, but the targeted stacks have {depth} layers in all: nothing would go"
+            )
         if config.keep is not None and config.keep < len(stacks):
-            raise TargetError(f"keep is {config.keep}, but each of the {len(stacks)} targeted stacks keeps at least one layer")
+            raise TargetError(
+                f"keep is {config.keep}, but each of the {len(stacks)} targeted stacks keeps at least one "
+                "layer"
+            )
         return {}  # the gates are the strategy's own; no weight of the model is pruned
 
     @classmethod
     def describe(cls, targets, config):
         stacks = find_stacks(targets)
-        lines = [f"{name}: {len(stack)} layers ({type(stack[0]).__name__}), {config.stack}" for name, stack in stacks.items()]
+        lines = [
+            f"{name}: {len(stack)} layers ({type(stack[0]).__name__}), {config.stack}"
+            for name, stack in stacks.items()
+        ]
         depth = sum(len(stack) for stack in stacks.values())
         if config.keep is not None:
             if config.settle == "round":  # gates that fell below 0.5 stay off, so fewer than keep may survive
-                lines.append(f"keeps at most {config.keep} of {depth} layers (settle: round); compaction deletes the others")
+                lines.append(
+                    f"keeps at most {config.keep} of {depth} layers (settle: round); compaction deletes the "
+                    "others"
+                )
             else:
-                lines.append(f"keeps {config.keep} of {depth} layers; compaction deletes the other {depth - config.keep}")
+                lines.append(
+                    f"keeps {config.keep} of {depth} layers; compaction deletes the other "
+                    f"{depth - config.keep}"
+                )
         if config.dropout:
             lines.append(f"layer-wise dropout {config.dropout:g} during the schedule")
         return lines
@@ -164,7 +202,9 @@ class LayerLassoStrategy(Strategy):
 
     @torch.no_grad()
     def observe_branch(self, index: int, branch: torch.Tensor, reference: torch.Tensor) -> None:
-        if self.next_step + 1 != self.schedule.end:  # only the settling report reads it: the last step's batch
+        if (
+            self.next_step + 1 != self.schedule.end
+        ):  # only the settling report reads it: the last step's batch
             return
         self._branch_ratio[index] = branch.float().norm() / reference.float().norm().clamp_min(1e-12)
 
@@ -175,8 +215,13 @@ class LayerLassoStrategy(Strategy):
             param.grad = None  # AdamW skips a parameter without a gradient, weight decay included
         if self.gates.grad is None:
             return
-        self._grad, self.gates.grad = self.gates.grad, None  # taken now: a skipped step must not leave it behind
-        if ctx.grad_scale != 1.0:  # the optimizer's GradScaler unscales its own parameters' gradients, not the gates'
+        self._grad, self.gates.grad = (
+            self.gates.grad,
+            None,
+        )  # taken now: a skipped step must not leave it behind
+        if (
+            ctx.grad_scale != 1.0
+        ):  # the optimizer's GradScaler unscales its own parameters' gradients, not the gates'
             self._grad /= ctx.grad_scale
         if ctx.world_size > 1:
             dist.all_reduce(self._grad)
@@ -195,8 +240,8 @@ class LayerLassoStrategy(Strategy):
         beta1, beta2 = ADAM_BETAS
         self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denominator = (self.exp_avg_sq / (1 - beta2 ** self.adam_steps)).sqrt_().add_(ADAM_EPS)
-        gates.addcdiv_(self.exp_avg, denominator, value=-self.config.gate_lr / (1 - beta1 ** self.adam_steps))
+        denominator = (self.exp_avg_sq / (1 - beta2**self.adam_steps)).sqrt_().add_(ADAM_EPS)
+        gates.addcdiv_(self.exp_avg, denominator, value=-self.config.gate_lr / (1 - beta1**self.adam_steps))
         gates.clamp_(0.0, 1.0)
 
     def on_step_end(self, ctx: StepContext) -> None:
@@ -222,7 +267,7 @@ class LayerLassoStrategy(Strategy):
         keep = torch.zeros_like(values, dtype=torch.bool)
         start = 0
         for stack in self.stacks.values():
-            keep[start + int(values[start:start + len(stack)].argmax())] = True
+            keep[start + int(values[start : start + len(stack)].argmax())] = True
             start += len(stack)
         others = [i for i in values.argsort(descending=True, stable=True).tolist() if not keep[i]]
         for i in others[: max(self.config.keep - len(self.stacks), 0)]:
@@ -232,16 +277,24 @@ class LayerLassoStrategy(Strategy):
         self.settled = keep.float().tolist()
 
     def _report_settling(self, values: torch.Tensor, settled: torch.Tensor) -> float:
-        """Log each gate that moves and the layers kept; the largest relative output shift (last training batch)."""
+        """Log each gate that moves and the layers kept; the largest relative output shift (last training
+        batch)."""
         moved = (settled - values).abs()
         shift = moved * self._branch_ratio.cpu()
         for i in moved.nonzero().flatten().tolist():
             logger.warning(
-                "layer-lasso: gate of %s settled from %.3f to %d; on the last training batch that moves the layer's output "
-                "by about %.1f%% of its norm", self.layer_names[i], values[i], int(settled[i]), 100 * shift[i],
+                "layer-lasso: gate of %s settled from %.3f to %d; on the last training batch that moves the "
+                "layer's output "
+                "by about %.1f%% of its norm",
+                self.layer_names[i],
+                values[i],
+                int(settled[i]),
+                100 * shift[i],
             )
         kept = [name for name, s in zip(self.layer_names, settled.tolist()) if s]
-        logger.info("layer-lasso: keeping %d of %d layers: %s", len(kept), len(self.layer_names), ", ".join(kept))
+        logger.info(
+            "layer-lasso: keeping %d of %d layers: %s", len(kept), len(self.layer_names), ", ".join(kept)
+        )
         return float(shift.max())
 
     # --- reporting, compaction, state ----------------------------------------------------------
@@ -260,7 +313,7 @@ class LayerLassoStrategy(Strategy):
             return None
         plan, start = {}, 0
         for name, stack in self.stacks.items():
-            plan[name] = torch.tensor(self.settled[start:start + len(stack)], dtype=torch.bool)
+            plan[name] = torch.tensor(self.settled[start : start + len(stack)], dtype=torch.bool)
             start += len(stack)
         return plan
 
@@ -268,8 +321,12 @@ class LayerLassoStrategy(Strategy):
         state = {"next_step": self.next_step}
         if self.config.keep is not None:
             state.update(
-                gates=self.gates.detach().cpu(), exp_avg=self.exp_avg.cpu(), exp_avg_sq=self.exp_avg_sq.cpu(),
-                adam_steps=self.adam_steps, settled=self.settled is not None, settle_shift=self.settle_shift,
+                gates=self.gates.detach().cpu(),
+                exp_avg=self.exp_avg.cpu(),
+                exp_avg_sq=self.exp_avg_sq.cpu(),
+                adam_steps=self.adam_steps,
+                settled=self.settled is not None,
+                settle_shift=self.settle_shift,
             )
         return state
 
@@ -281,10 +338,14 @@ class LayerLassoStrategy(Strategy):
         for name in ("gates", "exp_avg", "exp_avg_sq"):
             saved = state[name]
             if saved.shape != self.gates.shape:
-                raise StateError(f"saved {name} has {saved.numel()} layers, the targeted stacks {self.gates.numel()}")
+                raise StateError(
+                    f"saved {name} has {saved.numel()} layers, the targeted stacks {self.gates.numel()}"
+                )
             getattr(self, name).copy_(saved)
         self.adam_steps = int(state["adam_steps"])
-        self.settle_shift = float(state.get("settle_shift", 0.0))  # absent from states saved before it was kept
+        self.settle_shift = float(
+            state.get("settle_shift", 0.0)
+        )  # absent from states saved before it was kept
         self.settled = self.gates.detach().tolist() if state["settled"] else None
 
 

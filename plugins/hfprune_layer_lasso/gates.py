@@ -24,11 +24,14 @@ class GateSource(Protocol):
     """What a :class:`LayerGateHook` reads from its strategy on every forward pass."""
 
     def gate_for(self, index: int, training: bool) -> torch.Tensor | float | None:
-        """Layer ``index``'s factor now: a tensor (learned gate), 0.0 or 1.0 (fixed), or None (leave the layer alone)."""
+        """Layer ``index``'s factor now: a tensor (learned gate), 0.0 or 1.0 (fixed), or None (leave the layer
+        alone)."""
 
     def observe_branch(self, index: int, branch: torch.Tensor, reference: torch.Tensor) -> None:
-        """Called while gates learn with what the gate scales and the ``reference`` its size is measured against: a
-        residual layer's branch ``f(x) - x`` and gated output, or a dense layer's ``f(x)`` twice (its gated output may
+        """Called while gates learn with what the gate scales and the ``reference`` its size is measured
+        against: a
+        residual layer's branch ``f(x) - x`` and gated output, or a dense layer's ``f(x)`` twice (its gated
+        output may
         be all zero) (the strategy keeps what it needs: the last step's, for its settling report)."""
 
 

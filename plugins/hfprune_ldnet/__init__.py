@@ -1,4 +1,5 @@
-"""Built-in plugin: LD-Net's models (Liu et al., EMNLP 2018, arXiv 1804.07827) and the adapter that compacts them.
+"""Built-in plugin: LD-Net's models (Liu et al., EMNLP 2018, arXiv 1804.07827) and the adapter that compacts
+them.
 
 - :mod:`hfprune_ldnet.dense_lstm`: the densely connected LSTM language model, forward and backward.
 - :mod:`hfprune_ldnet.tagger`: the sequence tagger that reads the language model's gated layers.
@@ -26,7 +27,8 @@ MODELS = "hfprune_ldnet.dense_lstm"
 
 
 class DenseLSTMAdapter(ArchitectureAdapter):
-    """LD-Net's densely connected LSTM stacks: each stack's ``layers``; deleting a layer removes its columns downstream."""
+    """LD-Net's densely connected LSTM stacks: each stack's ``layers``; deleting a layer removes its columns
+    downstream."""
 
     name = "ldnet-dense-lstm"
 

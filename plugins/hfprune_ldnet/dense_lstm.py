@@ -37,7 +37,8 @@ Direction = Literal["forward", "backward"]
 
 
 class DenseLSTMConfig(PretrainedConfig):
-    """Sizes of LD-Net's models: ``num_layers`` LSTM layers of ``hidden_size`` per direction, and the heads on them.
+    """Sizes of LD-Net's models: ``num_layers`` LSTM layers of ``hidden_size`` per direction, and the heads on
+    them.
 
     ``num_backward_layers`` differs from ``num_layers`` only after compaction deleted
     different numbers of layers from the two directions (None: the same). The language
@@ -78,7 +79,9 @@ class DenseLSTMConfig(PretrainedConfig):
         self.cutoffs = list(cutoffs) if cutoffs else [min(2000, vocab_size // 2)]
         self.task_vocab_size = task_vocab_size or vocab_size
         if self.task_vocab_size < vocab_size:
-            raise ValueError(f"task_vocab_size ({task_vocab_size}) must include the language model's {vocab_size} words")
+            raise ValueError(
+                f"task_vocab_size ({task_vocab_size}) must include the language model's {vocab_size} words"
+            )
         self.word_embedding_size = word_embedding_size
         self.tagger_hidden_size = tagger_hidden_size
         self.tagger_dropout = tagger_dropout
@@ -96,7 +99,8 @@ class DenseLSTMConfig(PretrainedConfig):
 
 
 class DenseLSTMLayer(nn.Module):
-    """One layer of a dense stack: dropout on its input, then a one-layer LSTM; returns the LSTM's outputs only."""
+    """One layer of a dense stack: dropout on its input, then a one-layer LSTM; returns the LSTM's outputs
+    only."""
 
     def __init__(self, input_size: int, hidden_size: int, dropout: float):
         super().__init__()
@@ -140,10 +144,16 @@ class DenseLSTMStack(nn.Module):
         (0 where the column is gone), for the caller to fold into the weights reading it.
         """
         if gates.shape != (len(self.layers),) or not gates.any():
-            raise CompactionError(f"a dense stack of {len(self.layers)} layers must keep one, got gates {gates.tolist()}")
-        scale = torch.cat([torch.ones(self.embedding_size), gates.float().repeat_interleave(self.hidden_size)])
+            raise CompactionError(
+                f"a dense stack of {len(self.layers)} layers must keep one, got gates {gates.tolist()}"
+            )
+        scale = torch.cat(
+            [torch.ones(self.embedding_size), gates.float().repeat_interleave(self.hidden_size)]
+        )
         for index, layer in enumerate(self.layers):
-            fold_input_columns(layer.lstm, "weight_ih_l0", scale[: self.embedding_size + index * self.hidden_size])
+            fold_input_columns(
+                layer.lstm, "weight_ih_l0", scale[: self.embedding_size + index * self.hidden_size]
+            )
         for index in reversed(range(len(self.layers))):
             if gates[index] == 0:
                 del self.layers[index]
@@ -155,7 +165,9 @@ def fold_input_columns(module: nn.Module, name: str, scale: torch.Tensor) -> Non
     weight = getattr(module, name)
     kept = scale.nonzero().flatten().to(weight.device)
     folded = weight.index_select(1, kept) * scale[kept.cpu()].to(weight)
-    setattr(module, name, nn.Parameter(folded, requires_grad=weight.requires_grad))  # nn.LSTM re-reads its weights
+    setattr(
+        module, name, nn.Parameter(folded, requires_grad=weight.requires_grad)
+    )  # nn.LSTM re-reads its weights
     if isinstance(module, nn.Linear):
         module.in_features = len(kept)
     else:
@@ -183,10 +195,12 @@ class DenseLSTMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LSTM):
-            module.reset_parameters()  # PyTorch's uniform init; a tagger loaded from a language model needs it for its own
+            # PyTorch's uniform init; a tagger loaded from a language model needs it for its own
+            module.reset_parameters()
 
     def delete_stack_layers(self, stacks: dict[str, torch.Tensor]) -> list[int] | None:
-        """Delete the layers ``stacks`` flags False (or gates at 0), by stack module name; the ``hidden_states`` left.
+        """Delete the layers ``stacks`` flags False (or gates at 0), by stack module name; the
+        ``hidden_states`` left.
 
         Later layers lose the deleted layers' input columns, and so do the head's weights
         reading the stacks' outputs (:meth:`fold_stack_output`); gate values other than 1 are
@@ -197,7 +211,8 @@ class DenseLSTMPreTrainedModel(PreTrainedModel):
         base = self.base_model
         if base is self:
             raise CompactionError(
-                "a DenseLSTMModel's output is its stacks' output, which would lose the deleted layers' columns: compact "
+                "a DenseLSTMModel's output is its stacks' output, which would lose the deleted layers' "
+                "columns: compact "
                 "the model with a head (DenseLSTMForLanguageModeling, DenseLSTMForTokenClassification)"
             )
         names = {f"{self.base_model_prefix}.{direction}_stack.layers": direction for direction in DIRECTIONS}
@@ -206,15 +221,23 @@ class DenseLSTMPreTrainedModel(PreTrainedModel):
             raise CompactionError(f"{type(self).__name__} has no dense stack named {', '.join(unknown)}")
         gates = {direction: torch.ones(len(base.stack(direction).layers)) for direction in DIRECTIONS}
         gates.update({names[name]: keep.float().cpu() for name, keep in stacks.items()})
-        self.fold_stack_output({direction: base.stack(direction).delete_layers(gates[direction]) for direction in DIRECTIONS})
-        self.config.num_layers, self.config.num_backward_layers = (len(base.stack(d).layers) for d in DIRECTIONS)
+        self.fold_stack_output(
+            {direction: base.stack(direction).delete_layers(gates[direction]) for direction in DIRECTIONS}
+        )
+        self.config.num_layers, self.config.num_backward_layers = (
+            len(base.stack(d).layers) for d in DIRECTIONS
+        )
         if all(g.all() for g in gates.values()):
             return None
         forward_depth = len(gates["forward"])
-        return gates["forward"].nonzero().flatten().tolist() + (forward_depth + gates["backward"].nonzero().flatten()).tolist()
+        return (
+            gates["forward"].nonzero().flatten().tolist()
+            + (forward_depth + gates["backward"].nonzero().flatten()).tolist()
+        )
 
     def fold_stack_output(self, scales: dict[Direction, torch.Tensor]) -> None:
-        """Fold each direction's output column factors (0: the column is gone) into the head's weights reading them."""
+        """Fold each direction's output column factors (0: the column is gone) into the head's weights reading
+        them."""
         raise NotImplementedError
 
 
@@ -228,7 +251,9 @@ class DenseLSTMModel(DenseLSTMPreTrainedModel):
 
     def __init__(self, config: DenseLSTMConfig):
         super().__init__(config)
-        self.embedding = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
+        self.embedding = nn.Embedding(
+            config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id
+        )
         self.forward_stack = DenseLSTMStack(config, "forward")
         self.backward_stack = DenseLSTMStack(config, "backward")
         self.post_init()
@@ -248,21 +273,29 @@ class DenseLSTMModel(DenseLSTMPreTrainedModel):
         """
         return sum(2 * sum(p.numel() for p in self.stack(d).parameters()) for d in DIRECTIONS)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> BaseModelOutput:
-        lengths = attention_mask.sum(1) if attention_mask is not None else torch.full_like(input_ids[:, 0], input_ids.shape[1])
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutput:
+        lengths = (
+            attention_mask.sum(1)
+            if attention_mask is not None
+            else torch.full_like(input_ids[:, 0], input_ids.shape[1])
+        )
         embedded = self.embedding(input_ids)
         forward_out, forward_layers = self.forward_stack(embedded)
         backward_out, backward_layers = self.backward_stack(reverse_padded(embedded, lengths))
         backward_out = reverse_padded(backward_out, lengths)
         backward_layers = tuple(reverse_padded(layer, lengths) for layer in backward_layers)
         return BaseModelOutput(
-            last_hidden_state=torch.cat([forward_out, backward_out], dim=-1), hidden_states=forward_layers + backward_layers
+            last_hidden_state=torch.cat([forward_out, backward_out], dim=-1),
+            hidden_states=forward_layers + backward_layers,
         )
 
 
 @dataclass
 class DenseLSTMLanguageModelOutput(ModelOutput):
-    """Loss (the mean of the two directions' losses, also given apart), per-direction log-probabilities of every word
+    """Loss (the mean of the two directions' losses, also given apart), per-direction log-probabilities of
+    every word
     (only when no labels are given), and the layers' outputs."""
 
     loss: torch.Tensor | None = None
@@ -288,10 +321,21 @@ class DenseLSTMForLanguageModeling(DenseLSTMPreTrainedModel):
         super().__init__(config)
         self.dense_lstm = DenseLSTMModel(config)
         self.dropout = nn.Dropout(config.dropout)
-        for direction in DIRECTIONS:  # forward_projection, forward_softmax, backward_projection, backward_softmax
-            setattr(self, f"{direction}_projection", nn.Linear(config.stack_output_size(direction), config.projection_size))
-            setattr(self, f"{direction}_softmax", nn.AdaptiveLogSoftmaxWithLoss(
-                config.projection_size, config.vocab_size, config.cutoffs, div_value=4.0))
+        for (
+            direction
+        ) in DIRECTIONS:  # forward_projection, forward_softmax, backward_projection, backward_softmax
+            setattr(
+                self,
+                f"{direction}_projection",
+                nn.Linear(config.stack_output_size(direction), config.projection_size),
+            )
+            setattr(
+                self,
+                f"{direction}_softmax",
+                nn.AdaptiveLogSoftmaxWithLoss(
+                    config.projection_size, config.vocab_size, config.cutoffs, div_value=4.0
+                ),
+            )
         self.post_init()
 
     def forward(
@@ -303,15 +347,23 @@ class DenseLSTMForLanguageModeling(DenseLSTMPreTrainedModel):
         **kwargs,
     ) -> DenseLSTMLanguageModelOutput:
         output = self.dense_lstm(input_ids, attention_mask)
-        halves = output.last_hidden_state.split([self.config.stack_output_size(d) for d in DIRECTIONS], dim=-1)
+        halves = output.last_hidden_state.split(
+            [self.config.stack_output_size(d) for d in DIRECTIONS], dim=-1
+        )
         features = {d: self.projection(d)(self.dropout(half)) for d, half in zip(DIRECTIONS, halves)}
         hidden_states = output.hidden_states if output_hidden_states else None
         if labels is None:
-            log_probs = [self.softmax(d).log_prob(features[d].flatten(0, 1)).view(*features[d].shape[:2], -1) for d in DIRECTIONS]
+            log_probs = [
+                self.softmax(d).log_prob(features[d].flatten(0, 1)).view(*features[d].shape[:2], -1)
+                for d in DIRECTIONS
+            ]
             return DenseLSTMLanguageModelOutput(None, None, None, *log_probs, hidden_states)
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
-        predicted = {"forward": (features["forward"][:, :-1], labels[:, 1:]), "backward": (features["backward"][:, 1:], labels[:, :-1])}
+        predicted = {
+            "forward": (features["forward"][:, :-1], labels[:, 1:]),
+            "backward": (features["backward"][:, 1:], labels[:, :-1]),
+        }
         losses = []
         for direction, (inputs, targets) in predicted.items():
             real = targets != -100

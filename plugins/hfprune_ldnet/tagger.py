@@ -40,12 +40,17 @@ class DenseLSTMForTokenClassification(DenseLSTMPreTrainedModel):
         super().__init__(config)
         self.dense_lstm = DenseLSTMModel(config)
         self.register_buffer("lm_ids", self.identity_lm_ids())
-        self.word_embedding = nn.Embedding(config.task_vocab_size, config.word_embedding_size, padding_idx=config.pad_token_id)
+        self.word_embedding = nn.Embedding(
+            config.task_vocab_size, config.word_embedding_size, padding_idx=config.pad_token_id
+        )
         lm_width = sum(config.stack_output_size(d) for d in DIRECTIONS)
         self.projection = nn.Linear(lm_width, config.projection_size)
         self.dropout = nn.Dropout(config.tagger_dropout)
         self.encoder = nn.LSTM(
-            config.word_embedding_size + config.projection_size, config.tagger_hidden_size, batch_first=True, bidirectional=True
+            config.word_embedding_size + config.projection_size,
+            config.tagger_hidden_size,
+            batch_first=True,
+            bidirectional=True,
         )
         self.classifier = nn.Linear(2 * config.tagger_hidden_size, config.num_labels)
         self.post_init()
@@ -72,17 +77,25 @@ class DenseLSTMForTokenClassification(DenseLSTMPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         lm = self.dense_lstm(self.lm_ids[input_ids], attention_mask)
         features = torch.cat(
-            [self.dropout(self.word_embedding(input_ids)), self.dropout(self.projection(lm.last_hidden_state))], dim=-1
+            [
+                self.dropout(self.word_embedding(input_ids)),
+                self.dropout(self.projection(lm.last_hidden_state)),
+            ],
+            dim=-1,
         )
         lengths = attention_mask.sum(1).cpu()
         packed = pack_padded_sequence(features, lengths, batch_first=True, enforce_sorted=False)
-        encoded = pad_packed_sequence(self.encoder(packed)[0], batch_first=True, total_length=input_ids.shape[1])[0]
+        encoded = pad_packed_sequence(
+            self.encoder(packed)[0], batch_first=True, total_length=input_ids.shape[1]
+        )[0]
         logits = self.classifier(self.dropout(encoded))
         loss = None
         if labels is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=lm.hidden_states if output_hidden_states else None)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=lm.hidden_states if output_hidden_states else None
+        )
 
     def fold_stack_output(self, scales: dict[Direction, torch.Tensor]) -> None:
         fold_input_columns(self.projection, "weight", torch.cat([scales[d] for d in DIRECTIONS]))

@@ -20,13 +20,16 @@ class MagnitudeConfig(StrategyConfig):
     initial_sparsity: float = Field(default=0.0, ge=0.0, lt=1.0, description="sparsity at schedule start")
     scope: Scope = Field(
         default="layer",
-        description="'layer': every matrix reaches the sparsity; 'global': one threshold across all targeted matrices",
+        description="'layer': every matrix reaches the sparsity; 'global': one threshold across all "
+        "targeted matrices",
     )
 
     @model_validator(mode="after")
     def _ramp_goes_up(self) -> MagnitudeConfig:
         if self.initial_sparsity > self.sparsity:
-            raise ValueError(f"initial_sparsity ({self.initial_sparsity}) is above sparsity ({self.sparsity})")
+            raise ValueError(
+                f"initial_sparsity ({self.initial_sparsity}) is above sparsity ({self.sparsity})"
+            )
         return self
 
     def planned_sparsity(self) -> float:
@@ -50,11 +53,14 @@ class MagnitudeStrategy(MaskingStrategy):
         self.updated_for: int | None = None  # the update step the masks were last computed for
 
     def on_step_end(self, ctx: StepContext) -> None:
-        # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real one.
+        # Not only at update steps: an update a skipped (fp16 overflow) step missed is made at the next real
+        # one.
         due = self.schedule.last_update_step(ctx.step)
         if due is not None and due != self.updated_for:
             sparsity = self.schedule.cubic_ramp(due, self.config.sparsity, self.config.initial_sparsity)
-            masks = largest_magnitude_masks(self.masks.weights(), sparsity, self.config.scope, self.masks.layouts)
+            masks = largest_magnitude_masks(
+                self.masks.weights(), sparsity, self.config.scope, self.masks.layouts
+            )
             self.masks.set(masks, ctx.optimizer)
             self.updated_for = due
 

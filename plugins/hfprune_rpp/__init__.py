@@ -10,19 +10,33 @@ import torch
 from pydantic import Field
 
 from hfprune import hookimpl
-from hfprune.masks import ProximalConfig, ReweightedPhaseStrategy, Scope, largest_magnitude_masks, magnitude_at_quantile
 from hfprune.integrations.sharding import count_zeros
+from hfprune.masks import (
+    ProximalConfig,
+    ReweightedPhaseStrategy,
+    Scope,
+    largest_magnitude_masks,
+    magnitude_at_quantile,
+)
 from hfprune.strategy import StepContext
+
 
 class RPPConfig(ProximalConfig):
     """``config:`` of the rpp strategy."""
 
-    sparsity: float = Field(ge=0.0, lt=1.0, description="fraction of weights zero once the pattern is fixed at schedule end")
-    eps: float = Field(default=1e-3, gt=0.0, description="keeps alpha = 1 / (|w| + eps) finite for weights at zero")
-    reweight_every: int = Field(default=10, ge=1, description="optimizer steps between recomputations of alpha")
+    sparsity: float = Field(
+        ge=0.0, lt=1.0, description="fraction of weights zero once the pattern is fixed at schedule end"
+    )
+    eps: float = Field(
+        default=1e-3, gt=0.0, description="keeps alpha = 1 / (|w| + eps) finite for weights at zero"
+    )
+    reweight_every: int = Field(
+        default=10, ge=1, description="optimizer steps between recomputations of alpha"
+    )
     scope: Scope = Field(
         default="layer",
-        description="how the pattern is fixed: 'layer' every matrix reaches the sparsity; 'global' one threshold across all",
+        description="how the pattern is fixed: 'layer' every matrix reaches the sparsity; 'global' one "
+        "threshold across all",
     )
 
     def planned_sparsity(self) -> float:
@@ -54,7 +68,8 @@ class RPPStrategy(ReweightedPhaseStrategy):
     smallest magnitudes, and training continues with the mask applied after every step, so
     fixed zeros never come back. The zeros the proximal phase made go first; if it made
     more than ``sparsity`` asks for, the ones the unthresholded optimizer step at ``end``
-    moved furthest from zero are released. The schedule's ``every`` plays no part: the proximal step follows every step in the phase
+    moved furthest from zero are released. The schedule's ``every`` plays no part: the proximal step follows
+    every step in the phase
     and ``reweight_every`` sets the reweighting.
     """
 
@@ -65,14 +80,18 @@ class RPPStrategy(ReweightedPhaseStrategy):
         super().__init__(config, targets, parameters, schedule)
         # One alpha per weight, in the weight's dtype so the hot path stays in one dtype.
         # Dropped once the pattern is fixed: masked training needs only the masks.
-        self.alphas: list[torch.Tensor] | None = [torch.ones_like(w, requires_grad=False) for w in self.masks.weights()]
+        self.alphas: list[torch.Tensor] | None = [
+            torch.ones_like(w, requires_grad=False) for w in self.masks.weights()
+        ]
         self.proximal_sparsity: float | None = None
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         if self.masks.active:
             self.masks.apply_to_weights()
         elif self.schedule.in_phase(ctx.step):
-            self.proximal_step(ctx.learning_rates(self.masks.params), self.penalty_weight(ctx, self.masks.params))
+            self.proximal_step(
+                ctx.learning_rates(self.masks.params), self.penalty_weight(ctx, self.masks.params)
+            )
             if ctx.step == self.schedule.end - 1:
                 self.proximal_sparsity = self._zero_fraction()
 
@@ -99,11 +118,15 @@ class RPPStrategy(ReweightedPhaseStrategy):
         torch._foreach_reciprocal_(self.alphas)
 
     def phase_quantile(self) -> float:
-        return magnitude_at_quantile(self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts)
+        return magnitude_at_quantile(
+            self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts
+        )
 
     def fix_pattern(self, optimizer: torch.optim.Optimizer | None) -> None:
         """End the proximal phase: mask the smallest magnitudes up to the target sparsity, for good."""
-        masks = largest_magnitude_masks(self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts)
+        masks = largest_magnitude_masks(
+            self.masks.weights(), self.config.sparsity, self.config.scope, self.masks.layouts
+        )
         self.masks.set(masks, optimizer)
         self.alphas = None
 

@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
+from hfprune_nm import nm_masks
 
 from hfprune import Pruner, RecipeError
 from hfprune.testing import FFN_TARGETS, StrategyConformance, tiny_bert
-from hfprune_nm import nm_masks
 
 
 class TestNM(StrategyConformance):
@@ -22,29 +22,52 @@ class TestNM(StrategyConformance):
     distribution = "hfprune-nm"
 
     def test_every_group_of_m_holds_n_weights_after_training(self, conformance_run):
-        """At most N non-zeros in every group of M (what the hardware needs); exactly N, since trained weights are never exactly 0."""
+        """At most N non-zeros in every group of M (what the hardware needs); exactly N, since trained weights
+        are never exactly 0."""
         for name in conformance_run.plan.parameters:
             nonzero = conformance_run.final_weights[name].reshape(-1, 4).count_nonzero(dim=1)
-            assert int(nonzero.max()) <= 2, f"{name}: a group of 4 holds {int(nonzero.max())} non-zero weights"
-            assert bool((nonzero == 2).all()), f"{name}: {int((nonzero < 2).sum())} groups of 4 hold fewer than 2 non-zero weights"
+            assert int(nonzero.max()) <= 2, (
+                f"{name}: a group of 4 holds {int(nonzero.max())} non-zero weights"
+            )
+            assert bool((nonzero == 2).all()), (
+                f"{name}: {int((nonzero < 2).sum())} groups of 4 hold fewer than 2 non-zero weights"
+            )
 
 
 def test_masks_keep_the_largest_n_of_every_m_consecutive_inputs():
-    weight = torch.tensor([
-        [0.1, -0.9, 0.3, 0.2, 5.0, -4.0, 3.0, 0.0],
-        [0.0, 0.0, 0.0, 0.5, -1.0, 1.5, -2.0, 0.25],
-    ])
-    pruned = torch.tensor([
-        [0.0, -0.9, 0.3, 0.0, 5.0, -4.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 0.5, 0.0, 1.5, -2.0, 0.0],  # a group with one non-zero weight keeps it and one zero
-    ])
+    weight = torch.tensor(
+        [
+            [0.1, -0.9, 0.3, 0.2, 5.0, -4.0, 3.0, 0.0],
+            [0.0, 0.0, 0.0, 0.5, -1.0, 1.5, -2.0, 0.25],
+        ]
+    )
+    pruned = torch.tensor(
+        [
+            [0.0, -0.9, 0.3, 0.0, 5.0, -4.0, 0.0, 0.0],
+            [
+                0.0,
+                0.0,
+                0.0,
+                0.5,
+                0.0,
+                1.5,
+                -2.0,
+                0.0,
+            ],  # a group with one non-zero weight keeps it and one zero
+        ]
+    )
     mask = nm_masks(weight, 2, 4)
     assert mask.dtype == torch.bool and torch.equal(weight * mask, pruned)
     assert mask.reshape(-1, 4).sum(dim=1).tolist() == [2, 2, 2, 2]
 
 
-def started(config: str, schedule: str = "{start: 0, end: 4}", targets: tuple[str, ...] = FFN_TARGETS) -> Pruner:
-    recipe = f"version: 1\npruners:\n  - strategy: nm\n    targets: {json.dumps(list(targets))}\n    schedule: {schedule}\n    config: {config}\n"
+def started(
+    config: str, schedule: str = "{start: 0, end: 4}", targets: tuple[str, ...] = FFN_TARGETS
+) -> Pruner:
+    recipe = (
+        f"version: 1\npruners:\n  - strategy: nm\n    targets: {json.dumps(list(targets))}\n    schedule: "
+        f"{schedule}\n    config: {config}\n"
+    )
     pruner = Pruner(recipe)
     pruner.attach(tiny_bert())
     pruner.start(total_steps=8)
@@ -61,12 +84,18 @@ def test_m_must_divide_every_targeted_matrix_s_inputs():
     with pytest.raises(RecipeError) as info:
         started("{n: 1, m: 3}")
     assert info.value.key == "pruners[0].targets" and info.value.line == 4, str(info.value)
-    assert ("m=3 does not divide the input features of bert.encoder.layer.0.intermediate.dense (32), "
-            "bert.encoder.layer.0.output.dense (64), bert.encoder.layer.1.intermediate.dense (32) and 1 more") in str(info.value)
+    assert (
+        "m=3 does not divide the input features of bert.encoder.layer.0.intermediate.dense (32), "
+        "bert.encoder.layer.0.output.dense (64), bert.encoder.layer.1.intermediate.dense (32) and 1 more"
+    ) in str(info.value)
 
 
 def test_targets_must_be_linear():
-    with pytest.raises(RecipeError, match=r"applies to nn\.Linear weights, and these matched modules are not: bert\.embeddings\.word_embeddings \(Embedding\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"applies to nn\.Linear weights, and these matched modules are not: "
+        r"bert\.embeddings\.word_embeddings \(Embedding\)",
+    ):
         started("{n: 2, m: 4}", targets=("bert.embeddings.word_embeddings",))
 
 

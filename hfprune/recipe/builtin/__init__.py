@@ -37,5 +37,7 @@ def resolve(argument: str) -> Path:
     if path.is_file():
         return path
     if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
-        raise HfpruneError(f"recipe file {argument} does not exist (built-in recipes by name: {', '.join(builtin_names())})")
+        raise HfpruneError(
+            f"recipe file {argument} does not exist (built-in recipes by name: {', '.join(builtin_names())})"
+        )
     return builtin_path(argument)

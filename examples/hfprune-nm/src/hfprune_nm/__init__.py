@@ -32,7 +32,9 @@ class NMConfig(StrategyConfig):
     @model_validator(mode="after")
     def _n_below_m(self) -> NMConfig:
         if self.n >= self.m:
-            raise ValueError(f"n ({self.n}) must be below m ({self.m}): keeping all {self.m} of {self.m} prunes nothing")
+            raise ValueError(
+                f"n ({self.n}) must be below m ({self.m}): keeping all {self.m} of {self.m} prunes nothing"
+            )
         return self
 
     def planned_sparsity(self) -> float:
@@ -40,7 +42,8 @@ class NMConfig(StrategyConfig):
 
 
 def nm_masks(weight: torch.Tensor, kept: int, m: int) -> torch.Tensor:
-    """Keep-mask (bool) of the ``kept`` largest magnitudes in every group of ``m`` consecutive weights of each row.
+    """Keep-mask (bool) of the ``kept`` largest magnitudes in every group of ``m`` consecutive weights of each
+    row.
 
     A weight of shape ``(out, in)`` with ``in`` a multiple of ``m`` is viewed as
     ``(out * in / m, m)`` groups, so one ``topk`` over the last axis ranks every group at once.
@@ -52,7 +55,8 @@ def nm_masks(weight: torch.Tensor, kept: int, m: int) -> torch.Tensor:
 
 
 class NMStrategy(MaskingStrategy):
-    """N:M semi-structured sparsity: the N largest of every M consecutive weights along a Linear's inputs survive.
+    """N:M semi-structured sparsity: the N largest of every M consecutive weights along a Linear's inputs
+    survive.
 
     At each update step of the schedule the masks are recomputed from the weights'
     magnitudes, keeping ``k`` per group, where ``k`` goes down from M at ``start`` to N at
@@ -66,20 +70,35 @@ class NMStrategy(MaskingStrategy):
 
     @classmethod
     def select_parameters(cls, targets: dict[str, nn.Module], config: NMConfig) -> dict[str, nn.Parameter]:
-        """Every matched module's weight; a TargetError naming the modules that are no Linear or whose inputs M does not divide."""
-        not_linear = [f"{name} ({type(module).__name__})" for name, module in targets.items() if not isinstance(module, nn.Linear)]
+        """Every matched module's weight; a TargetError naming the modules that are no Linear or whose inputs
+        M does not divide."""
+        not_linear = [
+            f"{name} ({type(module).__name__})"
+            for name, module in targets.items()
+            if not isinstance(module, nn.Linear)
+        ]
         if not_linear:
-            raise TargetError(f"N:M sparsity applies to nn.Linear weights, and these matched modules are not: {_some(not_linear)}")
-        misfits = [f"{name} ({module.in_features})" for name, module in targets.items() if module.in_features % config.m]
+            raise TargetError(
+                "N:M sparsity applies to nn.Linear weights, and these matched modules are not: "
+                f"{_some(not_linear)}"
+            )
+        misfits = [
+            f"{name} ({module.in_features})"
+            for name, module in targets.items()
+            if module.in_features % config.m
+        ]
         if misfits:
             raise TargetError(
-                f"m={config.m} does not divide the input features of {_some(misfits)}: N:M groups run along a Linear "
-                "weight's inputs. Exclude these modules (exclude: [...]) or choose an m that divides their input features."
+                f"m={config.m} does not divide the input features of {_some(misfits)}: N:M groups run along "
+                "a Linear "
+                "weight's inputs. Exclude these modules (exclude: [...]) or choose an m that divides their "
+                "input features."
             )
         return {f"{name}.weight": module.weight for name, module in targets.items()}
 
     def kept_per_group(self, step: int) -> int:
-        """How many weights of each group of M survive an update at ``step``: M at ``start``, N from ``end`` on."""
+        """How many weights of each group of M survive an update at ``step``: M at ``start``, N from ``end``
+        on."""
         n, m = self.config.n, self.config.m
         return n + round((m - n) * (1 - self.schedule.progress(step)) ** 3)
 

@@ -12,7 +12,9 @@ class Accuracy(evaluate.Metric):
             description="Accuracy: correct predictions over all predictions.",
             citation="",
             inputs_description="predictions, references: lists of integer class ids.",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -7,9 +7,7 @@ import scanner misreads ``import a, b``.
 
 import datasets
 import evaluate
-from seqeval.metrics import f1_score
-from seqeval.metrics import precision_score
-from seqeval.metrics import recall_score
+from seqeval.metrics import f1_score, precision_score, recall_score
 
 
 class Seqeval(evaluate.Metric):
@@ -19,11 +17,14 @@ class Seqeval(evaluate.Metric):
         return evaluate.MetricInfo(
             description="Entity-level precision, recall and F1 (seqeval, default CoNLL evaluation).",
             citation="Nakayama, seqeval: a Python framework for sequence labeling evaluation (2018).",
-            inputs_description="predictions, references: lists of tag sequences such as ['B-person', 'I-person', 'O'].",
-            features=datasets.Features({
-                "predictions": datasets.Sequence(datasets.Value("string")),
-                "references": datasets.Sequence(datasets.Value("string")),
-            }),
+            inputs_description="predictions, references: lists of tag sequences such as ['B-person', "
+            "'I-person', 'O'].",
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("string")),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -35,7 +35,8 @@ class ThresholdConfig(StrategyConfig):
 
 
 class ThresholdStrategy(MaskingStrategy):
-    """Magnitude threshold pruning: zero every weight with |w| below a fixed threshold; pruned stays pruned."""
+    """Magnitude threshold pruning: zero every weight with |w| below a fixed threshold; pruned stays
+    pruned."""
 
     Config = ThresholdConfig
 
@@ -46,7 +47,9 @@ class ThresholdStrategy(MaskingStrategy):
     @torch.no_grad()
     def _grown_masks(self) -> list[torch.Tensor]:
         # Keep only what was kept before: a pruned weight never comes back.
-        return [(p.abs() >= self.config.threshold) & kept for p, kept in zip(self.masks.params, self.masks.keep())]
+        return [
+            (p.abs() >= self.config.threshold) & kept for p, kept in zip(self.masks.params, self.masks.keep())
+        ]
 
 
 @hookimpl
