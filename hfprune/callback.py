@@ -14,7 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hfprune.errors import StateError
+from hfprune.errors import HfpruneError, StateError
 from hfprune.plugins import Registry
 from hfprune.pruner import Pruner
 from hfprune.recipe.schema import RecipeSource
@@ -47,6 +47,8 @@ class PruneCallback(TrainerCallback):
             self.pruner.attach(model)
 
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        if self.pruner.teacher is not None or self.pruner.recipe.distillation is not None:
+            _check_distillation_can_run(args)
         self.pruner.attach(model)  # again: model_init may have built a new model since __init__
         self.pruner.start(state.max_steps, lr_scheduler)
         if state.global_step > 0:
@@ -59,6 +61,12 @@ class PruneCallback(TrainerCallback):
         self.pruner.after_optimizer_step(
             optimizer, skipped=bool(getattr(optimizer, "step_was_skipped", False))
         )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # The teacher leaves with training: a later fine-tune of this model (a recovery run with another
+        # Trainer) trains on its own loss again.
+        if self.pruner.distiller is not None:
+            self.pruner.distiller.close()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = self.pruner.metrics()
@@ -97,3 +105,19 @@ class PruneCallback(TrainerCallback):
                 f"pruning state in {found[0]} is at step {self.pruner.step}, the Trainer resumes at step "
                 f"{global_step}"
             )
+
+
+def _check_distillation_can_run(args) -> None:
+    """Refuse the Trainer settings under which the distilled loss the model returns would be ignored or
+    raced."""
+    if args.label_smoothing_factor:
+        raise HfpruneError(
+            "distillation mixes the teacher into the loss the model returns, and with "
+            "label_smoothing_factor the Trainer computes its own loss instead: set label_smoothing_factor "
+            "to 0 (the teacher's soft targets smooth the labels already)"
+        )
+    if args.n_gpu > 1:
+        raise HfpruneError(
+            f"distillation under torch.nn.DataParallel ({args.n_gpu} GPUs in one process) is not supported: "
+            "launch one process per GPU with accelerate launch or torchrun"
+        )

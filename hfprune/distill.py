@@ -24,14 +24,23 @@ matched over real tokens, teacher layer ``i`` against student layer ``m(i)``: th
 after ``m(i - 1)`` closest to it, so layers that layer-lasso gated off (the identity) drop
 out of the loss by themselves.
 
-When the Trainer normalizes the task loss over a whole accumulated batch
-(``num_items_in_batch``), each micro-batch's distillation terms are weighted by its share
-of the labelled items, so gradient accumulation changes the mix no more than it changes the
-task loss.
+A causal language model's task loss is normalized over the whole accumulated batch when the
+Trainer passes ``num_items_in_batch`` (transformers' loss functions sum per token and divide by
+that count), so there each micro-batch's distillation terms are weighted by its share of the
+labelled items. Classification heads average each micro-batch themselves and ignore the count,
+so their distillation terms stay micro-batch means like the task loss: either way gradient
+accumulation changes the mix no more than it changes the task loss.
+
+Logit distillation compares class distributions, so regression and multi-label heads are
+refused, as are encoder-decoder models (the teacher would need the decoder's inputs). A Trainer
+that computes the loss itself (label smoothing, ``compute_loss_func``) never reads the model's
+loss: the callback refuses label smoothing, and a training forward pass without labels is
+warned about once.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +51,8 @@ from torch import nn
 
 from hfprune.integrations.peft_names import unwrap_peft
 from hfprune.model_hooks import ModelHook
+
+logger = logging.getLogger("hfprune.distill")
 
 LOSS_ONLY_INPUTS = ("labels", "num_items_in_batch", "return_loss")  # what the teacher is not given
 
@@ -193,6 +204,7 @@ class Distiller:
         self.config = config
         self.last = DistillationLosses()
         self._handles: list = []
+        self._warned_no_labels = False
         teacher.eval()  # its forward runs under no_grad: its parameters stay as the caller set them
 
     def attach(self, student: nn.Module) -> None:
@@ -218,20 +230,21 @@ class Distiller:
         logit_mask = mask
         if causal:  # logits at t predict token t + 1: the last position has nothing to predict
             student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-            logit_mask = mask[:, 1:] if mask is not None else None
+            # both the position read and the token predicted must be real (left padding too)
+            logit_mask = mask[:, :-1] * mask[:, 1:] if mask is not None else None
         elif student_logits.dim() == 2:  # one prediction per sequence
             logit_mask = None
         task = output.get("loss")
+        if task is None and "labels" not in kwargs:
+            self._warn_no_labels()
         kl = logit_kl(student_logits, teacher_logits, config.temperature, logit_mask)
         distilled = config.logit_weight * kl
         hidden = None
         if config.hidden_weight > 0:
             hidden = self._hidden_term(output.hidden_states, teacher_output.hidden_states, mask)
             distilled = distilled + config.hidden_weight * hidden
-        share = self._share_of_accumulated_batch(kwargs, causal)
-        if (
-            share is not None
-        ):  # the task loss is normalized over the accumulated batch already: weigh these alike
+        share = self._share_of_accumulated_batch(kwargs) if causal else None
+        if share is not None:  # the task loss is normalized over the accumulated batch already: weigh alike
             distilled = distilled * share
         loss = distilled if task is None else distilled + (1 - config.logit_weight) * task
         self.last = DistillationLosses(
@@ -266,15 +279,23 @@ class Distiller:
         terms = [hidden_mse(student[j], teacher[i], mask) for i, j in zip(layers, matched)]
         return torch.stack(terms).sum()
 
+    def _warn_no_labels(self) -> None:
+        if not self._warned_no_labels:
+            logger.warning(
+                "a training forward pass got no labels, so the model's loss is the distillation terms "
+                "alone; if your loop or Trainer computes the task loss itself (compute_loss_func, label "
+                "smoothing), it never reads that loss and nothing is distilled"
+            )
+            self._warned_no_labels = True
+
     @staticmethod
-    def _share_of_accumulated_batch(kwargs: dict, causal: bool) -> torch.Tensor | None:
-        """This micro-batch's labelled items over the accumulated batch's, when the Trainer passed that
-        count."""
+    def _share_of_accumulated_batch(kwargs: dict) -> torch.Tensor | None:
+        """A causal language model's micro-batch: its labelled next tokens over the accumulated batch's, when
+        the Trainer passed that count."""
         total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
         if total is None or labels is None:
             return None
-        counted = labels[..., 1:] if causal else labels
-        return counted.ne(-100).sum() / total
+        return labels[..., 1:].ne(-100).sum() / total
 
 
 def load_teacher(path: str, student: nn.Module) -> nn.Module:
@@ -303,11 +324,25 @@ def teacher_mismatch(teacher: nn.Module, student: nn.Module, config: Distillatio
             f"the teacher's vocabulary has {t.vocab_size} tokens, the student's {s.vocab_size}: they must "
             "read the same ids"
         )
-    if not is_causal_lm(student) and differs("num_labels"):
-        return (
-            f"the teacher predicts {t.num_labels} labels, the student {s.num_labels}: the logits compared "
-            "must have the same classes"
-        )
+    if getattr(s, "is_encoder_decoder", False):
+        return "encoder-decoder models are not distilled yet: the teacher would need the decoder's inputs"
+    if not is_causal_lm(student):
+        problem = getattr(s, "problem_type", None)
+        if problem in ("regression", "multi_label_classification") or getattr(s, "num_labels", 2) == 1:
+            return (
+                f"logit distillation compares class distributions, and the student is a "
+                f"{problem or 'regression'} model"
+            )
+        if differs("num_labels"):
+            return (
+                f"the teacher predicts {t.num_labels} labels, the student {s.num_labels}: the logits "
+                "compared must have the same classes"
+            )
+        if _named_labels(t) and _named_labels(s) and t.id2label != s.id2label:
+            return (
+                f"the teacher's labels are {_label_list(t)}, the student's {_label_list(s)}: the logits "
+                "compared must have the same classes in the same order"
+            )
     if config.hidden_weight > 0:
         if differs("hidden_size"):
             return (
@@ -329,3 +364,13 @@ def teacher_mismatch(teacher: nn.Module, student: nn.Module, config: Distillatio
                 f"but the student has {s.num_hidden_layers}; use match: dynamic"
             )
     return None
+
+
+def _named_labels(config) -> bool:
+    """Whether ``config`` names its labels (not transformers' stand-ins ``LABEL_0``, ``LABEL_1``, ...)."""
+    names = getattr(config, "id2label", None) or {}
+    return any(name != f"LABEL_{index}" for index, name in names.items())
+
+
+def _label_list(config) -> list[str]:
+    return [config.id2label[index] for index in sorted(config.id2label)]

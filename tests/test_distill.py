@@ -129,6 +129,41 @@ def test_causal_lm_compares_the_shifted_positions():
     torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_left_padding_leaves_out_positions_that_read_a_pad_token():
+    student, teacher = tiny_gpt2(seed=0).train(), tiny_gpt2(seed=1)
+    inputs = batch(length=8)
+    inputs["attention_mask"][2, :3] = 0  # left padding: tokens 0-2 of row 2 are pads
+    with torch.no_grad():
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+    distilled(student, teacher, temperature=1.0, logit_weight=1.0)
+    output = student(**inputs, labels=inputs["input_ids"])
+    mask = inputs["attention_mask"].bool()
+    real = mask[:, :-1] & mask[:, 1:]  # the token read and the token predicted are both real
+    assert not real[2, 2] and mask[2, 3]  # position 2 reads a pad and predicts the first real token
+    expected = kl_by_hand(s[:, :-1][real], t[:, :-1][real], 1.0).mean()
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_classifier_ignores_the_accumulated_batch_count_and_so_does_its_distillation():
+    """BERT's heads average each micro-batch and ignore ``num_items_in_batch``; weighting the distillation
+    terms by a share of it would shrink them against the task loss under accumulation."""
+    student, teacher = tiny_bert(seed=0).train(), tiny_bert(seed=1)
+    distilled(student, teacher, logit_weight=0.6)
+    inputs = batch() | {"labels": torch.tensor([0, 1, 1, 0])}
+    alone = student(**inputs).loss
+    torch.testing.assert_close(student(**inputs, num_items_in_batch=torch.tensor(16)).loss, alone)
+
+
+def test_a_forward_pass_without_labels_warns_once_that_nothing_may_be_distilled(caplog):
+    student, teacher = tiny_bert(seed=0).train(), tiny_bert(seed=1)
+    distiller = distilled(student, teacher, logit_weight=0.6)
+    with caplog.at_level("WARNING", logger="hfprune.distill"):
+        output = student(**batch())
+        student(**batch())
+    assert [r.message for r in caplog.records if "got no labels" in r.message] and len(caplog.records) == 1
+    torch.testing.assert_close(output.loss, 0.6 * distiller.last.logits)  # the distillation term alone
+
+
 def test_micro_batches_weighted_by_their_share_add_up_to_the_whole_batch():
     """Under gradient accumulation the Trainer passes ``num_items_in_batch`` and expects a loss normalized by
     it (as a
@@ -218,20 +253,45 @@ def test_the_trainer_callback_trains_on_the_mixed_loss_and_saves_no_teacher(tmp_
     teacher = tiny_bert(seed=1)
     before = {name: p.clone() for name, p in teacher.state_dict().items()}
     callback = PruneCallback(DISTILLED_RECIPE, teacher=teacher)
-    trainer = make_trainer(tmp_path, tiny_bert(), [callback], save_strategy="steps", save_steps=6)
+    trainer = make_trainer(
+        tmp_path, tiny_bert(), [callback], save_strategy="steps", save_steps=6, logging_steps=1
+    )
     trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "distill_kl" in entry]
-    assert logged and all(entry["distill_kl"] >= 0 for entry in logged)
+    logged = [entry for entry in trainer.state.log_history if "distill_kl" in entry and "loss" in entry]
+    assert logged and all(entry["distill_kl"] > 0 for entry in logged)
+    for entry in logged:  # what the Trainer trained on (logged every step) is the mix, term by term
+        mixed = 0.2 * entry["distill_task"] + 0.8 * entry["distill_kl"]
+        assert entry["loss"] == pytest.approx(mixed, rel=2e-3, abs=2e-4)
     assert all(
         torch.equal(before[name], p) for name, p in teacher.state_dict().items()
     )  # the teacher never trains
     assert not teacher.training
     saved = load_file(tmp_path / "checkpoint-6" / "model.safetensors")
     assert len(saved) == len(tiny_bert().state_dict())  # the student's weights only
-    copied = copy.deepcopy(trainer.model)
-    assert (
-        strip_model_hooks(copied) == 1 and not copied._forward_hooks
-    )  # compaction's copy drops the teacher's hook
+    assert not trainer.model._forward_hooks  # the teacher leaves with training
+
+
+def test_compactions_copy_drops_the_teachers_hook():
+    student = tiny_bert()
+    distilled(student, tiny_bert(seed=1))
+    copied = copy.deepcopy(student)
+    assert strip_model_hooks(copied) == 1 and not copied._forward_hooks
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"label_smoothing_factor": 0.1}, "label_smoothing_factor"), ({}, None)],
+)
+def test_label_smoothing_which_bypasses_the_models_loss_is_refused(tmp_path, setting, message):
+    from hfprune import HfpruneError
+
+    callback = PruneCallback(DISTILLED_RECIPE, teacher=tiny_bert(seed=1))
+    trainer = make_trainer(tmp_path, tiny_bert(), [callback], max_steps=1, **setting)
+    if message is None:
+        trainer.train()
+    else:
+        with pytest.raises(HfpruneError, match=message):
+            trainer.train()
 
 
 def test_a_recipe_names_its_teacher_by_folder(tmp_path):
@@ -264,6 +324,26 @@ def test_a_teacher_that_cannot_teach_the_student_is_refused_before_training(tmp_
         Pruner(BERT_FFN_RECIPE + f"distillation: {{teacher: {tmp_path / 'missing'}}}\n").attach(tiny_bert())
     with pytest.raises(RecipeError, match="distillation needs a teacher"):
         Pruner(DISTILLED_RECIPE).attach(tiny_bert())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_labels": 1}, "compares class distributions, and the student is a regression model"),
+        ({"problem_type": "multi_label_classification"}, "multi_label_classification model"),
+        ({"id2label": {0: "neg", 1: "pos"}}, r"teacher's labels are \['pos', 'neg'\].*same order"),
+    ],
+)
+def test_heads_whose_logits_are_not_the_same_class_distribution_are_refused(change, message):
+    config = tiny_bert().config
+    for key, value in change.items():
+        setattr(config, key, value)
+    student = BertForSequenceClassification(config)
+    teacher = copy.deepcopy(student)
+    if "id2label" in change:
+        teacher.config.id2label = {0: "pos", 1: "neg"}  # the same classes, the other order
+    with pytest.raises(RecipeError, match=message):
+        Pruner(BERT_FFN_RECIPE, teacher=teacher).attach(student)
 
 
 def test_the_optimizer_wrapper_loop_distills_too():
