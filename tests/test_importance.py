@@ -112,14 +112,42 @@ def test_neurons_are_pruned_along_the_cubic_ramp_and_stay_pruned():
     assert int(pruned_before.sum()) == 48
 
 
-def test_multiple_of_rounds_what_each_block_keeps_at_the_end():
+def test_multiple_of_rounds_what_each_block_keeps_and_never_brings_a_pruned_group_back():
     model = tiny_bert()
     pruner = Pruner(recipe("neuron", ratio=0.6, multiple_of=16))
     pruner.attach(model)
     pruner.start(10)
-    train(model, pruner, 10)
+    down = model.bert.encoder.layer[0].output.dense.weight
+    kept_before = torch.ones(64, dtype=torch.bool)
+    for _ in range(10):
+        train(model, pruner, 1)
+        kept = down.detach().any(dim=0)
+        assert not (kept & ~kept_before).any()  # rounding up never revives a pruned neuron
+        assert int(kept.sum()) % 16 == 0
+        kept_before = kept
     kept = pruner.compaction_plan()[f"{LAYER0}.output.dense.weight"].any(dim=0)
     assert int(kept.sum()) == 32  # 64 - round(0.6 * 64) = 26, rounded to a multiple of 16
+
+
+def test_multiple_of_larger_than_a_block_is_refused():
+    with pytest.raises(RecipeError, match="multiple_of 4 is more than the 2 heads of"):
+        Pruner(recipe("head", multiple_of=4)).attach(tiny_bert())
+
+
+def test_a_skipped_step_leaves_the_importance_alone():
+    """fp16 overflow: the step is skipped after its gradients were read; they must not enter the average."""
+    model = tiny_bert()
+    pruner = Pruner(recipe("neuron"))
+    pruner.attach(model)
+    pruner.start(10)
+    strategy = pruner.strategies[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model(**inputs()).loss.backward()
+    pruner.before_optimizer_step(optimizer)
+    pruner.after_optimizer_step(optimizer, skipped=True)
+    assert all(not score.any() for score in strategy.scores)
+    train(model, pruner, 1)
+    assert all(score.any() and score.dtype == torch.float32 for score in strategy.scores)
 
 
 def test_frozen_weights_are_refused_before_training():

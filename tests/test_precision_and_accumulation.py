@@ -47,11 +47,15 @@ BUILT_INS: dict[str, type] = {
     "block-lasso-head": conformance.TestBlockLassoHeads,  # proximal form
     "block-lasso-neuron": conformance.TestBlockLassoNeurons,  # penalty form
     "layer-lasso": conformance.TestLayerLasso,
+    "importance-head": conformance.TestImportanceHeads,
+    "importance-neuron": conformance.TestImportanceNeurons,  # fisher, global scope
 }
 STRUCTURED = {
     "block-lasso-head",
     "block-lasso-neuron",
     "layer-lasso",
+    "importance-head",
+    "importance-neuron",
 }  # these fix a plan compaction can act on
 
 
@@ -429,6 +433,9 @@ ACTS_AFTER_THE_STEP = {
     # that the step will be skipped, and the gradient goes with it. Reweighting at 1 and 3, hard prune at 4.
     "block-lasso-neuron": (1, 3, 4),
     "layer-lasso": (0, 3),  # Adam steps of the gates, at 3 the last one and the settling
+    # The step's mask gradients enter the importance average (0-3); the ramp prunes at 0, 2 and 4.
+    "importance-head": (0, 1, 2, 3, 4),
+    "importance-neuron": (0, 1, 2, 3, 4),
 }
 OVERFLOW_CASES = [
     pytest.param(name, step, id=f"{name}-step{step}")

@@ -11,7 +11,10 @@ feeds, or a neuron's column of the down projection), the loss gradient at ``m = 
 
 (the projection's input times its input gradient, summed over positions, is exactly this),
 so it comes from the weights and the gradients the training step already has, after
-accumulation and after DDP averaged them: every rank ranks the same numbers. ``taylor``
+accumulation and after DDP averaged them: every rank ranks the same numbers. They are also
+after gradient clipping, which scales a whole step's gradients alike: the ranking within a
+step is unchanged, and steps with clipped gradients count a little less in the average. A
+step the loss scaler skips (fp16 overflow) is left out. ``taylor``
 accumulates ``|dL/dm|`` (first-order Taylor, Molchanov et al. 2019; Michel et al. 2019),
 ``fisher`` accumulates ``(dL/dm)**2`` (the diagonal empirical Fisher of the masks, Kwon et al.
 2022), both as moving averages over the training steps (ALGORITHMS.md section 5). Groups are
@@ -87,13 +90,21 @@ class ImportanceStrategy(MaskingStrategy):
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
         self.sets: list[BlockSet] = build_block_sets(targets, config.group, None, targets.architectures)
-        self.scores = [torch.zeros_like(norms) for norms in block_norms(self.sets)]  # importance per group
+        # importance per group, in float32 whatever the weights' dtype: a moving average needs the mantissa
+        self.scores = [torch.zeros_like(norms, dtype=torch.float32) for norms in block_norms(self.sets)]
         self.updated_for: int | None = None
+        self._pending: list[torch.Tensor | None] | None = None  # this step's dL/dm, until the step is real
 
     @classmethod
     def select_parameters(cls, targets, config):
         sets = build_block_sets(targets, config.group, None, targets.architectures)
         selected = {matrix.name: matrix.param for block_set in sets for matrix in block_set.matrices}
+        for block_set, norms in zip(sets, block_norms(sets)):
+            if config.scope == "layer" and config.multiple_of > norms.numel():
+                raise TargetError(
+                    f"multiple_of {config.multiple_of} is more than the {norms.numel()} {config.group}s of "
+                    f"{block_set.name}: nothing could be pruned there"
+                )
         frozen = [name for name, param in selected.items() if not param.requires_grad]
         if frozen:
             raise TargetError(
@@ -106,16 +117,25 @@ class ImportanceStrategy(MaskingStrategy):
     # --- the hot path -------------------------------------------------------------------
     @torch.no_grad()
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        if ctx.step < self.schedule.end:
-            self._accumulate()
+        # Read before the gradients are masked; counted only once the step is known to be real.
+        self._pending = (
+            [block_set.mask_gradient() for block_set in self.sets] if ctx.step < self.schedule.end else None
+        )
         super().before_optimizer_step(ctx)
 
-    def _accumulate(self) -> None:
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        super().after_optimizer_step(ctx)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._accumulate(pending)
+
+    def _accumulate(self, gradients: list[torch.Tensor | None]) -> None:
         beta = self.config.beta
-        for block_set, score in zip(self.sets, self.scores):
-            gradient = block_set.mask_gradient()
+        for gradient, score in zip(gradients, self.scores):
             if gradient is None:  # no gradient reached these matrices this step
                 continue
+            gradient = gradient.float()
             value = gradient.abs_() if self.config.criterion == "taylor" else gradient.square_()
             score.mul_(beta).add_(value, alpha=1 - beta)
 
@@ -124,15 +144,11 @@ class ImportanceStrategy(MaskingStrategy):
         # one.
         due = self.schedule.last_update_step(ctx.step)
         if due is not None and due != self.updated_for:
-            self._prune(
-                self.schedule.cubic_ramp(due, self.config.ratio),
-                final=due == self.schedule.end,
-                optimizer=ctx.optimizer,
-            )
+            self._prune(self.schedule.cubic_ramp(due, self.config.ratio), optimizer=ctx.optimizer)
             self.updated_for = due
 
     @torch.no_grad()
-    def _prune(self, ratio: float, final: bool, optimizer: torch.optim.Optimizer | None) -> None:
+    def _prune(self, ratio: float, optimizer: torch.optim.Optimizer | None) -> None:
         """Mask the least important ``ratio`` of the groups; groups pruned before stay pruned."""
         pruned = self._pruned_groups()
         ranked = [
@@ -141,7 +157,10 @@ class ImportanceStrategy(MaskingStrategy):
         if self.config.scope == "global":
             keeps = self._global_keeps(ranked, ratio)
         else:
-            keeps = [self._largest(rank, self._kept_count(rank.numel(), ratio, final)) for rank in ranked]
+            keeps = [
+                self._largest(rank, self._kept_count(rank.numel(), int((~gone).sum()), ratio))
+                for rank, gone in zip(ranked, pruned)
+            ]
         masks = {
             name: torch.ones(p.shape, dtype=torch.bool, device=p.device)
             for name, p in zip(self.masks.names, self.masks.params)
@@ -168,12 +187,14 @@ class ImportanceStrategy(MaskingStrategy):
                 keep[rank.argmax()] = True
         return keeps
 
-    def _kept_count(self, groups: int, ratio: float, final: bool) -> int:
+    def _kept_count(self, groups: int, unpruned: int, ratio: float) -> int:
+        """Groups to keep of ``groups`` at ``ratio``: at least one, rounded to a multiple of ``multiple_of``
+        at every update (so the count only falls as the ratio rises), never more than are unpruned."""
         kept = max(1, groups - round(ratio * groups))
         step = self.config.multiple_of
-        if final and step > 1:
-            return min(groups, max(step, step * round(kept / step)))
-        return kept
+        if step > 1:
+            kept = max(step, step * round(kept / step))
+        return min(kept, unpruned)
 
     @staticmethod
     def _largest(rank: torch.Tensor, count: int) -> torch.Tensor:
