@@ -8,6 +8,7 @@ zeroed where it bites, so no optimizer can regrow a pruned weight.
 from __future__ import annotations
 
 import logging
+import statistics
 from typing import Annotated, Literal
 
 import torch
@@ -271,18 +272,28 @@ class ReweightedPhaseStrategy(MaskingStrategy):
         learning rates of ``params``' group summed from this step to the phase's end, then kept (and
         saved)."""
         if self.lam is None:
-            summed = ctx.summed_learning_rates(params[:1], self.schedule.end)[0]
+            # The mean over the parameters (not weighted by size, so every rank computes the same lam when
+            # parameters are sharded): parameter groups with their own rates (layer-wise decay) shrink at
+            # their own pace around it.
+            summed = statistics.fmean(ctx.summed_learning_rates(params, self.schedule.end))
             self.lam = auto_lam(self.phase_quantile(), summed, self.config.lam_scale)
             logger.info(
-                "%s: lam: auto is %.4g (target magnitude %.4g, learning rates summed over the phase %.4g%s)",
+                "%s: lam: auto is %.4g (target magnitude %.4g, learning rates summed over the phase %.4g)",
                 type(self).__name__,
                 self.lam,
                 self.phase_quantile(),
                 summed,
-                ""
-                if ctx.lr_scheduler is not None
-                else ", no scheduler known: the current rate taken to hold",
             )
+            if ctx.lr_scheduler is None:
+                logger.warning(
+                    "%s: lam: auto reads the learning rates ahead from the run's scheduler, and none was "
+                    "given%s: the current rate is taken to hold over the phase (pass the scheduler to "
+                    "Pruner.start, or set lam by hand)",
+                    type(self).__name__,
+                    " although the optimizer has one (its groups carry initial_lr)"
+                    if "initial_lr" in ctx.optimizer.param_groups[0]
+                    else "",
+                )
         return self.lam
 
     def phase_quantile(self) -> float:

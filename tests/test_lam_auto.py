@@ -107,6 +107,59 @@ def expected_phase_lr_sum(steps: int, lr: float) -> float:
     return sum(lr * (steps - step) / steps for step in range(start, end))
 
 
+def test_reduce_on_plateau_holds_the_current_rate_with_a_warning(caplog):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    with caplog.at_level("WARNING", logger="hfprune.learning_rates"):
+        assert future_learning_rates(optimizer, scheduler, 4) == [[1e-3] * 4]
+    assert "ReduceLROnPlateau" in caplog.text
+
+
+def test_accelerates_wrapper_is_stepped_as_often_as_it_steps_the_scheduler():
+    from accelerate import Accelerator
+    from accelerate.scheduler import AcceleratedScheduler
+
+    from hfprune.learning_rates import _unwrapped
+
+    Accelerator(cpu=True)  # the process state the wrapper reads
+    optimizer, scheduler, _ = optimizer_and_scheduler()
+    per_process = AcceleratedScheduler(scheduler, optimizer, split_batches=False)
+    assert _unwrapped(per_process) == (scheduler, 1)  # one process here; one step per process in general
+    assert _unwrapped(AcceleratedScheduler(scheduler, optimizer, split_batches=True)) == (scheduler, 1)
+    assert _unwrapped(scheduler) == (scheduler, 1)
+
+
+def _one_rpp_step(model, optimizer, lr_scheduler=None):
+    recipe = (
+        "version: 1\npruners:\n  - strategy: rpp\n    targets: ['re:.*intermediate\\.dense']\n"
+        "    schedule: {start: 0, end: 5}\n    config: {sparsity: 0.5}\n"
+    )
+    callback = PruneCallback(recipe)
+    callback.pruner.attach(model)
+    callback.pruner.start(10, lr_scheduler)
+    model(**{"input_ids": torch.arange(1, 9).view(2, 4), "labels": torch.tensor([0, 1])}).loss.backward()
+    callback.pruner.before_optimizer_step(optimizer)
+    optimizer.step()
+    callback.pruner.after_optimizer_step(optimizer)
+    return callback.pruner.strategies[0]
+
+
+def test_parameter_groups_with_their_own_rates_share_the_mean_of_their_sums(caplog):
+    """Layer 0's FFN at lr 0.01, layer 1's at 0.03, no scheduler: lam is derived from the mean sum, 0.02 per
+    step over the 5 phase steps, not from whichever parameter comes first."""
+    from hfprune.masks import auto_lam
+
+    model = tiny_bert()
+    layer0, layer1 = (model.bert.encoder.layer[i].intermediate.dense.weight for i in (0, 1))
+    optimizer = torch.optim.SGD([{"params": [layer0], "lr": 0.01}, {"params": [layer1], "lr": 0.03}])
+    quantile = torch.cat([layer0.detach().abs().flatten(), layer1.detach().abs().flatten()]).quantile(0.5)
+    with caplog.at_level("WARNING", logger="hfprune.masks"):
+        strategy = _one_rpp_step(model, optimizer)
+    expected = auto_lam(float(quantile), 0.02 * 5, strategy.config.lam_scale)
+    assert strategy.lam == pytest.approx(expected, rel=0.02)
+    assert "none was given" in caplog.text  # no scheduler: said as a warning, not in the debug log
+
+
 def test_auto_lam_is_saved_with_the_state_and_restored():
     recipe = (
         "version: 1\npruners:\n  - strategy: rpp\n    targets: ['re:.*intermediate\\.dense']\n"

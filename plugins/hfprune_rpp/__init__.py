@@ -62,7 +62,9 @@ class RPPStrategy(ReweightedPhaseStrategy):
     sum(lr))`` at the phase's first step, with ``q`` the magnitude at the target quantile
     then and ``sum(lr)`` read ahead from the run's scheduler, so the phase produces about the
     target's zeros by itself on any model and run length (docs/strategies.md).
-    ``proximal_sparsity`` in the logs says what it reached.
+    ``proximal_sparsity`` in the logs says what it reached. As the method has it, alpha starts
+    at 1 and becomes ``1 / |w|`` at the first reweighting: in the first ``reweight_every``
+    steps small weights shrink less than the rule assumes, so a short phase falls short of it.
 
     At step ``end`` the pattern is fixed at exactly ``sparsity``: a keep-mask zeroes the
     smallest magnitudes, and training continues with the mask applied after every step, so
