@@ -19,6 +19,7 @@ model. Prints a table, writes JSON.
 
     python benchmarks/keep_accuracy.py                   # 2x: 4 methods x 3 seeds (about an hour on 2 cores)
     python benchmarks/keep_accuracy.py --ratios 0.67 --methods importance+distillation block-lasso
+    python benchmarks/keep_accuracy.py --ratios 0.67 --dense-dir /tmp/dense   # reuses the dense models
     python benchmarks/keep_accuracy.py --quick           # smoke run: a few sentences, one seed, ratio 0.5
 """
 
@@ -74,6 +75,12 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--logit-weight", type=float, default=0.9, help="a in (1 - a) task + a T^2 KL")
     parser.add_argument("--latency-repeats", type=int, default=6, help="timed forward passes at batch 32")
+    parser.add_argument(
+        "--dense-dir",
+        type=Path,
+        help="keep each seed's dense model in DIR/seed-N and reuse it when it is there: a second run at "
+        "other ratios or methods skips the dense fine-tuning",
+    )
     add_training_arguments(parser, epochs=3.0, epochs_help="epochs of the dense fine-tuning")
     add_polarity_data_argument(parser)
     add_limit_arguments(parser)
@@ -122,6 +129,21 @@ def fine_tune(
     started = time.perf_counter()
     trainer.train()
     return time.perf_counter() - started
+
+
+def dense_model(data, tokenizer, args, seed: int, workdir: Path):
+    """(seed's dense model, seconds its fine-tuning took): loaded from ``--dense-dir`` when an earlier run
+    saved it there (seconds None), else fine-tuned now (and saved there)."""
+    from transformers import AutoModelForSequenceClassification
+
+    saved = args.dense_dir / f"seed-{seed}" if args.dense_dir else None
+    if saved is not None and (saved / "config.json").is_file():
+        return AutoModelForSequenceClassification.from_pretrained(str(saved)), None
+    dense = minilm_classifier(args, seed)
+    seconds = fine_tune(dense, data[0], tokenizer, args, seed, workdir)
+    if saved is not None:
+        dense.save_pretrained(str(saved))
+    return dense, seconds
 
 
 def pruned_row(method: str, ratio: float, dense, data, tokenizer, args, seed: int, workdir: Path) -> dict:
@@ -220,8 +242,7 @@ def main(argv=None) -> int:
     started, rows = time.perf_counter(), []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as workdir:
-            dense = minilm_classifier(args, seed)
-            seconds = fine_tune(dense, train, tokenizer, args, seed, Path(workdir))
+            dense, seconds = dense_model(data, tokenizer, args, seed, Path(workdir))
             rows.append(
                 {
                     "method": "dense",
@@ -232,7 +253,8 @@ def main(argv=None) -> int:
                     "encoder_parameters": encoder_parameters(dense),
                 }
             )
-            print(f"seed {seed} dense: {rows[-1]['accuracy']:.1%} ({seconds:.0f} s)", flush=True)
+            took = "loaded from --dense-dir" if seconds is None else f"{seconds:.0f} s"
+            print(f"seed {seed} dense: {rows[-1]['accuracy']:.1%} ({took})", flush=True)
             dense.eval()
             for ratio in args.ratios:
                 for method in args.methods:

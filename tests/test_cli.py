@@ -93,12 +93,24 @@ def test_the_installed_command_runs_and_usage_errors_exit_2():
     assert usage.returncode == 2 and "the following arguments are required: recipe" in usage.stderr
 
 
-def test_check_says_a_rounding_selection_keeps_at_most_keep_layers(capsys):
-    assert main(["check", "default", "--task", "token-classification"]) == 0
+def test_check_says_a_rounding_selection_keeps_at_most_keep_layers(tmp_path, capsys):
+    recipe = tmp_path / "round.yaml"
+    recipe.write_text(
+        "version: 1\npruners:\n  - strategy: layer-lasso\n    targets: [encoder.layer]\n"
+        "    schedule: {start: 0.05, end: 0.5}\n    config: {keep: 4, settle: round}\n"
+    )
+    assert main(["check", str(recipe), "--task", "token-classification"]) == 0
     assert (
         "keeps at most 4 of 6 layers (settle: round); compaction deletes the others"
         in capsys.readouterr().out
     )
+
+
+def test_check_says_where_a_distilling_recipes_teacher_comes_from(capsys):
+    assert main(["check", "default", "--task", "token-classification"]) == 0
+    out = capsys.readouterr().out
+    assert "keeps 3 of 6 layers; compaction deletes the other 3" in out
+    assert "distillation: T 2, logit weight 0.9, hidden weight 0; the teacher is given at run time" in out
 
 
 @pytest.mark.parametrize("name", builtin_names())

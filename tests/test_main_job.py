@@ -170,6 +170,7 @@ def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_pic
     }  # the dense model, fine-tuned first
     assert report["teacher"] == "the dense model fine-tuned first"
     assert "distill_kl" in report["strategy_metrics"] and "dense: fine-tuning without pruning first" in out
+    assert "pruning starts from the dense model" in out and report["settings"]["prune_from"] == "dense"
     assert report["scores"]["compacted"] == report["scores"]["pruned"]  # compaction changes no prediction
     assert set(report["scores"]["pruned"]) == {"f1", "precision", "recall"}
     assert report["parameters"]["compacted"] < report["parameters"]["full_size"]
@@ -202,6 +203,24 @@ def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_pic
         assert picture.format == "PNG" and picture.size[0] >= 600
     markdown = (output / "report.md").read_text()
     assert markdown.startswith("# hfprune run") and "![what was pruned](pruning.png)" in markdown
+
+
+@pytest.mark.parametrize("prune_from", ["dense", "pretrained"])
+def test_the_pruned_run_starts_from_a_copy_of_the_dense_model_unless_told_otherwise(prune_from):
+    from types import SimpleNamespace
+
+    from hfprune.cli.run import _pruning_start
+
+    dense = torch.nn.Linear(3, 2)
+    settings = SimpleNamespace(training=SimpleNamespace(prune_from=prune_from))
+    start = _pruning_start(dense, settings)
+    if prune_from == "pretrained":
+        assert start is None
+    else:  # a copy: pruning it leaves the dense reference and teacher as they were
+        assert start is not dense and torch.equal(start.weight, dense.weight)
+        start.weight.data.zero_()
+        assert dense.weight.abs().sum() > 0
+    assert _pruning_start(None, settings) is None  # no dense model (--no-baseline): the pretrained weights
 
 
 def test_run_refuses_an_output_folder_with_an_earlier_run_before_training(tmp_path, tiny_model_dir, capsys):

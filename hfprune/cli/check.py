@@ -14,6 +14,7 @@ from hfprune.errors import HfpruneError
 from hfprune.integrations.peft_names import model_view
 from hfprune.pruner import Pruner
 from hfprune.recipe import builtin as builtin_recipes
+from hfprune.recipe.schema import load_recipe
 from hfprune.schedule import Schedule, ScheduleSpec
 
 
@@ -60,8 +61,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     if args.total_steps is not None and args.total_steps < 1:
         raise HfpruneError(f"--total-steps {args.total_steps}: a run has at least 1 optimizer step")
-    pruner = Pruner(builtin_recipes.resolve(args.recipe))
+    recipe = load_recipe(builtin_recipes.resolve(args.recipe))
     model = _with_adapter(load_model_structure(args.model or default_model_path(), args.task), args)
+    distillation = recipe.distillation
+    # A recipe that distills without naming its teacher gets one at run time (hfprune run's dense model,
+    # PruneCallback(teacher=)): the model stands in for it here, so only a named teacher is checked.
+    run_time_teacher = distillation is not None and distillation.teacher is None
+    pruner = Pruner(recipe, teacher=model if run_time_teacher else None)
     plans = pruner.attach(model)
     view = model_view(model)
     if view.prefix:
@@ -120,6 +126,16 @@ def run_check(args: argparse.Namespace) -> int:
         print(
             f"recipe OK: {len(plans)} {'entry' if len(plans) == 1 else 'entries'}, acting on what is listed "
             "above"
+        )
+    if distillation is not None:
+        source = (
+            "given at run time (hfprune run: the dense model it fine-tunes first; PruneCallback(teacher=))"
+            if run_time_teacher
+            else f"{distillation.teacher}, which can teach this model"
+        )
+        print(
+            f"distillation: T {distillation.temperature:g}, logit weight {distillation.logit_weight:g}, "
+            f"hidden weight {distillation.hidden_weight:g}; the teacher is {source}"
         )
     return 0
 

@@ -14,6 +14,7 @@ transformers is imported inside the handler, so ``hfprune --help`` and a bad rec
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -125,6 +126,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="first fine-tune the same model without pruning: the dense score beside the pruned one, and the "
         "teacher when the recipe distills (default: on; --no-baseline skips it, halving the time)",
     )
+    training.add_argument(
+        "--prune-from",
+        choices=["dense", "pretrained"],
+        help="the pruned run starts from the dense model fine-tuned first (or --teacher), or from the "
+        "pretrained weights (default: dense)",
+    )
     run.set_defaults(handler=run_main)
 
 
@@ -168,6 +175,7 @@ class RunSettings:
                 "learning_rate": args.learning_rate,
                 "seed": args.seed,
                 "baseline": args.baseline,
+                "prune_from": args.prune_from,
             },
         )
         self.model_path = model.path or default_model_path()
@@ -220,7 +228,8 @@ def run_main(args: argparse.Namespace) -> int:
     if baseline is not None:
         print(f"dense: {task.metric} {baseline[task.headline]:.3f}")
     callback = PruneCallback(settings.recipe, teacher=dense if settings.needs_teacher else None)
-    model, trainer = _train(task, settings, callbacks=[callback])
+    start = _pruning_start(dense, settings)
+    model, trainer = _train(task, settings, callbacks=[callback], start=start)
     compacted, compaction = _compact(callback, model)
     report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {
         "compaction": compaction
@@ -345,12 +354,23 @@ def _arguments(settings: RunSettings):
     )
 
 
-def _train(task, settings: RunSettings, callbacks: list):
-    """(model, trainer) after fine-tuning a fresh copy of the pretrained model with ``callbacks``."""
+def _pruning_start(dense, settings: RunSettings):
+    """A copy of the dense model for the pruned run to start from, or None to start from the pretrained
+    weights."""
+    if dense is None or settings.training.prune_from == "pretrained":
+        print("pruning starts from the pretrained weights")
+        return None
+    print("pruning starts from the dense model")
+    return copy.deepcopy(dense)  # the dense model stays the reference and the teacher
+
+
+def _train(task, settings: RunSettings, callbacks: list, start=None):
+    """(model, trainer) after fine-tuning ``start`` (default: a fresh copy of the pretrained model) with
+    ``callbacks``."""
     from transformers import Trainer, set_seed
 
     set_seed(settings.training.seed)  # before the model is built: the new head is random
-    model = task.model(settings.model_path)
+    model = start if start is not None else task.model(settings.model_path)
     trainer = Trainer(
         model=model,
         args=_arguments(settings),

@@ -61,6 +61,12 @@ class TrainingSection(_Section):
         "teacher when "
         "the recipe distills",
     )
+    prune_from: Literal["dense", "pretrained"] = Field(
+        default="dense",
+        description="what the pruned run starts from: 'dense', the model fine-tuned first (or --teacher), as "
+        "nn_pruning and CoFi prune a fine-tuned model; 'pretrained', the pretrained weights again. Without a "
+        "dense model (--no-baseline) it is the pretrained weights",
+    )
 
 
 RUN_SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection}
