@@ -17,9 +17,10 @@ model is scored, counted and timed against the dense one at batch 32 (alternatel
 Accuracy: mean and range over the seeds, and the mean of each seed's difference from its own dense
 model. Prints a table, writes JSON.
 
-    python benchmarks/keep_accuracy.py                   # 2x: 4 methods x 3 seeds (about an hour on 2 cores)
-    python benchmarks/keep_accuracy.py --ratios 0.67 --methods importance+distillation block-lasso
-    python benchmarks/keep_accuracy.py --ratios 0.67 --dense-dir /tmp/dense   # reuses the dense models
+    # 2x: 4 methods x 3 seeds, each seed's dense model kept in /tmp/dense (about 70 minutes on 2 cores)
+    python benchmarks/keep_accuracy.py --dense-dir /tmp/dense
+    # 3x with the best method, reusing those dense models (about 15 minutes)
+    python benchmarks/keep_accuracy.py --ratios 0.67 --methods importance+distillation --dense-dir /tmp/dense
     python benchmarks/keep_accuracy.py --quick           # smoke run: a few sentences, one seed, ratio 0.5
 """
 
@@ -71,7 +72,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--prune-epochs", type=float, default=3.0, help="epochs of the pruning runs")
+    parser.add_argument(
+        "--prune-epochs", type=float, default=2.0, help="epochs of the pruning runs (from the dense model)"
+    )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--logit-weight", type=float, default=0.9, help="a in (1 - a) task + a T^2 KL")
     parser.add_argument("--latency-repeats", type=int, default=6, help="timed forward passes at batch 32")
