@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+from transformers import BertForSequenceClassification, BertForTokenClassification
 
 from hfprune import PruneCallback, PruneOptimizer, Pruner, RecipeError
 from hfprune.distill import DistillationConfig, Distiller, logit_kl, match_layers
@@ -89,17 +89,8 @@ def test_eval_mode_and_no_grad_leave_the_output_alone():
 
 
 def test_token_classification_averages_over_real_tokens_including_unlabelled_ones():
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=5,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=64,
-    )
+    config = tiny_bert().config  # the shared tiny BERT's sizes, with a token-classification head of 5
+    config.num_labels = 5
     torch.manual_seed(0)
     student = BertForTokenClassification(config).train()
     torch.manual_seed(1)
