@@ -18,7 +18,7 @@ and per-block factors are broadcast whole and cut to the local rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -170,10 +170,40 @@ class BlockSet:
             if matrix.param.grad is not None:
                 matrix.add_scaled_weight(matrix.layout.local(matrix.param.grad), coefficient)
 
+    def grid(self) -> torch.Size:
+        """The shape of the set's per-block tensors (norms, keep vectors): its blocks, without reading a
+        weight."""
+        matrix = self.matrices[0]
+        view = matrix.view(torch.empty(matrix.param.shape, device="meta"))
+        return torch.Size(size for axis, size in enumerate(view.shape) if axis not in matrix.reduce_axes)
+
     def keep_masks(self, keep: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
         """Write the per-block keep vector into each matrix's whole boolean mask (masks start all True)."""
         for matrix in self.matrices:
             matrix.view(masks[matrix.name]).logical_and_(keep.view(matrix.scale_shape(keep.shape)))
+
+
+def planned_block_sparsity(
+    sets: list[BlockSet], scope: str, ratio: float, kept_blocks: Callable[[int], int]
+) -> float | None:
+    """The fraction of the sets' weights a structured strategy masks at ``ratio``: what ``hfprune check``
+    promises.
+
+    ``scope: layer``: every set keeps ``kept_blocks(its block count)`` blocks (the strategy's
+    own rounding), and every block of a set holds as many weights (heads and neurons split
+    their matrices evenly, tiles divide them). ``scope: global``: one threshold over all the
+    blocks decides which go, and a set left empty gets a block back, so the count depends on
+    the weights: None (decided by training).
+    """
+    if scope == "global":
+        return None
+    pruned = total = 0
+    for block_set in sets:
+        blocks = block_set.grid().numel()
+        size = sum(m.param.numel() for m in block_set.matrices)
+        pruned += (blocks - kept_blocks(blocks)) * (size // blocks)
+        total += size
+    return pruned / max(total, 1)
 
 
 @torch.no_grad()

@@ -2,23 +2,30 @@
 
 The Trainer calls ``on_pre_optimizer_step`` and ``on_optimizer_step`` once per real
 optimizer step (after gradient accumulation and clipping), and ``on_save`` after each
-checkpoint, which is where the pruning state is written beside the weights.
+checkpoint, which is where the pruning state is written beside the weights. Once training
+ends, ``save_pretrained`` (and so ``trainer.save_model``) writes the model without the layers
+gated off for good (:class:`SaveWithoutDeletedLayers`); checkpoints keep them, to be resumed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 from torch import nn
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hfprune.errors import HfpruneError, StateError
+from hfprune.model_hooks import ModelHook, hook_save_pretrained, unhook_save_pretrained
 from hfprune.plugins import Registry
 from hfprune.pruner import Pruner
 from hfprune.recipe.schema import RecipeSource
 from hfprune.state import STATE_FILE
+
+logger = logging.getLogger("hfprune.callback")
 
 
 class PruneCallback(TrainerCallback):
@@ -46,13 +53,18 @@ class PruneCallback(TrainerCallback):
         if model is not None:
             self.pruner.attach(model)
 
-    def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        # Checkpoints keep every layer: the Trainer and `hfprune compact` load them into the full-size model.
+        unhook_save_pretrained(model)
         if self.pruner.teacher is not None or self.pruner.recipe.distillation is not None:
             _check_distillation_can_run(args)
         self.pruner.attach(model)  # again: model_init may have built a new model since __init__
         self.pruner.start(state.max_steps, lr_scheduler)
+        if optimizer is not None:  # the Trainer has built it (and accelerate wrapped it) by now
+            self.pruner.check_optimizer(optimizer)
         if state.global_step > 0:
             self._restore(args, state.global_step)
+        _warn_of_early_best_checkpoints(args, self.pruner)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.pruner.before_optimizer_step(optimizer)
@@ -62,11 +74,20 @@ class PruneCallback(TrainerCallback):
             optimizer, skipped=bool(getattr(optimizer, "step_was_skipped", False))
         )
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         # The teacher leaves with training: a later fine-tune of this model (a recovery run with another
         # Trainer) trains on its own loss again.
         if self.pruner.distiller is not None:
             self.pruner.distiller.close()
+        # The Trainer reloads its best checkpoint only once the loop is over, not when a hyper-parameter
+        # search prunes the trial mid-run (it calls on_train_end then too).
+        loop_over = state.global_step >= state.max_steps or control.should_training_stop
+        best = state.best_model_checkpoint if args.load_best_model_at_end and loop_over else None
+        self.pruner.finish(reloaded_step=_checkpoint_step(best) if best else None)
+        if isinstance(model, PreTrainedModel) and any(
+            not keep.all() for keep in self.pruner.layer_plan(model).values()
+        ):
+            hook_save_pretrained(model, SaveWithoutDeletedLayers(self.pruner))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = self.pruner.metrics()
@@ -105,6 +126,72 @@ class PruneCallback(TrainerCallback):
                 f"pruning state in {found[0]} is at step {self.pruner.step}, the Trainer resumes at step "
                 f"{global_step}"
             )
+
+
+class SaveWithoutDeletedLayers(ModelHook):
+    """``save_pretrained`` of a trained model some of whose layers are gated off for good: it writes the model
+    without them.
+
+    The full-size weights would load, with plain ``from_pretrained``, with those layers active
+    again, and no weights make a post-norm layer (BERT's) the identity. Without them the
+    saved model is a stock one that computes what the trained, gated model does
+    (:meth:`~hfprune.pruner.Pruner.without_deleted_layers`, checked like every compaction).
+    The callback puts it on the model when training ends and takes it off when training
+    begins, so checkpoints written while training keep every layer; a Trainer checkpoint
+    (``checkpoint-<step>``) a later run writes without the callback keeps them too, as
+    resuming loads it back into this full-size model.
+    """
+
+    def __init__(self, pruner: Pruner):
+        self.pruner = pruner
+
+    def __call__(self, model: PreTrainedModel, save_directory, *args, state_dict=None, **kwargs):
+        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", Path(save_directory).name):
+            type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+            return
+        if state_dict is not None:
+            raise HfpruneError(
+                f"{type(model).__name__}.save_pretrained was given a state dict (the Trainer passes one "
+                "under FSDP and DeepSpeed), from which hfprune cannot delete the layers gated off for good; "
+                "with them the saved model would not compute what the trained one does. Save "
+                "callback.compact(model) instead (under FSDP2 every process calls it), or write the "
+                "full-size weights anyway with PreTrainedModel.save_pretrained(model, folder, state_dict=...)"
+            )
+        saved = self.pruner.without_deleted_layers(model)
+        if saved is None:  # a copy made before a new run restarted the pruner: nothing is gated off now
+            saved = model
+        else:
+            logger.info(
+                "saving %s without its layers gated off for good (%d of %d parameters): a stock model "
+                "that computes what the trained one does",
+                type(model).__name__,
+                sum(p.numel() for p in saved.parameters()),
+                sum(p.numel() for p in model.parameters()),
+            )
+        type(saved).save_pretrained(saved, save_directory, *args, **kwargs)  # the class's method: no hook
+
+
+def _warn_of_early_best_checkpoints(args, pruner: Pruner) -> None:
+    """With ``load_best_model_at_end``, say when evaluations can pick a checkpoint saved before the pruning is
+    fixed, which training then refuses at its end (:meth:`Pruner.finish`)."""
+    ends = [s.schedule.end for s in pruner.strategies if s.fixes_a_pattern()]
+    if not args.load_best_model_at_end or not ends:
+        return
+    fixed_after = max(ends) + 1
+    if args.eval_strategy == "steps" and (args.eval_delay or 0) >= fixed_after:
+        return
+    logger.warning(
+        "load_best_model_at_end: a best checkpoint saved before %d optimizer steps, when the recipe's "
+        "pruning is fixed, is not the pruned model, and training refuses it at the end: evaluate from "
+        "then on (eval_strategy 'steps' with eval_delay=%d)",
+        fixed_after,
+        fixed_after,
+    )
+
+
+def _checkpoint_step(folder: str) -> int:
+    """The optimizer steps behind a Trainer checkpoint folder (``checkpoint-<step>``)."""
+    return int(Path(folder).name.rpartition("-")[2])
 
 
 def _check_distillation_can_run(args) -> None:

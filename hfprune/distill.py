@@ -58,9 +58,9 @@ LOSS_ONLY_INPUTS = ("labels", "num_items_in_batch", "return_loss")  # what the t
 
 
 class DistillationConfig(BaseModel):
-    """The ``distillation:`` section of a recipe."""
+    """The ``distillation:`` section of a recipe; values are strict, as in a strategy's config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     teacher: StrictStr | None = Field(
         default=None,

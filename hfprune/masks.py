@@ -12,11 +12,12 @@ import statistics
 from typing import Annotated, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, model_validator
 from torch import nn
 
 from hfprune.errors import StateError
-from hfprune.integrations.sharding import WHOLE, Layout, kth_smallest_of_parts, layout_of
+from hfprune.integrations.sharding import WHOLE, Layout, kth_smallest_of_parts, layout_of, shard_group
 from hfprune.strategy import StepContext, Strategy, StrategyConfig
 
 MASK_PREFIX = "mask."
@@ -112,6 +113,22 @@ class MaskSet:
         if self.masks is not None:
             torch._foreach_mul_(self.weights(), self.masks)
 
+    @torch.no_grad()
+    def escaped_weights(self) -> tuple[int, int]:
+        """How many weights the masks prune are non-zero, and how many they prune, over the whole parameters.
+
+        Summed across processes when FSDP2 shards them, so every process reaches the same verdict.
+        """
+        weights = self.weights()
+        counts = torch.zeros(2, dtype=torch.int64, device=weights[0].device)
+        for weight, mask in zip(weights, self.masks):
+            pruned = mask == 0
+            counts[0] += weight.ne(0).logical_and_(pruned).sum()
+            counts[1] += pruned.sum()
+        if not self._whole:
+            dist.all_reduce(counts, group=shard_group(self.layouts))
+        return int(counts[0]), int(counts[1])
+
     def keep(self) -> list[torch.Tensor]:
         """The masks as booleans (True = kept) shaped like :meth:`weights`, for logic such as "pruned stays
         pruned"."""
@@ -176,15 +193,32 @@ def largest_magnitude_masks(
     if scope == "global":
         magnitudes = [w.detach().abs().float() for w in weights]
         total = sum(layout.whole_shape(w).numel() for w, layout in zip(weights, layouts))
-        threshold = kth_smallest_of_parts(magnitudes, layouts, round(sparsity * total))
+        threshold = kth_smallest_of_parts(magnitudes, layouts, pruned_count(sparsity, total))
         del magnitudes
         return [w.detach().abs() > threshold for w in weights]
     # One tensor at a time, so at most one float copy of a weight exists at once.
     return [_keep_largest(w.detach().abs().float(), sparsity, layout) for w, layout in zip(weights, layouts)]
 
 
+def pruned_count(sparsity: float, numel: int) -> int:
+    """How many of ``numel`` weights a magnitude mask at ``sparsity`` prunes: the one rounding masks and plans
+    share."""
+    return round(sparsity * numel)
+
+
+def planned_magnitude_sparsity(parameters: list[nn.Parameter], sparsity: float, scope: Scope) -> float:
+    """The fraction of ``parameters`` :func:`largest_magnitude_masks` zeroes at ``sparsity``, rounded as it
+    rounds: per tensor (``layer``) or over all of them (``global``)."""
+    sizes = [p.numel() for p in parameters]
+    if scope == "global":
+        pruned = pruned_count(sparsity, sum(sizes))
+    else:
+        pruned = sum(pruned_count(sparsity, n) for n in sizes)
+    return pruned / max(sum(sizes), 1)
+
+
 def _keep_largest(magnitude: torch.Tensor, sparsity: float, layout: Layout) -> torch.Tensor:
-    k = round(sparsity * layout.whole_shape(magnitude).numel())
+    k = pruned_count(sparsity, layout.whole_shape(magnitude).numel())
     return magnitude > kth_smallest_of_parts([magnitude], [layout], k)
 
 
@@ -241,6 +275,15 @@ class MaskingStrategy(Strategy):
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         self.masks.apply_to_weights()
+
+    @torch.no_grad()
+    def disagreement(self) -> str | None:
+        if not self.masks.active:
+            return None
+        escaped, pruned = self.masks.escaped_weights()
+        if not escaped:
+            return None
+        return f"{escaped:,} of the {pruned:,} weights its masks prune are non-zero"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.masks.state_dict()
@@ -304,7 +347,7 @@ class ReweightedPhaseStrategy(MaskingStrategy):
     def on_step_end(self, ctx: StepContext) -> None:
         if self.masks.active:
             return
-        if ctx.step >= self.schedule.end:
+        if self.schedule.has_ended(ctx.step):
             self.fix_pattern(ctx.optimizer)
         elif (
             self.schedule.in_phase(ctx.step)

@@ -6,11 +6,17 @@ with a forward hook rather than by wrapping or renaming the module, so parameter
 :class:`ModelHook` are shared, not duplicated, when the model is deep-copied,
 :func:`strip_model_hooks` takes them off a copy (compaction returns a plain model), and
 :func:`carry_model_hooks` puts them on a copy built otherwise (from a gathered state dict).
+A :class:`ModelHook` can also stand in for the model's ``save_pretrained``
+(:func:`hook_save_pretrained`), when what the model saves must differ from its modules.
 """
 
 from __future__ import annotations
 
+import types
+
 from torch import nn
+
+SAVE_PRETRAINED = "save_pretrained"
 
 
 class ModelHook:
@@ -22,9 +28,28 @@ class ModelHook:
         return self
 
 
+def hook_save_pretrained(model: nn.Module, hook: ModelHook) -> None:
+    """Make ``model.save_pretrained(...)`` call ``hook(model, ...)``.
+
+    Set on the instance as a bound method, which a deep copy binds to the copy, so a copy
+    saves itself; :func:`unhook_save_pretrained` and :func:`strip_model_hooks` remove it.
+    """
+    setattr(model, SAVE_PRETRAINED, types.MethodType(hook, model))
+
+
+def unhook_save_pretrained(model: nn.Module) -> bool:
+    """Give ``model`` its class's ``save_pretrained`` back; whether a hook was removed."""
+    method = vars(model).get(SAVE_PRETRAINED)
+    if not isinstance(getattr(method, "__func__", None), ModelHook):
+        return False
+    delattr(model, SAVE_PRETRAINED)
+    return True
+
+
 def strip_model_hooks(model: nn.Module) -> int:
-    """Remove every :class:`ModelHook` from ``model`` and its submodules; how many were removed."""
-    removed = 0
+    """Remove every :class:`ModelHook` from ``model`` and its submodules (a save hook too); how many were
+    removed."""
+    removed = int(unhook_save_pretrained(model))
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [key for key, hook in hooks.items() if isinstance(hook, ModelHook)]:

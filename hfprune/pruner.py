@@ -8,17 +8,20 @@ Drivers (the Trainer callback, the optimizer wrapper) call the same four moments
 from __future__ import annotations
 
 import copy
+import logging
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Hashable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfprune.compaction.compact import compact_model
+from hfprune.compaction.compact import compact_model, layer_stacks_of
 from hfprune.distill import DistillationConfig, Distiller, load_teacher, teacher_mismatch
-from hfprune.errors import CompactionError, Problem, StateError, TargetError
+from hfprune.errors import CompactionError, HfpruneError, Problem, StateError, TargetError
 from hfprune.integrations.lora import (
     adapter_weights_of_bases,
     keep_sparse,
@@ -31,6 +34,7 @@ from hfprune.integrations.sharding import (
     Layout,
     UnsupportedSharding,
     count_zeros,
+    fsdp1_wrapped,
     is_sharded,
     layout_of,
     shard_group,
@@ -38,17 +42,23 @@ from hfprune.integrations.sharding import (
 )
 from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe.schema import Recipe, RecipeSource, load_recipe
-from hfprune.recipe.targets import match_targets, near_misses
+from hfprune.recipe.targets import match_targets, unmatched_hint
 from hfprune.state import load_state, save_state
 from hfprune.strategy import StepContext, Strategy, StrategyConfig, Targets
+from hfprune.tied import distinct_parameters, tensor_identity
 
 STATE_FORMAT = 1
+logger = logging.getLogger("hfprune.pruner")
 FROZEN_KEY = "frozen_weights"
 
 
 @dataclass(frozen=True)
 class EntryPlan:
-    """What one recipe entry will act on once attached to a model."""
+    """What one recipe entry will act on once attached to a model.
+
+    ``parameters`` holds each tensor once (:mod:`hfprune.tied`); ``tied`` maps a name kept there to the
+    other names of its tensor that the entry's targets also selected.
+    """
 
     index: int
     label: str
@@ -56,11 +66,20 @@ class EntryPlan:
     config: StrategyConfig
     modules: Targets
     parameters: dict[str, nn.Parameter]
+    tied: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
-        """How many weights this entry targets."""
+        """How many weights this entry targets (a tied tensor once)."""
         return sum(p.numel() for p in self.parameters.values())
+
+    @cached_property
+    def planned_sparsity(self) -> float | None:
+        """The fraction of the targeted weights zero once the schedule has ended (None: training decides):
+        what ``hfprune check`` prints and training reaches (:meth:`Strategy.planned_sparsity`)."""
+        if not self.parameters:
+            return None
+        return self.strategy.cls.planned_sparsity(self.modules, self.parameters, self.config)
 
     @cached_property
     def layouts(self) -> list[Layout]:
@@ -69,10 +88,61 @@ class EntryPlan:
         return [layout_of(p) for p in self.parameters.values()]
 
 
+Claim = tuple[int, tuple[str, ...]]  # an entry's index and the names it selected one tensor by
+
+
+def _claimed_twice(names: tuple[str, ...], earlier: Claim) -> str:
+    """Why an entry may not select a tensor (by ``names``) that an earlier entry selected: under a name both
+    selected, or tied (hfprune.tied) under different names."""
+    earlier_index, earlier_names = earlier
+    shared = [name for name in names if name in earlier_names]
+    if shared:
+        return (
+            f"parameter {shared[0]} is also targeted by pruners[{earlier_index}]; each parameter belongs to "
+            "one entry"
+        )
+    return (
+        f"{names[0]} is the same tensor as {earlier_names[0]} (tied weights), which pruners[{earlier_index}] "
+        "targets; each weight belongs to one entry"
+    )
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel/DataParallel wrappers, so names match the recipe."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
+    """The module inside DistributedDataParallel, DataParallel and torch.compile wrappers, so names match the
+    recipe; HfpruneError for a model FSDP1 wraps, which has no parameter hfprune could prune."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            break
+    wrapped = fsdp1_wrapped(model)
+    if wrapped is not None:
+        raise HfpruneError(
+            f"{'the model' if not wrapped else wrapped} is wrapped in FSDP1 (torch.distributed.fsdp."
+            "FullyShardedDataParallel), which flattens and shards its parameters: hfprune cannot prune them. "
+            "Shard with FSDP2 instead (the Trainer's default: leave fsdp_config's 'version' at 2; in your "
+            "own loop: torch.distributed.fsdp.fully_shard) or train with DDP; docs/distributed.md says what "
+            "is supported"
+        )
+    return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is torch.compile's wrapper (an OptimizedModule, the model in ``_orig_mod``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # torch.compile imports it
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def _compactable(model: nn.Module) -> nn.Module:
+    """The plain model compaction copies: unwrapped, LoRA merged into a copy, FSDP2 shards gathered into a
+    copy (collective)."""
+    model = unwrap_model(model)
+    if lora_layers(model):
+        model = merge_lora(copy.deepcopy(model))
+    if is_sharded(model):
+        model = unsharded_copy(model)
     return model
 
 
@@ -112,6 +182,9 @@ class Pruner:
         self._adapter_of_base: dict[int, nn.Parameter] = {}
         self._frozen_targets: dict[str, nn.Parameter] = {}
         self._scale_before: float | None = None
+        self._skipped_last_step: torch.optim.Optimizer | None = (
+            None  # its optimizer, if the last step was skipped
+        )
 
     # --- set-up -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[EntryPlan]:
@@ -126,21 +199,18 @@ class Pruner:
         adapter_layers = lora_layers(model)
         problems: list[Problem] = []
         plans: list[EntryPlan] = []
-        claimed: dict[str, int] = {}
+        claimed: dict[Hashable, Claim] = {}  # by tensor identity (hfprune.tied)
         wrapped: set[str] = set()  # LoRA layers whose base weights are pruned
         for index, entry in enumerate(self.recipe.pruners):
             info = self.registry.get(entry.strategy)
             match = match_targets(view, entry.targets, entry.exclude)
             for target_index in match.unmatched:
                 target = entry.targets[target_index]
-                close = near_misses(view, target)
                 problems.append(
                     self.recipe.problem(
                         ("pruners", index, "targets", target_index),
                         f"{target!r} matches no module" + (" that is not excluded" if entry.exclude else ""),
-                        hint=f"did you mean: {', '.join(close)}"
-                        if close
-                        else "run 'hfprune check' to list module names",
+                        hint=unmatched_hint(view, target),
                     )
                 )
             config = self.recipe.strategy_config(index)
@@ -150,23 +220,18 @@ class Pruner:
             except TargetError as exc:
                 problems.append(self.recipe.problem(("pruners", index, "targets"), str(exc)))
                 continue
+            parameters, tied = distinct_parameters(parameters)
             problems.extend(self._sharding_problems(index, info, parameters, view))
-            for name in parameters:
-                if name in claimed:
-                    problems.append(
-                        self.recipe.problem(
-                            ("pruners", index, "targets"),
-                            f"parameter {name} is also targeted by pruners[{claimed[name]}]; each parameter "
-                            "belongs to one entry",
-                        )
-                    )
-                    break
-                claimed[name] = index
+            problems.extend(self._claim_problems(index, parameters, tied, claimed))
             entry_wrapped = _wrapped(parameters, view)
             wrapped.update(entry_wrapped)
             for refusal in filter(None, (why_not_maskable(n, adapter_layers[n]) for n in entry_wrapped)):
                 problems.append(self.recipe.problem(("pruners", index, "targets"), refusal))
-            plans.append(EntryPlan(index, f"{index}.{entry.strategy}", info, config, targets, parameters))
+            plans.append(
+                EntryPlan(index, f"{index}.{entry.strategy}", info, config, targets, parameters, tied)
+            )
+        if not problems:  # plans of entries refused already would only add noise
+            problems.extend(self._empty_plan_problems(plans))
         problems.extend(self._teacher_problems(model))
         if problems:
             raise self.recipe.error(problems)
@@ -182,6 +247,41 @@ class Pruner:
             if view.prefix and not param.requires_grad
         }
         return plans
+
+    def _claim_problems(
+        self,
+        index: int,
+        parameters: dict[str, nn.Parameter],
+        tied: dict[str, tuple[str, ...]],
+        claimed: dict[Hashable, Claim],
+    ) -> list[Problem]:
+        """Record in ``claimed`` the tensors entry ``index`` selected; the first that an earlier entry
+        selected already, as a problem (a tied tensor is one, whichever of its names each entry selected it
+        by)."""
+        for name, param in parameters.items():
+            names = (name, *tied.get(name, ()))
+            earlier = claimed.setdefault(tensor_identity(param), (index, names))
+            if earlier[0] != index:
+                return [self.recipe.problem(("pruners", index, "targets"), _claimed_twice(names, earlier))]
+        return []
+
+    def _empty_plan_problems(self, plans: list[EntryPlan]) -> list[Problem]:
+        """Entries whose config asks for zeros but whose plan on this model prunes nothing (one head group
+        that always survives, a ratio that rounds to no block): refused, as training would change nothing."""
+        problems = []
+        for plan in plans:
+            asked = plan.config.planned_sparsity()
+            if asked and plan.planned_sparsity == 0.0:
+                problems.append(
+                    self.recipe.problem(
+                        ("pruners", plan.index, "config"),
+                        f"asks for {asked:.0%} but would prune nothing on this model once counts are rounded "
+                        "as the strategy rounds them (a structured strategy keeps at least one block of each "
+                        "set, and heads that share a key/value head go together)",
+                        hint="raise the ratio, target more modules, or prune at a finer group",
+                    )
+                )
+        return problems
 
     def _teacher_problems(self, model: nn.Module) -> list[Problem]:
         """Load the recipe's teacher if it is needed and not loaded yet; why it cannot teach ``model``, if it
@@ -291,6 +391,7 @@ class Pruner:
             self.distiller.attach(self._model)
         self.lr_scheduler = lr_scheduler
         self.step = 0
+        self._optimizer_seen = None  # new strategies: check_optimizer asks them again
 
     def close(self) -> None:
         """Take the strategies and the teacher off the model (their hooks); training with this pruner needs
@@ -338,19 +439,52 @@ class Pruner:
                 strategy.after_optimizer_step(ctx)
             for strategy in self.strategies:
                 strategy.on_step_end(ctx)
+        self._skipped_last_step = optimizer if skipped else None  # its schedule work waits for the next step
         self._scale_before = None
         self.step += 1
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Learn which param group of ``optimizer`` each parameter is in; RecipeError if a strategy reads the
+        learning rate of a parameter that is in none.
+
+        The drivers call it once the optimizer is known (train begin, wrapping), and every step
+        with an optimizer not checked since :meth:`start` calls it too, so a parameter left out
+        of a hand-built optimizer (one over a subset, or a peft model whose layer has no LoRA
+        adapter) fails before any step instead of mid-training.
+        """
+        self._group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        # A frozen LoRA base weight steps (proximal penalties) at its adapter's learning rate.
+        for base, adapter in self._adapter_of_base.items():
+            if id(adapter) in self._group_of:
+                self._group_of.setdefault(base, self._group_of[id(adapter)])
+        problems = self._learning_rate_problems()
+        if problems:
+            raise self.recipe.error(problems)
+        self._optimizer_seen = optimizer
+
+    def _learning_rate_problems(self) -> list[Problem]:
+        """One per entry whose strategy reads the learning rate of a parameter in no param group."""
+        problems = []
+        for plan, strategy in zip(self.plans, self.strategies):
+            needed = strategy.learning_rate_parameters()
+            missing = [name for name, param in needed.items() if id(param) not in self._group_of]
+            if missing:
+                problems.append(
+                    self.recipe.problem(
+                        ("pruners", plan.index, "targets"),
+                        f"{missing[0]} is in no param group of the optimizer, and strategy "
+                        f"{plan.strategy.name!r} steps it at its group's learning rate ({len(missing)} of "
+                        f"the {len(needed)} parameters it does that to are in none)",
+                        hint="give the optimizer every parameter this entry targets, wrap their layers with "
+                        "LoRA in a peft model (the adapter's learning rate is used), or leave them out of "
+                        "the targets",
+                    )
+                )
+        return problems
+
     def _context(self, optimizer: torch.optim.Optimizer) -> StepContext:
         if optimizer is not self._optimizer_seen:
-            self._group_of = {
-                id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]
-            }
-            # A frozen LoRA base weight steps (proximal penalties) at its adapter's learning rate.
-            for base, adapter in self._adapter_of_base.items():
-                if id(adapter) in self._group_of:
-                    self._group_of.setdefault(base, self._group_of[id(adapter)])
-            self._optimizer_seen = optimizer
+            self.check_optimizer(optimizer)
         distributed = dist.is_available() and dist.is_initialized()
         return StepContext(
             step=self.step,
@@ -361,6 +495,52 @@ class Pruner:
             grad_scale=self._scale_before or 1.0,
             lr_scheduler=self.lr_scheduler,
         )
+
+    # --- the end of training ----------------------------------------------------------------
+    def finish(self, reloaded_step: int | None = None) -> None:
+        """End training: catch up with a skipped last step, then check the model is what state and logs say.
+
+        The callback calls it when the Trainer's training ends; a hand-written loop calls it
+        after its last step. A last step an fp16 GradScaler skipped gets the schedule work it
+        missed now, as a real step would have had it: a schedule ending there still fixes its
+        pattern. ``reloaded_step`` is the optimizer step count of a checkpoint the driver loaded
+        back (the Trainer's best model): one saved before a pattern was fixed is not the pruned
+        model, and raises StateError, as do weights that disagree with a strategy's state
+        (:meth:`Strategy.disagreement`). A run stopped before a schedule ended (early stopping,
+        an interruption) is logged as not pruned as planned.
+        """
+        if self._skipped_last_step is not None:
+            ctx = replace(self._context(self._skipped_last_step), step=self.step - 1)
+            for strategy in self.strategies:
+                strategy.on_step_end(ctx)
+            self._skipped_last_step = None
+        fixing = [(plan, s) for plan, s in zip(self.plans, self.strategies) if s.fixes_a_pattern()]
+        if reloaded_step is not None and fixing:
+            fixed_after = max(strategy.schedule.end for _, strategy in fixing) + 1
+            if reloaded_step < fixed_after:
+                raise StateError(
+                    f"the model was reloaded from a checkpoint saved after {reloaded_step} optimizer steps "
+                    f"(load_best_model_at_end), before the recipe's pruning was fixed after {fixed_after}: "
+                    "it is not the pruned model the logs report. Evaluate only once the pattern is fixed "
+                    f"(TrainingArguments(eval_delay={fixed_after}) with eval_strategy 'steps'), or set "
+                    "load_best_model_at_end=False"
+                )
+        for plan, strategy in fixing:
+            why = strategy.disagreement()
+            if why:
+                raise StateError(
+                    f"the model's weights no longer match the pruning state of pruners[{plan.index}] "
+                    f"({plan.label}): {why}. Were they reloaded or changed after pruning?"
+                )
+            if not strategy.schedule.has_ended(self.step - 1):
+                logger.warning(
+                    "training stopped after %d optimizer steps, before pruners[%d] (%s) fixed its pattern "
+                    "(after %d): the model is not pruned as planned; resume from a checkpoint to finish",
+                    self.step,
+                    plan.index,
+                    plan.label,
+                    strategy.schedule.end + 1,
+                )
 
     # --- reporting ------------------------------------------------------------------------
     @torch.no_grad()
@@ -503,9 +683,23 @@ class Pruner:
                 "theirs at the end "
                 "of their schedule (block-lasso its heads and neurons, layer-lasso its layers)"
             )
-        model = unwrap_model(model)
-        if lora_layers(model):
-            model = merge_lora(copy.deepcopy(model))
-        if is_sharded(model):
-            model = unsharded_copy(model)
-        return compact_model(model, pruned, self.registry.architectures, probe)
+        return compact_model(_compactable(model), pruned, self.registry.architectures, probe)
+
+    def layer_plan(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The part of :meth:`compaction_plan` about ``model``'s layer stacks: stack name to one keep flag per
+        layer."""
+        return layer_stacks_of(self.compaction_plan(), model)
+
+    def without_deleted_layers(self, model: nn.Module) -> nn.Module | None:
+        """A copy of ``model`` without the layers its plan deletes, every other weight as it is; None if no
+        layer goes.
+
+        What the model saves after training (:class:`hfprune.callback.SaveWithoutDeletedLayers`):
+        a layer gated off computes nothing, but full-size weights load with it active again,
+        and a post-norm layer (BERT's) cannot be made the identity through its weights. The
+        copy is checked against ``model`` like every compaction (:meth:`compact`); heads and
+        neurons stay, their pruned weights zero, so the copy is a stock model.
+        """
+        model = _compactable(model)
+        stacks = {name: keep for name, keep in self.layer_plan(model).items() if not keep.all()}
+        return compact_model(model, stacks, self.registry.architectures) if stacks else None

@@ -39,12 +39,33 @@ class ScheduleSpec(BaseModel):
         return isinstance(self.start, float) or isinstance(self.end, float)
 
     def resolve(self, total_steps: int | None) -> Schedule:
-        """Turn fractions into steps; ``total_steps`` is needed only when fractions are used."""
+        """The schedule in optimizer steps of a run of ``total_steps`` (None: length unknown).
+
+        A fraction becomes the step at that fraction of the run, and at most the run's last
+        step (index ``total_steps - 1``): ``end: 1.0`` is the last step, so the pattern is
+        fixed by the end of training. A step number past the last step is refused once the
+        run's length is known: the schedule would never end, and the model would not be what
+        the recipe plans.
+        """
         if self.uses_fractions and not total_steps:
             raise ValueError(
                 "this schedule uses fractions of training, so the total number of optimizer steps is needed"
             )
-        start, end = (v if isinstance(v, int) else round(v * total_steps) for v in (self.start, self.end))
+        if total_steps is not None:
+            last = total_steps - 1
+            for name in ("start", "end"):
+                value = getattr(self, name)
+                if isinstance(value, int) and value > last:
+                    raise ValueError(
+                        f"{name} is step {value}, but this run's last optimizer step is {last} (steps count "
+                        f"from 0 over {total_steps} steps): the schedule would never "
+                        f"{'start' if name == 'start' else 'end'} and the planned pruning would not happen; "
+                        f"use a step up to {last}, or a fraction such as {name}: 1.0"
+                    )
+        start, end = (
+            v if isinstance(v, int) else min(round(v * total_steps), total_steps - 1)
+            for v in (self.start, self.end)
+        )
         if start > end:
             raise ValueError(f"start resolves to step {start}, after end at step {end}")
         return Schedule(start=start, end=end, every=self.every)
@@ -52,7 +73,12 @@ class ScheduleSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Schedule:
-    """A schedule in optimizer steps. Step indices count from 0 (the first optimizer step)."""
+    """A schedule in optimizer steps. Step indices count from 0 (the first optimizer step).
+
+    Every strategy reads the same moments from it: its phase is the steps in ``[start, end)``
+    (:meth:`in_phase`), and its pattern is fixed right after step ``end`` (:meth:`has_ended`),
+    so ``end`` is at most the run's last step (:meth:`ScheduleSpec.resolve`).
+    """
 
     start: int
     end: int
@@ -60,9 +86,22 @@ class Schedule:
 
     def is_update_step(self, step: int) -> bool:
         """True at start, every ``every`` steps after it, and at end itself."""
-        if not self.start <= step <= self.end:
+        if not self.acts_at(step):
             return False
         return (step - self.start) % self.every == 0 or step == self.end
+
+    def has_ended(self, step: int) -> bool:
+        """True once step ``end`` has run: after ``step`` every strategy's result is final.
+
+        The one definition of "the schedule has ended": strategies fix their pattern in
+        ``on_step_end`` of the first real step for which it is true.
+        """
+        return step >= self.end
+
+    def acts_at(self, step: int) -> bool:
+        """True for steps in ``[start, end]``: the phase and the step that ends it, after which the pattern
+        is fixed."""
+        return self.start <= step <= self.end
 
     def in_phase(self, step: int) -> bool:
         """True for steps in ``[start, end)``: where penalty and gate strategies act before fixing their
@@ -77,7 +116,9 @@ class Schedule:
         """
         if step < self.start:
             return None
-        return self.end if step >= self.end else self.start + (step - self.start) // self.every * self.every
+        if self.has_ended(step):
+            return self.end
+        return self.start + (step - self.start) // self.every * self.every
 
     def cubic_ramp(self, step: int, final: float, initial: float = 0.0) -> float:
         """``final + (initial - final) * (1 - progress)**3``: gradual pruning's target at ``step`` (Zhu &

@@ -39,9 +39,15 @@ class Targets(dict[str, nn.Module]):
 
 
 class StrategyConfig(BaseModel):
-    """Base of every strategy's ``config:`` schema. Unknown keys are errors."""
+    """Base of every strategy's ``config:`` schema. Unknown keys are errors, and values are strict.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    Strict, because a recipe's typo must not become a setting: ``false`` is not the number 0,
+    ``'0.5'`` is not 0.5, and ``1.0`` is not an int; an int is a float's value (``sparsity: 0``).
+    A tuple field is written as a YAML list: give it ``Field(strict=False)``, which relaxes the
+    tuple itself but not its items.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     def planned_sparsity(self) -> float | None:
         """The fraction of targeted weights this entry will zero, if known up front (for ``hfprune
@@ -72,16 +78,20 @@ class StepContext:
     lr_scheduler: object | None = None
 
     def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
-        """The current learning rate of each parameter's optimizer group."""
+        """The current learning rate of each parameter's optimizer group.
+
+        The engine checks the parameters a strategy lists in ``learning_rate_parameters()`` before
+        training; the KeyError here is for one a strategy reads without listing it there.
+        """
         groups = self.optimizer.param_groups
         try:
             return [groups[self.group_of[id(p)]]["lr"] for p in params]
         except KeyError:
             raise KeyError(
-                "a pruned parameter is not in any optimizer param group: add it to the optimizer, or, if it "
-                "is frozen under "
-                "peft, wrap its layer with LoRA (its adapter's learning rate is then used) or leave it out "
-                "of the recipe"
+                "a pruned parameter is not in any optimizer param group, and its strategy does not list it "
+                "in learning_rate_parameters(), which would have caught this before training: add it to the "
+                "optimizer, or, if it is frozen under peft, wrap its layer with LoRA (its adapter's learning "
+                "rate is then used) or leave it out of the recipe"
             ) from None
 
     def summed_learning_rates(self, params: list[torch.Tensor], end: int) -> list[float]:
@@ -144,9 +154,33 @@ class Strategy:
         return selected
 
     @classmethod
+    def planned_sparsity(
+        cls, targets: Targets, parameters: dict[str, nn.Parameter], config: StrategyConfig
+    ) -> float | None:
+        """The fraction of ``parameters`` that will be zero once the schedule has ended, on these targets.
+
+        What ``hfprune check`` prints and what training must reach, so it must count what the
+        strategy really does: rounding per tensor or per block set, the block that always
+        survives, heads grouped by key/value head. Default: ``config.planned_sparsity()``, the
+        fraction the config asks for (None: decided by training). The engine refuses an entry
+        whose config asks for zeros but whose plan here prunes nothing.
+        """
+        return config.planned_sparsity()
+
+    @classmethod
     def describe(cls, targets: Targets, config: StrategyConfig) -> list[str]:
         """What ``hfprune check`` prints for an entry that changes no weights: what it acts on instead."""
         return []
+
+    def learning_rate_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters, by name, whose group's learning rate this strategy reads (``ctx.learning_rates``,
+        ``ctx.summed_learning_rates``): a proximal step scaled by it. Default: none.
+
+        The engine refuses, as a recipe error once the optimizer is known and before any step,
+        a run whose optimizer has one of them in no param group (a frozen LoRA base weight
+        counts as in its adapter's group); undeclared, the lookup fails mid-training.
+        """
+        return {}
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         """Gradients are final (accumulated, all-reduced, clipped): add penalty gradients, mask gradients."""
@@ -156,6 +190,20 @@ class Strategy:
 
     def on_step_end(self, ctx: StepContext) -> None:
         """Schedule work: recompute masks, reweight, fix the pattern."""
+
+    def fixes_a_pattern(self) -> bool:
+        """Whether the strategy's result is fixed when its schedule ends (masks, settled gates), which the
+        end-of-training checks hold it to; False for one that only shapes training (layer dropout)."""
+        return True
+
+    def disagreement(self) -> str | None:
+        """Why the model's weights no longer match this strategy's state, if they do not.
+
+        The engine asks at the end of training, after anything that reloads weights (the
+        Trainer's ``load_best_model_at_end``): a saved model must be what the state and the
+        logs say. Masking strategies report pruned weights that are non-zero.
+        """
+        return None
 
     def metrics(self) -> dict[str, float]:
         """Extra values for the training logs (sparsity is logged by the engine)."""

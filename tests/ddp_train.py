@@ -6,7 +6,7 @@ made) to ``OUTPUT/<case>/rank<r>.safetensors``, so the test can compare ranks bi
 runs with one another. Run with plain ``python`` for the single-process reference.
 
     accelerate launch --multi_gpu --num_processes 2 tests/ddp_train.py OUTPUT [--per-device-batch 8]
-    [--resume]
+    [--resume] [--trainer-fsdp]
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ CASES = {
     "layer-lasso": builtin.TestLayerLasso,
 }
 STEPS = 8
+TRAINER_FSDP = {
+    "fsdp": True,
+    "fsdp_config": {"reshard_after_forward": True, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+}
 SAVE_EVERY = 3  # a checkpoint mid-schedule (step 3; the schedules end at 4) and one after it (step 6)
 
 
@@ -49,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument(
         "--bad-target-on-rank", type=int, help="this rank's recipe names a module the model lacks"
+    )
+    parser.add_argument(
+        "--trainer-fsdp",
+        action="store_true",
+        help="ask the Trainer for FSDP (transformers' default, FSDP2); on CPU accelerate trains with DDP",
     )
     return parser.parse_args(argv)
 
@@ -77,6 +86,7 @@ def train(name: str, args: argparse.Namespace) -> None:
         use_cpu=True,
         seed=0,
         data_seed=0,
+        **(TRAINER_FSDP if args.trainer_fsdp else {}),
     )
     rank = training.process_index
     resume = args.resume / name / "checkpoint-3" if args.resume else None

@@ -166,6 +166,24 @@ def test_a_compaction_that_would_change_outputs_raises_and_changes_nothing():
     assert model.config.intermediate_size == 64
 
 
+def test_a_compiled_model_is_attached_and_compacted_through_its_wrapper():
+    """torch.compile's wrapper names every parameter ``_orig_mod.<name>``: hfprune looks inside it (and runs
+    no compiled forward)."""
+    model = tiny_bert()
+    recipe = structured_recipe(*UNITS["bert"])
+    pruner = pruned(model, recipe)
+    compiled = torch.compile(model)
+
+    compacted = pruner.compact(compiled)
+
+    assert counts(compacted, "head") == [h // 2 for h in counts(model, "head")]
+    reference = pruner.compact(model).state_dict()
+    assert compacted.state_dict().keys() == reference.keys()
+    assert all(torch.equal(value, reference[key]) for key, value in compacted.state_dict().items())
+    plain, through_compile = (Pruner(recipe).attach(m) for m in (model, compiled))
+    assert [list(p.parameters) for p in through_compile] == [list(p.parameters) for p in plain]
+
+
 def test_compaction_before_the_pattern_is_fixed_says_so():
     model = tiny_bert()
     pruner = Pruner(structured_recipe("BertAttention", None, end=8))

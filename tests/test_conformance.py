@@ -34,7 +34,7 @@ from hfprune.testing import (
     check_state_dict,
     train,
 )
-from hfprune_magnitude import MagnitudeConfig, MagnitudeStrategy
+from hfprune_magnitude import MagnitudeStrategy
 
 
 class BuiltIn(StrategyConformance):
@@ -139,15 +139,12 @@ class NaNStrategy(MagnitudeStrategy):
             self.masks.params[0].data.fill_(float("nan"))
 
 
-class OverpromisingConfig(MagnitudeConfig):
-    def planned_sparsity(self):
-        return 0.9
-
-
 class OverpromisingStrategy(MagnitudeStrategy):
     """Tells `hfprune check` 90% and reaches its sparsity setting."""
 
-    Config = OverpromisingConfig
+    @classmethod
+    def planned_sparsity(cls, targets, parameters, config):
+        return 0.9
 
 
 class TensorMetricsStrategy(MagnitudeStrategy):
@@ -289,7 +286,7 @@ CAUGHT_BY = {  # a broken strategy: the check that must fail on its run, and wha
     "nan": (check_loss_finite, r"the mean training loss over 8 steps is nan"),
     "overpromising": (
         check_reaches_planned_sparsity,
-        r"planned_sparsity\(\) is 0\.900.*the targets are 0\.500 zeros",
+        r"planned_sparsity\(\) is 0\.9000 .*the targets are 0\.5000 zeros",
     ),
     "tensor-metrics": (check_metrics, r"metrics\(\) after step 0 has 'kept': Tensor"),
     "nested-state": (check_state_dict, r"state_dict\(\) after step 0 has 'masks': dict"),

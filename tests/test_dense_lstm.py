@@ -18,8 +18,10 @@ from transformers import (
 )
 
 from hfprune import PruneCallback, Pruner
+from hfprune.callback import SaveWithoutDeletedLayers
 from hfprune.compaction.compact import compact_model
 from hfprune.errors import CompactionError
+from hfprune.model_hooks import hook_save_pretrained
 from hfprune.testing import VOCAB, TokenDataset
 from hfprune_ldnet import DenseLSTMAdapter
 from hfprune_ldnet.dense_lstm import (
@@ -177,7 +179,7 @@ def test_settling_keeps_exactly_keep_layers_and_one_per_direction(keep, kept):
 
 def test_a_dense_gate_settled_up_from_zero_moves_its_output_by_the_gate_change():
     model = tiny_lm().train()
-    pruner = selecting(model, keep=2, start=0, end=1)  # step 0 is the last one before the gates settle
+    pruner = selecting(model, keep=2, start=0, end=0)  # the gates settle after step 0, on its batch
     with torch.no_grad():
         pruner.strategies[0].gates.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.4]))
     model(torch.randint(1, VOCAB, (2, 6)))  # the gated forward outputs are all zero here
@@ -217,6 +219,23 @@ def test_compaction_deletes_layers_and_their_columns_in_later_layers_and_the_pro
     assert (
         model.dense_lstm.forward_stack.layers[2].lstm.input_size == 20
     )  # the model compacted is left as it was
+
+
+def test_a_language_model_with_layers_gated_off_saves_as_a_model_that_computes_as_it_does(tmp_path):
+    model = tiny_lm()
+    pruner = selecting(model, keep=3)
+    settle_at(pruner, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    hook_save_pretrained(model, SaveWithoutDeletedLayers(pruner))  # as PruneCallback does when training ends
+
+    model.save_pretrained(tmp_path)
+
+    loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    gated, result = model(ids), loaded(ids)
+    for direction in ("forward", "backward"):
+        expected = getattr(gated, f"{direction}_log_probs")
+        torch.testing.assert_close(getattr(result, f"{direction}_log_probs"), expected, rtol=0, atol=1e-5)
+    assert (loaded.config.num_layers, loaded.config.num_backward_layers) == (2, 1)
 
 
 def test_gates_between_zero_and_one_are_folded_into_the_weights_that_read_them():

@@ -24,7 +24,11 @@ import os
 import pathlib
 import pickle
 import re
+import signal
 import sys
+import tracemalloc
+import types
+import typing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +49,7 @@ from hfprune.plugins import DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, build_registry, d
 from hfprune.recipe.builtin import builtin_names, builtin_path
 from hfprune.recipe.run_sections import RUN_SECTIONS
 from hfprune.recipe.schema import PrunerEntry, Recipe
-from hfprune.recipe.yaml_source import format_key_path, parse_yaml
+from hfprune.recipe.yaml_source import MAX_CHARS, format_key_path, parse_yaml
 from hfprune.schedule import ScheduleSpec
 from hfprune.state import STATE_FILE, load_state
 
@@ -791,6 +795,158 @@ def test_non_finite_numbers_are_refused_wherever_a_number_goes():
     assert not accepted, "non-finite numbers accepted:\n" + "\n".join(accepted)
 
 
+def strategy_entries() -> dict[str, tuple[str, int]]:
+    """For each strategy a built-in recipe uses: that recipe's name and the index of an entry using it."""
+    found: dict[str, tuple[str, int]] = {}
+    for name, text in BUILTINS.items():
+        for index, entry in enumerate(yaml.safe_load(text)["pruners"]):
+            found.setdefault(entry["strategy"], (name, index))
+    return found
+
+
+STRATEGY_ENTRIES = strategy_entries()
+
+
+def admitted_types(annotation: Any) -> set:
+    """The plain types an annotation admits, through ``Annotated`` and unions."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return admitted_types(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*map(admitted_types, typing.get_args(annotation)))
+    return {annotation}
+
+
+NOT_NUMBERS = {float: (False, True, "0.5"), int: (False, True, "3", 3.0)}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_ENTRIES))
+def test_bools_and_strings_are_not_numbers_in_any_built_in_strategy(strategy):
+    """``sparsity: false`` was 0.0 and ``'0.5'`` was 0.5: every number a built-in strategy takes is strict,
+    and each such value is a located error at its own key."""
+    name, index = STRATEGY_ENTRIES[strategy]
+    fields = REGISTRY.strategies[strategy].cls.Config.model_fields
+    tried, accepted = 0, []
+    for kind, values in NOT_NUMBERS.items():
+        for field in (f for f, info in fields.items() if kind in admitted_types(info.annotation)):
+            for value in values:
+                doc = yaml.safe_load(BUILTINS[name])
+                doc["pruners"][index].setdefault("config", {})[field] = value
+                text = yaml.safe_dump(doc, sort_keys=False)
+                error = recipe_error(partial(load_recipe, text), "<string>", text)
+                key = f"pruners[{index}].config.{field}"
+                tried += 1
+                if error is None or not any(within(p.key, key) for p in error.problems):
+                    accepted.append(f"{field}: {value!r}")
+    assert tried >= 3, f"{strategy} has no number settings to try"
+    assert not accepted, f"{strategy} took these for numbers: {', '.join(accepted)}"
+
+
+ENTRY_END = "config: {sparsity: 0.75}"  # the last line of BERT_FFN_RECIPE
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("version: 1", "version: true", "version"),
+        ("version: 1", "version: 1.0", "version"),
+        (ENTRY_END, ENTRY_END + "\ndistillation: {temperature: true}", "distillation"),
+        (ENTRY_END, ENTRY_END + "\ntraining: {epochs: '3'}", "training.epochs"),
+        (ENTRY_END, ENTRY_END + "\ndata: {test_fraction: false}", "data"),
+        (ENTRY_END, ENTRY_END + "\ntraining: {seed: 4.0}", "training.seed"),
+    ],
+)
+def test_bools_and_strings_are_not_numbers_in_the_recipe_schema(old, new, key):
+    assert old in BERT_FFN_RECIPE
+    text = BERT_FFN_RECIPE.replace(old, new)
+    error = recipe_error(partial(load_recipe, text), "<string>", text)
+    assert error is not None and any(within(p.key, key) for p in error.problems), text
+
+
+def test_ints_are_numbers_where_floats_go_and_exponents_are_numbers():
+    """YAML's ``0``, ``1`` and ``1e-4`` (a string to PyYAML's YAML 1.1) are numbers wherever a float goes."""
+    recipe = load_recipe(
+        BERT_FFN_RECIPE.replace("config: {sparsity: 0.75}", "config: {sparsity: 0, initial_sparsity: 0}")
+        + "  - strategy: rpp\n    targets: [attention.self.query]\n    config: {sparsity: 0.5, lam: 1e-4}\n"
+        + "  - strategy: rpp\n    targets: [attention.self.key]\n    config: {sparsity: 0.5, lam: 1}\n"
+        + "distillation: {temperature: 1, logit_weight: 1}\ntraining: {epochs: 2, learning_rate: 5e-5}\n"
+    )
+    assert recipe.strategy_config(0).sparsity == 0.0 and isinstance(recipe.strategy_config(0).sparsity, float)
+    assert [recipe.strategy_config(i).lam for i in (1, 2)] == [1e-4, 1.0]
+    assert recipe.distillation.temperature == 1.0 and recipe.training.learning_rate == 5e-5
+
+
+@contextlib.contextmanager
+def finishing_within(seconds: int):
+    """Raise TimeoutError in the block once it has run ``seconds`` (SIGALRM interrupts even a regex match)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+CATASTROPHIC_TARGET = r"re:(\w+\.?)+!"  # exponential backtracking in Python's re against any dotted name
+
+
+def test_a_catastrophically_backtracking_target_regex_is_matched_in_seconds(tmp_path, bert_dir):
+    """Python's engine spent minutes on this target before a word was printed; RE2 answers at once that it
+    matches no module, in the engine and in ``hfprune check``."""
+    text = BERT_FFN_RECIPE.replace("targets: [", f"targets: [Linear, '{CATASTROPHIC_TARGET}', ")
+    path = write(tmp_path / "recipe.yaml", text)
+    with finishing_within(20):
+        with pytest.raises(RecipeError) as info:
+            Pruner(path).attach(tiny_bert(layers=6))
+        code, _, err = run_cli("check", path, "--model", bert_dir)
+    assert (info.value.key, info.value.line) == ("pruners[0].targets[1]", 5), str(info.value)
+    assert f"{CATASTROPHIC_TARGET!r} matches no module" in str(info.value)
+    assert code == 1
+    assert_clean_cli_failure(err, path)
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"(query)\1", r".*(?<=self\.)query", r".*(?!key)\.dense", r".*\.\w++", r".*query\Z"]
+)
+def test_regex_features_re2_lacks_are_located_recipe_errors(pattern):
+    """Backreferences, lookaround and possessive repeats are what RE2 gives up to match in linear time: a
+    recipe error at the target saying so, when the recipe loads."""
+    text = BERT_FFN_RECIPE.replace("targets: [", f"targets: [Linear, 're:{pattern}', ")
+    error = recipe_error(partial(load_recipe, text), "<string>", text)
+    assert error is not None and (error.key, error.line) == ("pruners[0].targets[1]", 5), text
+    assert "not supported by RE2" in str(error) and "\n" not in str(error)
+
+
+def test_a_recipe_file_past_the_size_limit_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "long.yaml"
+    filler = MAX_CHARS - len(BERT_FFN_RECIPE) - 1  # a comment line filling the recipe to the limit
+    write(path, BERT_FFN_RECIPE + "#" * filler + "\n")
+    assert load_recipe(path).pruners[0].strategy == "magnitude"
+    write(path, BERT_FFN_RECIPE + "#" * (filler + 10) + "\n")
+    error = recipe_error(partial(load_recipe, path), str(path))
+    assert error is not None and f"longer than {MAX_CHARS} characters" in str(error), error
+
+
+def test_a_huge_recipe_file_is_refused_without_being_read_whole(tmp_path):
+    """A 20 MB file cost twice its size in memory before its size was checked; now only the limit is read."""
+    path = tmp_path / "huge.yaml"
+    with path.open("w") as file:
+        for _ in range(20):
+            file.write("#" * 1_000_000)
+    tracemalloc.start()
+    try:
+        error = recipe_error(partial(load_recipe, path), str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error is not None and f"longer than {MAX_CHARS} characters" in str(error)
+    assert peak < 4 * MAX_CHARS, f"{peak / 1e6:.1f} MB held to refuse a 20 MB recipe"
+
+
 # --- 2. YAML tags that would build Python objects ------------------------------------------------
 
 PYTHON_TAGS = {
@@ -944,6 +1100,30 @@ def test_compact_refuses_a_pickled_state_with_exit_1_and_runs_nothing(tmp_path, 
     assert err.rstrip("\n").split("\n")[-1].startswith("error: pruning state at "), (
         err
     )  # after transformers' loading bar
+    assert not marker.exists() and not (tmp_path / "small").exists()
+
+
+def broken_weights(marker: Path) -> dict[str, bytes]:
+    """What a checkpoint's pytorch_model.bin may hold instead of weights: pickles that run code, garbage."""
+    garbage = {"random bytes": bytes(range(256)) * 20, "empty": b"", "cut short": b"PK\x03\x04"}
+    return pickles(marker) | garbage
+
+
+@pytest.mark.parametrize("kind", list(broken_weights(Path("x"))))
+def test_compact_refuses_pickled_or_broken_weights_with_one_line_and_runs_nothing(tmp_path, checkpoint, kind):
+    """The checkpoint's weights are a pytorch_model.bin torch's weights-only loader refuses or cannot read:
+    one error line (and a hint) with exit 1, not transformers' traceback, and nothing in the pickle runs."""
+    folder, model = checkpoint
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (folder / "pytorch_model.bin").write_bytes(broken_weights(marker)[kind])
+    recipe = write(tmp_path / "recipe.yaml", BERT_FFN_RECIPE)
+    code, out, err = run_cli("compact", folder, "--recipe", recipe, "--output", tmp_path / "small")
+    assert code == 1 and "Traceback" not in err, err
+    ours = err[err.index("error: ") :].rstrip("\n").split("\n")  # after transformers' bar, torch's warnings
+    assert ours[0].startswith(f"error: cannot load a model from {folder}: "), err
+    assert len(ours) == 1 or (len(ours) == 2 and ours[1].startswith("  hint: ")), err
     assert not marker.exists() and not (tmp_path / "small").exists()
 
 

@@ -3,6 +3,7 @@ layers."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -10,11 +11,11 @@ import torch
 import transformers
 from torch import nn
 
-from hfprune import CompactionError, Pruner, RecipeError
-from hfprune.callback import PruneCallback
+from hfprune import CompactionError, HfpruneError, Pruner, RecipeError
+from hfprune.callback import PruneCallback, SaveWithoutDeletedLayers
 from hfprune.compaction.compact import LAYOUT_KEY, probe_batch
 from hfprune.compaction.loading import load_compacted
-from hfprune.model_hooks import ModelHook
+from hfprune.model_hooks import ModelHook, hook_save_pretrained
 
 from conftest import TINY_MODELS, TokenDataset, make_trainer, tiny_bert
 
@@ -150,7 +151,7 @@ def test_settling_fixes_gates_at_zero_or_one(settle, gates, kept):
 
 def test_a_gate_settled_from_between_zero_and_one_is_logged_with_how_far_the_output_moves(caplog):
     model = tiny_bert(layers=4)
-    pruner = started(model, lasso_recipe(keep=3, end=1))  # step 0 is the last one before the gates settle
+    pruner = started(model, lasso_recipe(keep=3, end=0))  # the gates settle after step 0, on its batch
     with torch.no_grad():
         pruner.strategies[0].gates.copy_(torch.tensor([1.0, 0.7, 0.0, 1.0]))
     model.train()
@@ -177,6 +178,77 @@ def test_with_the_trainer_gates_stay_in_range_are_logged_and_at_most_keep_surviv
     assert logs[-1]["live_layers/0.layer-lasso"] <= 2 and all(g in (0.0, 1.0) for g in gates[-1])
     compacted = callback.compact(model)
     assert compacted.config.num_hidden_layers == logs[-1]["live_layers/0.layer-lasso"]
+
+
+def trained_until_the_gates_settle(tmp_path, **overrides):
+    """A tiny BERT trained 8 steps while layer-lasso keeps 1 of its 2 layers (gates settled halfway): its
+    Trainer and callback."""
+    model = tiny_bert()
+    callback = PruneCallback(lasso_recipe(end=0.5, keep=1, l0=0.5, gate_lr=0.2))
+    trainer = make_trainer(tmp_path / "run", model, [callback], max_steps=8, **overrides)
+    trainer.train()
+    assert sorted(callback.pruner.strategies[0].settled) == [0.0, 1.0]
+    return trainer, callback
+
+
+def assert_same_logits(model, reference, atol=1e-5):
+    probe = probe_batch(reference)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**probe).logits, reference(**probe).logits, atol=atol, rtol=0)
+
+
+def test_the_model_saved_after_training_loads_with_plain_transformers_and_computes_as_trained(tmp_path):
+    trainer, _ = trained_until_the_gates_settle(tmp_path)
+
+    trainer.save_model(tmp_path / "saved")
+
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert_same_logits(loaded, trainer.model)
+    assert loaded.config.num_hidden_layers == 1  # the layer gated off is not in the saved model
+    assert len(trainer.model.bert.encoder.layer) == 2  # the trained model keeps its layers and gates
+
+
+def test_checkpoints_written_while_training_keep_every_layer_for_resuming(tmp_path):
+    trainer, _ = trained_until_the_gates_settle(tmp_path, save_strategy="steps", save_steps=8)
+
+    checkpoint = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "run" / "checkpoint-8"
+    )
+    assert checkpoint.config.num_hidden_layers == 2
+    torch.testing.assert_close(checkpoint.state_dict(), trainer.model.state_dict(), atol=0, rtol=0)
+
+
+def test_a_later_trainer_checkpoint_of_the_trained_model_keeps_every_layer_to_resume_into(tmp_path):
+    trainer, _ = trained_until_the_gates_settle(tmp_path)
+    trainer.model.save_pretrained(tmp_path / "later" / "checkpoint-3")  # a fine-tune without the callback
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "later" / "checkpoint-3"
+    )
+    assert loaded.config.num_hidden_layers == 2
+
+
+def test_a_copy_of_the_trained_model_saves_its_own_weights_without_the_gated_off_layers(tmp_path):
+    trainer, _ = trained_until_the_gates_settle(tmp_path)
+    copy_of_model = copy.deepcopy(trainer.model)
+    with torch.no_grad():
+        copy_of_model.classifier.bias.add_(1.0)
+
+    copy_of_model.save_pretrained(tmp_path / "copy")
+
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "copy")
+    assert loaded.config.num_hidden_layers == 1
+    assert_same_logits(loaded, copy_of_model)
+
+
+def test_compacting_the_trained_model_gives_a_model_that_saves_as_it_is(tmp_path):
+    trainer, callback = trained_until_the_gates_settle(tmp_path)
+    compacted = callback.compact(trainer.model)
+
+    compacted.save_pretrained(tmp_path / "small")
+
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "small")
+    assert_same_logits(loaded, trainer.model, atol=1e-4)
 
 
 def test_frozen_layers_do_not_train_while_the_gates_and_the_head_do(tmp_path):
@@ -315,6 +387,29 @@ def test_compaction_deletes_gated_off_layers_into_a_stock_checkpoint(family, tmp
         )
     torch.testing.assert_close(result.logits, reference.logits, atol=1e-4, rtol=0)
     assert len(result.hidden_states) == 2
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_a_model_with_layers_gated_off_saves_as_a_stock_model_that_computes_as_it_does(family, tmp_path):
+    model = TINY_MODELS[family]()
+    pruner = started(model, lasso_recipe(target=STACKS[family], keep=1))
+    settle_at(pruner, [0.0, 1.0])
+    hook_save_pretrained(model, SaveWithoutDeletedLayers(pruner))  # as PruneCallback does when training ends
+
+    model.save_pretrained(tmp_path)
+
+    loaded = getattr(transformers, type(model).__name__).from_pretrained(tmp_path)  # plain transformers
+    assert_same_logits(loaded, model)
+    assert loaded.config.num_hidden_layers == 1 and len(model.get_submodule(STACKS[family])) == 2
+
+
+def test_saving_a_model_with_layers_gated_off_from_a_given_state_dict_is_refused():
+    model = tiny_bert()
+    pruner = started(model, lasso_recipe(keep=1))
+    settle_at(pruner, [0.0, 1.0])
+    hook_save_pretrained(model, SaveWithoutDeletedLayers(pruner))
+    with pytest.raises(HfpruneError, match="given a state dict"):
+        model.save_pretrained("unused", state_dict=model.state_dict())
 
 
 def test_found_stacks_and_layer_indices_are_renumbered_for_the_cache():

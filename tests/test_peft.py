@@ -178,6 +178,27 @@ def test_proximal_strategies_step_frozen_base_weights_at_their_adapter_learning_
     assert base.detach().abs().sum() < 0.75 * before
 
 
+@pytest.mark.parametrize(
+    "strategy, config, targets",
+    [
+        ("rpp", "{sparsity: 0.5, lam: 0.5}", "[intermediate.dense, output.dense]"),
+        ("block-lasso", "{group: neuron, ratio: 0.5, lam: 0.1}", "[BertLayer]"),
+    ],
+)
+def test_proximal_strategies_refuse_frozen_weights_without_an_adapter_before_training(
+    strategy, config, targets, tmp_path
+):
+    """LoRA on query and value only: the FFN's frozen weights have no adapter whose learning rate to use."""
+    model = lora_bert(target_modules=["query", "value"])
+    ffn = recipe(strategy, config, targets)
+    with pytest.raises(
+        RecipeError,
+        match=rf"(?s)pruners\[0\]\.targets: bert\.encoder\.layer\.0\.\S+dense\.weight is in no param group.*"
+        rf"'{strategy}'.*wrap their layers with LoRA",
+    ):
+        train(model, ffn, tmp_path)
+
+
 def test_penalty_form_refuses_frozen_base_weights():
     with pytest.raises(RecipeError, match="form: proximal"):
         Pruner(recipe("block-lasso", "{group: row, ratio: 0.5, lam: 0.1, form: penalty}")).attach(lora_bert())

@@ -16,6 +16,37 @@ def test_fractions_resolve_against_total_steps_and_ints_stay_steps():
     assert ScheduleSpec(start=10, end=0.5).resolve(100) == Schedule(10, 50, 1)
 
 
+@pytest.mark.parametrize("total", [1, 2, 12, 25, 1000])
+def test_a_fractional_end_of_1_is_the_last_step_so_the_schedule_ends_within_the_run(total):
+    schedule = ScheduleSpec(end=1.0).resolve(total)
+    assert schedule.end == total - 1
+    assert schedule.has_ended(total - 1) and not schedule.has_ended(total - 2)
+
+
+def test_fractions_that_round_past_the_last_step_are_the_last_step():
+    # 0.96 of 12 steps is 11.52: step 12 would never run
+    assert ScheduleSpec(start=0.5, end=0.96).resolve(12) == Schedule(6, 11, 1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"), [({"end": 1000}, "end"), ({"start": 500}, "start"), ({"end": 12}, "end")]
+)
+def test_a_step_past_the_last_step_of_a_known_run_is_refused(spec, name):
+    with pytest.raises(ValueError, match=rf"{name} is step \d+, but this run's last optimizer step is 11"):
+        ScheduleSpec(**spec).resolve(12)
+
+
+def test_the_last_step_itself_is_a_valid_end():
+    assert ScheduleSpec(start=3, end=11).resolve(12) == Schedule(3, 11, 1)
+
+
+def test_has_ended_is_true_from_step_end_on_and_acts_at_includes_it():
+    schedule = Schedule(start=2, end=5, every=1)
+    assert [s for s in range(8) if schedule.has_ended(s)] == [5, 6, 7]
+    assert [s for s in range(8) if schedule.in_phase(s)] == [2, 3, 4]
+    assert [s for s in range(8) if schedule.acts_at(s)] == [2, 3, 4, 5]
+
+
 def test_fractions_need_total_steps():
     with pytest.raises(ValueError, match="total number of optimizer steps"):
         ScheduleSpec(end=0.5).resolve(None)

@@ -14,8 +14,15 @@ import torch.distributed as dist
 from test_distributed import free_port
 from torch.distributed.fsdp import fully_shard
 
-from hfprune import Pruner, RecipeError, hookimpl
-from hfprune.integrations.sharding import WHOLE, RowShard, kth_smallest_of_parts, layout_of, plain_class
+from hfprune import HfpruneError, Pruner, RecipeError, hookimpl
+from hfprune.integrations.sharding import (
+    WHOLE,
+    RowShard,
+    UnsupportedSharding,
+    kth_smallest_of_parts,
+    layout_of,
+    plain_class,
+)
 from hfprune.masks import largest_magnitude_masks
 from hfprune.plugins import build_registry
 from hfprune.testing import tiny_bert
@@ -139,6 +146,22 @@ def test_magnitude_masks_of_sharded_parameters_are_those_of_the_whole_ones(one_p
     for scope in ("layer", "global"):
         sharded = largest_magnitude_masks([p.to_local() for p in params], 0.6, scope, layouts)
         assert all(torch.equal(a, b) for a, b in zip(sharded, largest_magnitude_masks(whole, 0.6, scope)))
+
+
+def test_fsdp1_is_refused_with_what_to_use_instead(one_process_group):
+    """FSDP1 flattens each wrapped module's weights into one 1-D buffer: refused by name, naming FSDP2."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    cpu = torch.device("cpu")
+    layers = tiny_bert()
+    layers.bert.encoder.layer[0] = FullyShardedDataParallel(layers.bert.encoder.layer[0], device_id=cpu)
+    whole = FullyShardedDataParallel(tiny_bert(), device_id=cpu)  # how the Trainer wraps with version 1
+    recipe = MAGNITUDE.format(strategy="magnitude", target="intermediate.dense")
+    for model, where in ((whole, "the model"), (layers, r"bert\.encoder\.layer\.0")):
+        with pytest.raises(HfpruneError, match=rf"{where} is wrapped in FSDP1 .*'version' at 2.*fully_shard"):
+            Pruner(recipe).attach(model)
+    with pytest.raises(UnsupportedSharding, match="FSDP1 flat parameter"):
+        layout_of(next(whole.parameters()))
 
 
 def test_lora_on_a_sharded_model_is_refused(one_process_group):

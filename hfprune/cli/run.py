@@ -446,17 +446,9 @@ def _structure(model, pruner) -> dict:
     """What is left of each layer of the trained full-size model: deleted layers (the stacks in the pruner's
     plan),
     live heads and neurons, sparsity."""
-    from torch import nn
-
     from hfprune.compaction.structure import model_structure
 
-    modules = dict(model.named_modules())
-    layer_keep = {
-        name: keep
-        for name, keep in pruner.compaction_plan().items()
-        if isinstance(modules.get(name), nn.ModuleList)
-    }
-    return model_structure(model, pruner.registry.architectures, layer_keep)
+    return model_structure(model, pruner.registry.architectures, pruner.layer_plan(model))
 
 
 def _layer_parameters(structure: dict) -> int:

@@ -50,6 +50,13 @@ class Removal:
     fold: torch.Tensor
 
 
+def layer_stacks_of(pruned: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of a compaction plan about ``model``'s layer stacks (``nn.ModuleList`` names): one keep flag
+    per layer."""
+    modules = dict(model.named_modules())
+    return {name: keep for name, keep in pruned.items() if isinstance(modules.get(name), nn.ModuleList)}
+
+
 def compact_model(
     model: nn.Module,
     pruned: dict[str, torch.Tensor],
@@ -70,7 +77,7 @@ def compact_model(
     strip_model_hooks(compacted)
     modules = dict(compacted.named_modules())
     names = {id(module): name for name, module in modules.items()}  # before layers go: the names plans use
-    stacks = {name: keep for name, keep in pruned.items() if isinstance(modules.get(name), nn.ModuleList)}
+    stacks = layer_stacks_of(pruned, compacted)
     hidden_states = None  # None: no layer deleted
     if stacks:
         hidden_states = delete_layers(compacted, stacks, adapters)

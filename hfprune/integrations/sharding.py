@@ -107,7 +107,7 @@ def layout_of(param: nn.Parameter) -> Layout:
     """How ``param`` lies across processes; UnsupportedSharding says why when hfprune cannot prune it."""
     if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 marks the parameters it partitions
         raise UnsupportedSharding("partitioned by DeepSpeed ZeRO-3")
-    if type(param).__name__ == "FlatParameter":  # FSDP1 flattens a module's parameters into one
+    if getattr(param, "_is_flat_param", False):  # FSDP1 flattens a module's parameters into one
         raise UnsupportedSharding("an FSDP1 flat parameter")
     if not _is_dtensor(param):
         return WHOLE
@@ -211,6 +211,20 @@ def plain_class(module: nn.Module) -> type:
         if isinstance(module, FSDPModule):
             return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
     return type(module)
+
+
+def fsdp1_wrapped(model: nn.Module) -> str | None:
+    """The name of the first module in ``model`` that FSDP1 (``FullyShardedDataParallel``) wraps (``""``: the
+    model itself), or None.
+
+    FSDP1 flattens each wrapped module's parameters into one 1-D buffer and shards that, so no
+    parameter keeps its matrix shape or its name: nothing hfprune could prune.
+    """
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing wrapped a module without importing it
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return next((name for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)), None)
 
 
 def _is_dtensor(tensor) -> bool:

@@ -18,7 +18,9 @@ DEFAULT_LEARNING_RATE = 1e-4
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    """Values are strict, as in a strategy's config: a bool or a string is never a number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class ModelSection(_Section):

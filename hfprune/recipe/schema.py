@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictStr,
+    ValidationError,
+)
 
 from hfprune.distill import DistillationConfig
 from hfprune.errors import PluginError, Problem, RecipeError
@@ -23,7 +32,7 @@ from hfprune.plugins import Registry, default_registry
 from hfprune.recipe import builtin as builtin_recipes
 from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection
 from hfprune.recipe.targets import check_pattern
-from hfprune.recipe.yaml_source import KeyPath, YamlDocument, format_key_path, parse_yaml
+from hfprune.recipe.yaml_source import KeyPath, YamlDocument, format_key_path, parse_yaml, read_recipe_text
 from hfprune.schedule import ScheduleSpec
 from hfprune.strategy import StrategyConfig
 
@@ -38,10 +47,20 @@ def _usable_target(pattern: str) -> str:
 TargetPattern = Annotated[StrictStr, AfterValidator(_usable_target)]
 
 
+def _an_int(value: object) -> object:
+    """Refuse a bool or a float before the ``Literal[1]`` check, which takes ``True`` and ``1.0`` for 1."""
+    if isinstance(value, bool | float):
+        raise ValueError(f"must be the number 1 (got {type(value).__name__} {value!r})")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_an_int)]
+
+
 class PrunerEntry(BaseModel):
     """One ``pruners:`` item: which strategy, on which modules, when, with what settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     strategy: StrictStr = Field(min_length=1)
     targets: list[TargetPattern] = Field(min_length=1)
@@ -58,9 +77,9 @@ class Recipe(BaseModel):
     ``hfprune run`` (:mod:`hfprune.recipe.run_sections`).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    version: Literal[1]
+    version: Version
     pruners: list[PrunerEntry] = Field(min_length=1)
     distillation: DistillationConfig | None = None
     model: ModelSection | None = None
@@ -120,7 +139,7 @@ def load_recipe(source: RecipeSource, registry: Registry | None = None) -> Recip
             else Path(source)
         )
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_recipe_text(path)
         except OSError as exc:
             raise RecipeError(
                 str(path), [Problem("", f"cannot read recipe: {exc.strerror or exc}")]
@@ -226,6 +245,10 @@ def _hint(error: dict, model: type[BaseModel]) -> str | None:
         return f"allowed keys here: {', '.join(allowed)}" if allowed else None
     if error["type"] == "missing" and error["loc"] == ("version",):
         return "start the recipe with 'version: 1'"
+    if error["type"] in ("float_type", "int_type") and isinstance(error["input"], str):
+        return "numbers are strict: write the number without quotes"
+    if error["type"] in ("float_type", "int_type") and isinstance(error["input"], bool):
+        return "numbers are strict: true and false are not numbers"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -69,11 +70,28 @@ class _SafeLoader(yaml.SafeLoader):
             ) from None
 
 
+# YAML 1.1, which PyYAML follows, reads 1e-5 and 1.0e5 as strings; YAML 1.2 and users mean numbers, and recipe
+# numbers are strict (a string is never taken for one), so exponents without a dot or a sign are floats too.
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of the recipe file at ``path``, read only up to one character past ``MAX_CHARS``: a file too
+    long for :func:`parse_yaml` is refused without ever being held in memory whole."""
+    with path.open(encoding="utf-8") as file:
+        return file.read(MAX_CHARS + 1)
+
+
 def parse_yaml(text: str, source: str) -> YamlDocument:
     """Parse one YAML document with the safe loader; raise RecipeError with a line on failure."""
     if len(text) > MAX_CHARS:
+        past = text.count("\n", 0, MAX_CHARS) + 1  # the line that runs past the limit
         raise RecipeError(
-            source, [Problem("", f"recipe is {len(text)} characters; at most {MAX_CHARS} are read")]
+            source, [Problem("", f"recipe is longer than {MAX_CHARS} characters, the most read", line=past)]
         )
     try:
         loader = _SafeLoader(text)  # the reader refuses non-printable characters here, before any parsing

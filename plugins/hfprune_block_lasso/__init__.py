@@ -7,13 +7,14 @@ Shipped inside hfprune but found exactly as a third-party plugin is: through the
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from hfprune import hookimpl
-from hfprune.blocks import BlockSet, block_norms, build_block_sets
+from hfprune.blocks import BlockSet, block_norms, build_block_sets, planned_block_sparsity
 from hfprune.errors import TargetError
 from hfprune.masks import ProximalConfig, ReweightedPhaseStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
@@ -28,7 +29,8 @@ class BlockLassoConfig(ProximalConfig):
         description="what one block is: a tile of one matrix, a whole row or column, an attention head, an "
         "FFN neuron"
     )
-    block: tuple[int, int] | None = Field(
+    # Written as a YAML list: the tuple is not strict, its items are.
+    block: Annotated[tuple[int, int], Field(strict=False)] | None = Field(
         default=None, description="tile shape (rows, columns) in nn.Linear orientation; only for group 'tile'"
     )
     ratio: float = Field(
@@ -127,7 +129,19 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         # pattern is fixed (masked training needs only masks).
         self.alphas: list[torch.Tensor] | None = self.new_alphas()
         self.weighted = False  # whether the alphas were computed from the weights yet
-        self._lr_params = [s.matrices[0].param for s in self.sets]
+        self._lr_params = list(self.learning_rate_parameters().values())  # what the proximal step reads
+
+    @classmethod
+    def planned_sparsity(cls, targets, parameters, config):
+        sets = build_block_sets(targets, config.group, config.block, targets.architectures)
+        return planned_block_sparsity(sets, config.scope, config.ratio, partial(cls._kept_count, config))
+
+    def learning_rate_parameters(self):
+        """Proximal form: each block set shrinks at the learning rate of its first matrix's group (the penalty
+        form reads none)."""
+        if self.config.form != "proximal":
+            return {}
+        return {block_set.matrices[0].name: block_set.matrices[0].param for block_set in self.sets}
 
     @classmethod
     def select_parameters(cls, targets, config):
@@ -228,16 +242,17 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
             threshold = kth_smallest(everything, round(self.config.ratio * everything.numel()))
             keeps = [n > threshold for n in norms]
         else:
-            keeps = [self._largest(n, self._kept_count(n.numel())) for n in norms]
+            keeps = [self._largest(n, self._kept_count(self.config, n.numel())) for n in norms]
         for norm, keep in zip(norms, keeps):
             if not keep.any():
                 keep.view(-1)[norm.argmax()] = True
         return keeps
 
-    def _kept_count(self, blocks: int) -> int:
-        kept = blocks - round(self.config.ratio * blocks)
-        step = self.config.multiple_of
-        return min(blocks, max(step, step * round(kept / step))) if step > 1 else kept
+    @staticmethod
+    def _kept_count(config: BlockLassoConfig, blocks: int) -> int:
+        kept = blocks - round(config.ratio * blocks)
+        step = config.multiple_of
+        return min(blocks, max(step, step * round(kept / step))) if step > 1 else max(kept, 1)
 
     @staticmethod
     def _largest(norm: torch.Tensor, count: int) -> torch.Tensor:

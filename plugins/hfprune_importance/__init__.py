@@ -30,7 +30,7 @@ import torch
 from pydantic import Field, model_validator
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.blocks import BlockSet, block_norms, build_block_sets
+from hfprune.blocks import BlockSet, block_norms, build_block_sets, planned_block_sparsity
 from hfprune.errors import StateError, TargetError
 from hfprune.masks import MaskingStrategy, Scope, kth_smallest
 from hfprune.strategy import StepContext
@@ -96,6 +96,17 @@ class ImportanceStrategy(MaskingStrategy):
         self._pending: list[torch.Tensor | None] | None = None  # this step's dL/dm, until the step is real
 
     @classmethod
+    def planned_sparsity(cls, targets, parameters, config):
+        sets = build_block_sets(targets, config.group, None, targets.architectures)
+        # the ramp only raises the ratio, so the groups kept at the end are those kept at the final ratio
+        return planned_block_sparsity(
+            sets,
+            config.scope,
+            config.ratio,
+            lambda groups: cls._kept_count(config, groups, groups, config.ratio),
+        )
+
+    @classmethod
     def select_parameters(cls, targets, config):
         sets = build_block_sets(targets, config.group, None, targets.architectures)
         selected = {matrix.name: matrix.param for block_set in sets for matrix in block_set.matrices}
@@ -119,7 +130,9 @@ class ImportanceStrategy(MaskingStrategy):
     def before_optimizer_step(self, ctx: StepContext) -> None:
         # Read before the gradients are masked; counted only once the step is known to be real.
         self._pending = (
-            [block_set.mask_gradient() for block_set in self.sets] if ctx.step < self.schedule.end else None
+            [block_set.mask_gradient() for block_set in self.sets]
+            if not self.schedule.has_ended(ctx.step)
+            else None
         )
         super().before_optimizer_step(ctx)
 
@@ -158,7 +171,7 @@ class ImportanceStrategy(MaskingStrategy):
             keeps = self._global_keeps(ranked, ratio)
         else:
             keeps = [
-                self._largest(rank, self._kept_count(rank.numel(), int((~gone).sum()), ratio))
+                self._largest(rank, self._kept_count(self.config, rank.numel(), int((~gone).sum()), ratio))
                 for rank, gone in zip(ranked, pruned)
             ]
         masks = {
@@ -187,11 +200,12 @@ class ImportanceStrategy(MaskingStrategy):
                 keep[rank.argmax()] = True
         return keeps
 
-    def _kept_count(self, groups: int, unpruned: int, ratio: float) -> int:
+    @staticmethod
+    def _kept_count(config: ImportanceConfig, groups: int, unpruned: int, ratio: float) -> int:
         """Groups to keep of ``groups`` at ``ratio``: at least one, rounded to a multiple of ``multiple_of``
         at every update (so the count only falls as the ratio rises), never more than are unpruned."""
         kept = max(1, groups - round(ratio * groups))
-        step = self.config.multiple_of
+        step = config.multiple_of
         if step > 1:
             kept = max(step, step * round(kept / step))
         return min(kept, unpruned)

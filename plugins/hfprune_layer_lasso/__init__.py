@@ -108,7 +108,7 @@ class LayerLassoStrategy(Strategy):
     compaction deletes them.
 
     Layer-wise dropout skips each layer of a residual stack with probability ``dropout`` on a
-    training forward pass during ``[start, end)`` (drawn from torch's CPU generator, which the
+    training forward pass during ``[start, end]`` (drawn from torch's CPU generator, which the
     Trainer seeds and checkpoints); it trains a stack whose layers can go.
 
     With ``train_layers: false`` the layers' gradients are dropped before each optimizer step
@@ -192,7 +192,7 @@ class LayerLassoStrategy(Strategy):
     def gate_for(self, index: int, training: bool):
         if self.settled is not None:
             return self.settled[index]
-        if not self.schedule.in_phase(self.next_step):
+        if not self.schedule.acts_at(self.next_step):
             return None
         dropped = training and self.config.dropout > 0 and torch.rand(()).item() < self.config.dropout
         if self.config.keep is None:
@@ -202,9 +202,7 @@ class LayerLassoStrategy(Strategy):
 
     @torch.no_grad()
     def observe_branch(self, index: int, branch: torch.Tensor, reference: torch.Tensor) -> None:
-        if (
-            self.next_step + 1 != self.schedule.end
-        ):  # only the settling report reads it: the last step's batch
+        if self.next_step != self.schedule.end:  # only the settling report reads it: the last step's batch
             return
         self._branch_ratio[index] = branch.float().norm() / reference.float().norm().clamp_min(1e-12)
 
@@ -246,7 +244,7 @@ class LayerLassoStrategy(Strategy):
 
     def on_step_end(self, ctx: StepContext) -> None:
         self.next_step = ctx.step + 1
-        if self.config.keep is not None and self.settled is None and self.next_step >= self.schedule.end:
+        if self.config.keep is not None and self.settled is None and self.schedule.has_ended(ctx.step):
             self.settle(ctx.world_size)
 
     # --- settling ----------------------------------------------------------------------------
@@ -307,6 +305,10 @@ class LayerLassoStrategy(Strategy):
         if self.settled is not None:
             result["settle_shift"] = self.settle_shift
         return result
+
+    def fixes_a_pattern(self) -> bool:
+        """Only with ``keep``: layer-wise dropout alone settles nothing."""
+        return self.config.keep is not None
 
     def compaction_plan(self):
         if self.settled is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.masks import MaskingStrategy, Scope, largest_magnitude_masks
+from hfprune.masks import MaskingStrategy, Scope, largest_magnitude_masks, planned_magnitude_sparsity
 from hfprune.strategy import StepContext
 
 
@@ -47,6 +47,10 @@ class MagnitudeStrategy(MaskingStrategy):
 
     Config = MagnitudeConfig
     shardable = True  # masks apply to each process's part; thresholds are the whole matrices'
+
+    @classmethod
+    def planned_sparsity(cls, targets, parameters, config):
+        return planned_magnitude_sparsity(list(parameters.values()), config.sparsity, config.scope)
 
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)

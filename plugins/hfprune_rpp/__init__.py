@@ -17,6 +17,7 @@ from hfprune.masks import (
     Scope,
     largest_magnitude_masks,
     magnitude_at_quantile,
+    planned_magnitude_sparsity,
 )
 from hfprune.strategy import StepContext
 
@@ -78,6 +79,10 @@ class RPPStrategy(ReweightedPhaseStrategy):
     Config = RPPConfig
     shardable = True  # elementwise on each process's part; thresholds and counts span the parts
 
+    @classmethod
+    def planned_sparsity(cls, targets, parameters, config):
+        return planned_magnitude_sparsity(list(parameters.values()), config.sparsity, config.scope)
+
     def __init__(self, config, targets, parameters, schedule):
         super().__init__(config, targets, parameters, schedule)
         # One alpha per weight, in the weight's dtype so the hot path stays in one dtype.
@@ -96,6 +101,10 @@ class RPPStrategy(ReweightedPhaseStrategy):
             )
             if ctx.step == self.schedule.end - 1:
                 self.proximal_sparsity = self._zero_fraction()
+
+    def learning_rate_parameters(self):
+        """Every targeted weight: the proximal step thresholds it at its group's learning rate."""
+        return self.parameters
 
     @torch.no_grad()
     def proximal_step(self, learning_rates: list[float], lam: float) -> None:
