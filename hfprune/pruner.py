@@ -48,8 +48,8 @@ from hfprune.strategy import StepContext, Strategy, StrategyConfig, Targets
 from hfprune.tied import distinct_parameters, tensor_identity
 
 STATE_FORMAT = 1
-logger = logging.getLogger("hfprune.pruner")
 FROZEN_KEY = "frozen_weights"
+logger = logging.getLogger("hfprune.pruner")
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,8 @@ class Pruner:
         self._adapter_of_base: dict[int, nn.Parameter] = {}
         self._frozen_targets: dict[str, nn.Parameter] = {}
         self._scale_before: float | None = None
-        self._skipped_last_step: torch.optim.Optimizer | None = (
-            None  # its optimizer, if the last step was skipped
-        )
+        # The optimizer of the last step when an fp16 scaler skipped it: finish() gives it its schedule work.
+        self._skipped_last_step: torch.optim.Optimizer | None = None
 
     # --- set-up -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[EntryPlan]:
@@ -439,7 +438,7 @@ class Pruner:
                 strategy.after_optimizer_step(ctx)
             for strategy in self.strategies:
                 strategy.on_step_end(ctx)
-        self._skipped_last_step = optimizer if skipped else None  # its schedule work waits for the next step
+        self._skipped_last_step = optimizer if skipped else None
         self._scale_before = None
         self.step += 1
 
