@@ -28,6 +28,7 @@ from hfprune import PruneCallback
 from hfprune.architecture import delete_residual_layers
 from hfprune.cli.tasks import load_task
 from hfprune.data.polarity import read_polarity
+from hfprune.data.sources import polarity_dataset
 from hfprune.recipe.run_sections import DataSection
 
 from common import (
@@ -105,8 +106,7 @@ def truncate(model, layers: list[int]):
 
 class Task:
     """One dataset as ``hfprune run`` reads it (:mod:`hfprune.cli.tasks`: split, encoding, head, score), with
-    this
-    benchmark's split seed and training settings."""
+    this benchmark's split seed and training settings."""
 
     def __init__(self, name: str, args, tokenizer):
         self.name = name
@@ -117,8 +117,8 @@ class Task:
             train_limit=args.train_limit,
             test_limit=args.test_limit,
         )
-        examples = read_polarity(args.polarity_data) if name == "polarity" else None
-        self.task = load_task(data, tokenizer, SPLIT_SEED, examples)
+        dataset = polarity_dataset(read_polarity(args.polarity_data)) if name == "polarity" else None
+        self.task = load_task(data, tokenizer, None, SPLIT_SEED, dataset)
         self.train, self.test = self.task.train_set, self.task.test_set
         self.collator, self.metric = self.task.collator(), self.task.metric
 
@@ -132,8 +132,7 @@ class Task:
         return training_steps(self, len(self.train))
 
     def score(self, model, output_dir: str, seed: int) -> float:
-        trainer = Trainer(model=model, args=self.arguments(output_dir, seed), data_collator=self.collator)
-        return self.task.score(trainer.predict(self.test))[self.task.headline]
+        return self.task.evaluate(model, self.arguments(output_dir, seed))[self.task.headline]
 
 
 def run_row(task: Task, args, kind: str, keep: int, workdir: Path) -> tuple[dict, torch.nn.Module]:

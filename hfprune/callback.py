@@ -2,13 +2,16 @@
 
 The Trainer calls ``on_pre_optimizer_step`` and ``on_optimizer_step`` once per real
 optimizer step (after gradient accumulation and clipping), and ``on_save`` after each
-checkpoint, which is where the pruning state is written beside the weights. Once training
-ends, ``save_pretrained`` (and so ``trainer.save_model``) writes the model without the layers
-gated off for good (:class:`SaveWithoutDeletedLayers`); checkpoints keep them, to be resumed.
+checkpoint, which is where the pruning state is written beside the weights. ``on_log`` adds the
+sparsity and strategy metrics to the logs, and the callback runs ahead of the ``report_to``
+integrations so that every logger gets them. Once training ends, ``save_pretrained`` (and so
+``trainer.save_model``) writes the model without the layers gated off for good
+(:class:`SaveWithoutDeletedLayers`); checkpoints keep them, to be resumed.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hfprune.errors import HfpruneError, StateError
@@ -48,12 +52,15 @@ class PruneCallback(TrainerCallback):
     ):
         self.pruner = Pruner(recipe, registry, teacher)
         self.resume_from = resume_from
+        self._warned_of_log_order = False
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._log_before_reporters()
         if model is not None:
             self.pruner.attach(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self._log_before_reporters()  # again: a callback added with trainer.add_callback gets no on_init_end
         # Checkpoints keep every layer: the Trainer and `hfprune compact` load them into the full-size model.
         unhook_save_pretrained(model)
         if self.pruner.teacher is not None or self.pruner.recipe.distillation is not None:
@@ -90,6 +97,7 @@ class PruneCallback(TrainerCallback):
             hook_save_pretrained(model, SaveWithoutDeletedLayers(self.pruner))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer appended a copy of `logs` to the log history before calling on_log: update both.
         values = self.pruner.metrics()
         if logs is not None:
             logs.update(values)
@@ -106,6 +114,32 @@ class PruneCallback(TrainerCallback):
     def compact(self, model: nn.Module) -> nn.Module:
         """A smaller copy of ``model`` with pruned structure removed; ``model`` is left as it is."""
         return self.pruner.compact(model)
+
+    def _log_before_reporters(self) -> None:
+        """Move this callback ahead of the ``report_to`` integrations in the Trainer's callback list.
+
+        The Trainer calls ``on_log`` on its callbacks in list order and builds the list as its own
+        callbacks, then the integrations (TensorBoard, W&B, MLflow, ...), then the user's: left there,
+        every integration would write ``logs`` before :meth:`on_log` adds the pruning metrics.
+
+        Callbacks get no reference to the Trainer or its handler, so the handler is found on the call
+        stack (:func:`_calling_handler`): it is the caller of every event, and the check is by type and
+        membership. The alternatives need more from the user (a Trainer subclass, or reordering the
+        list by hand) or do worse: writing the metrics to each integration from ``on_log`` knows every
+        integration's API and logs each step twice; ``gc.get_referrers`` scans the heap. Where a future
+        transformers calls events otherwise, training runs as before and a warning says so, once.
+        """
+        handler = _calling_handler(self)
+        if handler is not None:
+            _move_after_flow_callback(handler.callbacks, self)
+        elif not self._warned_of_log_order:
+            self._warned_of_log_order = True
+            logger.warning(
+                "PruneCallback found no transformers CallbackHandler calling it, so it cannot run before "
+                "the report_to integrations: the pruning metrics reach only the loggers after it in "
+                "trainer.callback_handler.callbacks (and state.log_history); move it to the front of "
+                "that list to log them everywhere"
+            )
 
     def _restore(self, args, global_step: int) -> None:
         candidates = [
@@ -187,6 +221,29 @@ def _warn_of_early_best_checkpoints(args, pruner: Pruner) -> None:
         fixed_after,
         fixed_after,
     )
+
+
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The CallbackHandler on the call stack that holds ``callback``: the one calling it now."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, CallbackHandler) and any(cb is callback for cb in caller.callbacks):
+            return caller
+        frame = frame.f_back
+    return None
+
+
+def _move_after_flow_callback(callbacks: list[TrainerCallback], callback: TrainerCallback) -> None:
+    """Move ``callback`` to just after the DefaultFlowCallback (the front without one); never later.
+
+    The handler is looping over ``callbacks`` while it calls ``callback``: moving an item to an
+    earlier place leaves every item after it where it was, so the loop goes on with the next one.
+    """
+    current = next(i for i, cb in enumerate(callbacks) if cb is callback)
+    flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
+    if flow + 1 < current:
+        callbacks.insert(flow + 1, callbacks.pop(current))
 
 
 def _checkpoint_step(folder: str) -> int:

@@ -3,6 +3,7 @@ call."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,62 @@ def test_a_compaction_that_would_change_outputs_raises_and_changes_nothing():
         compact_model(model, lie, default_registry().architectures)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.config.intermediate_size == 64
+
+
+LARGE = 1e4  # SmolLM2-135M's hidden states reach 1.2e4
+
+
+def llama_with_outputs_around_1e4() -> tuple[transformers.LlamaForCausalLM, dict[str, torch.Tensor]]:
+    """The tiny Llama with its attention, FFN and LM-head outputs scaled up (logits near 5e3), and a
+    compaction plan: in each layer key/value group 0's two heads and every other neuron, zeroed in the
+    weights."""
+    model = tiny_llama()
+    plan = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            pruned_columns = {"self_attn.o_proj": slice(0, 16), "mlp.down_proj": slice(0, None, 2)}
+            for module_name, columns in pruned_columns.items():
+                weight = layer.get_submodule(module_name).weight
+                weight.mul_(LARGE)
+                weight[:, columns] = 0
+                plan[f"model.layers.{i}.{module_name}.weight"] = torch.ones_like(weight, dtype=torch.bool)
+                plan[f"model.layers.{i}.{module_name}.weight"][:, columns] = False
+        model.lm_head.weight.mul_(LARGE)
+    return model, plan
+
+
+def test_outputs_around_1e4_compact_without_a_false_alarm_from_float32_rounding():
+    model, plan = llama_with_outputs_around_1e4()
+
+    compacted = compact_model(model, plan, default_registry().architectures)
+
+    assert counts(compacted, "head") == [1, 1]  # of 2 key/value groups
+    assert counts(compacted, "neuron") == [32, 32]
+    probe = probe_batch(model)
+    with torch.no_grad():
+        expected, actual = model.eval()(**probe).logits, compacted.eval()(**probe).logits
+    scale, difference = expected.abs().max(), (actual - expected).abs().max()
+    assert scale > 1e3
+    assert difference > 1e-4  # an absolute tolerance of 1e-4 refused this compaction
+    assert difference < 1e-6 * scale  # float32 rounding, nothing more
+
+
+def test_a_wrong_compaction_at_that_scale_is_still_refused_in_one_line_that_says_where():
+    model, plan = llama_with_outputs_around_1e4()
+    name = "model.layers.1.mlp.down_proj.weight"
+    kept_norms = model.get_parameter(name).norm(dim=0).masked_fill(~plan[name][0], float("inf"))
+    plan[name][:, kept_norms.argmin()] = False  # the kept neuron adding least, claimed pruned: it is not zero
+
+    with pytest.raises(CompactionError) as refused:
+        compact_model(model, plan, default_registry().architectures)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert re.search(
+        r"differ from the pruned model's on a probe batch: (logits|hidden_states\[2\])\[\d+, \d+, \d+\] "
+        r"is off by \S+, tolerance \S+ \(0\.0001 \+ 0\.001 x the largest \|value\| in its row\)",
+        message,
+    ), message
 
 
 def test_a_compiled_model_is_attached_and_compacted_through_its_wrapper():

@@ -9,7 +9,7 @@ from transformers.trainer_utils import PredictionOutput
 from hfprune.cli import build_parser
 from hfprune.cli.metrics import available, load_metric
 from hfprune.cli.run import RunSettings
-from hfprune.cli.tasks import PolarityTask
+from hfprune.cli.tasks import SequenceClassificationTask, load_task
 from hfprune.data.polarity import CACHED_NAME
 from hfprune.errors import HfpruneError, RecipeError
 from hfprune.recipe.run_sections import DataSection
@@ -29,7 +29,7 @@ training: {epochs: 2, batch_size: 8, seed: 7}
 def test_packaged_metrics_load_offline_and_agree_with_seqeval():
     from seqeval.metrics import f1_score
 
-    assert set(available()) == {"seqeval", "accuracy"}
+    assert set(available()) == {"seqeval", "accuracy", "f1"}
     gold = [["B-person", "I-person", "O", "B-location"], ["O", "B-group"]]
     predicted = [["B-person", "O", "O", "B-location"], ["O", "B-group"]]  # one entity cut short: 2 of 3 right
     result = load_metric("seqeval").compute(predictions=predicted, references=gold)
@@ -41,7 +41,7 @@ def test_packaged_metrics_load_offline_and_agree_with_seqeval():
 
 
 def test_unknown_metric_names_the_available_ones():
-    with pytest.raises(ValueError, match="no packaged metric 'bleu'; available: accuracy, seqeval"):
+    with pytest.raises(ValueError, match="no packaged metric 'bleu'; available: accuracy, f1, seqeval"):
         load_metric("bleu")
 
 
@@ -49,11 +49,13 @@ def test_polarity_task_splits_encodes_and_scores(tmp_path, monkeypatch, minilm_t
     rows = [f'"{1 if i % 2 else -1}",sentence number {i} is {"good" if i % 2 else "bad"}' for i in range(50)]
     (tmp_path / CACHED_NAME).write_text("\n".join(rows) + "\n", encoding="utf-8")
     monkeypatch.setenv("HFPRUNE_CACHE", str(tmp_path))  # the cached CSV is read; nothing is downloaded
-    task = PolarityTask(
+    task = load_task(
         DataSection(dataset="polarity", test_fraction=0.2, train_limit=30, max_length=8),
         minilm_tokenizer,
+        model_config=None,
         seed=0,
     )
+    assert isinstance(task, SequenceClassificationTask) and not task.unbalanced
     assert (len(task.train_examples), len(task.test_examples)) == (30, 10)
     assert task.labels == ["negative", "positive"]
     assert all(len(item["input_ids"]) <= 8 and item["labels"] in (0, 1) for item in task.train_set)
@@ -110,13 +112,13 @@ def test_a_bad_run_section_fails_with_its_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         SECTIONS_RECIPE.replace("batch_size: 8", "batch_size: 0").replace(
-            "dataset: polarity", "dataset: imdb"
+            "dataset: polarity", "dataset: polarity, task: translation"
         )
     )
     with pytest.raises(RecipeError) as caught:
         RunSettings(run_args(str(recipe), "--output-dir", str(tmp_path / "out")))
     message = str(caught.value)
-    assert "r.yaml:7: data.dataset" in message and "'imdb'" in message
+    assert "r.yaml:7: data.task" in message and "'translation'" in message
     assert "r.yaml:8: training.batch_size: must be > 0 (got 0)" in message
 
 

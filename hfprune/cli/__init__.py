@@ -19,7 +19,8 @@ from hfprune.errors import HfpruneError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(training_flags=_command(argv) == "run")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(training_flags: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; ``training_flags`` adds a flag per TrainingArguments field to ``run`` (that
+    imports transformers, seconds that only a ``run`` command line should pay)."""
     from hfprune import __version__
     from hfprune.cli import check, compact, plugins, report, run
 
@@ -55,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hfprune {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for command in (run, report, check, compact, plugins):
+    run.register(commands, training_flags)
+    for command in (report, check, compact, plugins):
         command.register(commands)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand's name: the first word that is not an option."""
+    return next((word for word in argv if not word.startswith("-")), None)

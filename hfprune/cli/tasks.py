@@ -1,98 +1,124 @@
-"""The tasks ``hfprune run`` fine-tunes on: data, model head, collator and score for each.
+"""The tasks ``hfprune run`` fine-tunes for: data, model head, collator and score for each.
 
-``wnut``: named entities in WNUT-16 tweets (token classification, entity-level F1).
-``polarity``: movie-review sentences (sequence classification, accuracy). Scores go through
-``evaluate`` with the metric modules packaged in :mod:`hfprune.cli.metrics`, which load offline.
+The task is ``data.task`` when the recipe or ``--task`` names one, else inferred
+(:mod:`hfprune.cli.columns`): a label column of word-tag lists is token classification
+(entity F1 through seqeval), a label column of single values sequence classification
+(accuracy, and macro F1 as the headline when the classes are unbalanced), and text without
+labels for a causal language model is language modelling (perplexity on held-out blocks).
+Scores go through ``evaluate`` with the metric modules packaged in :mod:`hfprune.cli.metrics`,
+which load offline.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections import Counter
 
+from hfprune.cli.columns import Columns, find_columns, infer_task, label_classes
 from hfprune.cli.metrics import load_metric
-from hfprune.data import split, wnut
+from hfprune.cli.model_sources import load_pretrained
+from hfprune.data import split_indices, wnut
+from hfprune.data.sources import load_source
 from hfprune.errors import HfpruneError
 from hfprune.recipe.run_sections import DataSection
+
+BUILTIN_DESCRIPTIONS = {
+    "wnut": "named-entity recognition on WNUT-16 tweets",
+    "polarity": "sentiment of movie-review sentences (polarity)",
+    "austen": "language modelling on Jane Austen's novels",
+}
+UNBALANCED = 1.5  # a largest class this many times the smallest makes macro F1 the headline, not accuracy
 
 
 class Task(ABC):
     """One dataset, split with a fixed seed, tokenized, with the head and score that suit it."""
 
-    description: str  # one line for people
+    kind: str  # one of hfprune.recipe.run_sections.TASKS
     metric: str  # the headline score's name, e.g. "entity F1"
-    headline: str  # its key in score()'s dict
+    headline: str  # its key in evaluate()'s dict
     auto_class: str  # the transformers Auto class for the head
     labels: list[str]
 
-    def __init__(self, data: DataSection, tokenizer, seed: int, examples: list | None = None):
-        """``examples`` replaces what :meth:`read` would return (the same dataset from another file)."""
-        self.data, self.tokenizer = data, tokenizer
-        examples = self.read() if examples is None else examples
-        train, test = split(examples, data.test_fraction, seed)
-        self.train_examples, self.test_examples = train[: data.train_limit], test[: data.test_limit]
-        self.labels = self.label_names(examples)  # from all examples: ids do not depend on the limits
+    def __init__(self, data: DataSection, dataset, tokenizer, seed: int, columns: Columns):
+        """``dataset`` is the source's ``DatasetDict``; ``columns`` the ones this task reads."""
+        self.data, self.tokenizer, self.columns = data, tokenizer, columns
+        train, test = _split(data, dataset, seed)
+        # From every split: class ids do not depend on the split or the limits.
+        self.labels, self.label_values = self.label_classes(dataset)
+        self.train_examples = train.select(range(min(len(train), data.train_limit or len(train))))
+        self.test_examples = test.select(range(min(len(test), data.test_limit or len(test))))
         self.train_set, self.test_set = self.encode(self.train_examples), self.encode(self.test_examples)
 
-    def model(self, path: str, fine_tuned: bool = False):
-        """The pretrained model at ``path`` with a new head for this task's labels (named in the config).
+    @property
+    def description(self) -> str:
+        """One line for people: the built-in set's name, or the task and the data's source."""
+        return (
+            BUILTIN_DESCRIPTIONS.get(self.data.dataset)
+            or f"{self.kind.replace('-', ' ')} on {self.data.dataset}"
+        )
+
+    def model(self, path, fine_tuned: bool = False):
+        """The pretrained model at ``path`` (a folder, or a packaged GGUF model) with a new head for this
+        task's labels (named in the config).
 
         ``fine_tuned``: a model already trained on this task, loaded with its own head, which
         must predict this task's labels.
         """
-        import transformers
-
+        fresh_head = not fine_tuned and self.labels
         labels = (
-            {}
-            if fine_tuned
-            else {
+            {
                 "num_labels": len(self.labels),
                 "id2label": dict(enumerate(self.labels)),
                 "label2id": {label: i for i, label in enumerate(self.labels)},
             }
+            if fresh_head
+            else {}
         )
-        try:
-            model = getattr(transformers, self.auto_class).from_pretrained(path, **labels)
-        except (OSError, ValueError) as exc:
-            raise HfpruneError(
-                f"cannot load a model for {self.description} from {path}: {str(exc).splitlines()[0]}"
-            ) from None
-        if fine_tuned and model.config.num_labels != len(self.labels):
+        model = load_pretrained(path, self.auto_class, **labels)
+        if fine_tuned and self.labels and model.config.num_labels != len(self.labels):
             raise HfpruneError(
                 f"{path} predicts {model.config.num_labels} labels; {self.description} has {len(self.labels)}"
             )
+        # A decoder classifier reads the last token that is not padding: it must know which that is.
+        if self.tokenizer.pad_token_id is not None and model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
-    @abstractmethod
-    def read(self) -> list:
-        """Every example of the dataset, in file order."""
+    def evaluate(self, model, arguments) -> dict[str, float]:
+        """Scores of ``model`` on the test split (the headline among them), rounded to 4 places."""
+        from transformers import Trainer
+
+        output = Trainer(model=model, args=arguments, data_collator=self.collator()).predict(self.test_set)
+        return self.score(output)
+
+    def label_classes(self, dataset) -> tuple[list[str], list]:
+        """(name, stored value) of each class id: the column's class names, else its values sorted."""
+        return label_classes(dataset, self.columns.label)
 
     @abstractmethod
-    def label_names(self, examples: list) -> list[str]:
-        """The label of each class id."""
-
-    @abstractmethod
-    def encode(self, examples: list):
+    def encode(self, examples):
         """Tokenized examples with ``labels``, as the Trainer's datasets."""
 
     @abstractmethod
     def collator(self):
         """Pads a batch of encoded examples."""
 
-    @abstractmethod
     def score(self, predict_output) -> dict[str, float]:
-        """Scores of ``Trainer.predict`` output on the test split (the headline among them), rounded to 4
-        places."""
+        """Scores of ``Trainer.predict`` output on the test split; a task that scores without predictions
+        (language modelling: the loss) overrides :meth:`evaluate` instead."""
+        raise NotImplementedError(f"{type(self).__name__} scores in evaluate()")
 
 
-class EntityTask(Task):
-    description = "named-entity recognition on WNUT-16 tweets"
-    metric, headline, auto_class = "entity F1", "f1", "AutoModelForTokenClassification"
+class TokenClassificationTask(Task):
+    """Tags per word; each word's tag sits on its first sub-token, and the score is per entity (seqeval)."""
 
-    def read(self):
-        return wnut.read_wnut()
-
-    def label_names(self, examples):
-        return wnut.label_list(examples)
+    kind, metric, headline, auto_class = (
+        "token-classification",
+        "entity F1",
+        "f1",
+        "AutoModelForTokenClassification",
+    )
 
     def encode(self, examples):
         if not self.tokenizer.is_fast:
@@ -101,7 +127,9 @@ class EntityTask(Task):
                 "give a model folder with tokenizer.json"
             )
         label_to_id = {label: i for i, label in enumerate(self.labels)}
-        return wnut.tokenize_and_align(examples, self.tokenizer, label_to_id, self.data.max_length)
+        return wnut.tokenize_and_align(
+            self._pairs(examples), self.tokenizer, label_to_id, self.data.max_length
+        )
 
     def collator(self):
         from transformers import DataCollatorForTokenClassification
@@ -109,26 +137,41 @@ class EntityTask(Task):
         return DataCollatorForTokenClassification(self.tokenizer)
 
     def score(self, predict_output):
-        return score_entities(predict_output, self.test_set, self.test_examples, dict(enumerate(self.labels)))
+        return score_entities(
+            predict_output, self.test_set, self._pairs(self.test_examples), dict(enumerate(self.labels))
+        )
+
+    def _pairs(self, examples) -> list[tuple[list[str], list[str]]]:
+        """(words, tag names) per example, as the aligner and seqeval read them."""
+        name = dict(zip(self.label_values, self.labels))
+        return [
+            (words, [name[tag] for tag in tags])
+            for words, tags in zip(examples[self.columns.text], examples[self.columns.label])
+        ]
 
 
-class PolarityTask(Task):
-    description = "sentiment of movie-review sentences (polarity)"
-    metric, headline, auto_class = "accuracy", "accuracy", "AutoModelForSequenceClassification"
+class SequenceClassificationTask(Task):
+    """One label per text or text pair; accuracy, with macro F1 beside it (the headline) when unbalanced."""
 
-    def read(self):
-        from hfprune.data.polarity import read_polarity
+    kind, auto_class = "sequence-classification", "AutoModelForSequenceClassification"
 
-        return read_polarity()
-
-    def label_names(self, examples):
-        return ["negative", "positive"]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        counts = [Counter(self.train_set["labels"])[label] for label in range(len(self.labels))]
+        self.unbalanced = max(counts) > UNBALANCED * min(counts)
+        self.metric, self.headline = ("macro F1", "f1") if self.unbalanced else ("accuracy", "accuracy")
 
     def encode(self, examples):
-        return [
-            {**self.tokenizer(text, truncation=True, max_length=self.data.max_length), "labels": label}
-            for text, label in examples
-        ]
+        text, pair, label = self.columns.text, self.columns.text_pair, self.columns.label
+        label_id = {value: i for i, value in enumerate(self.label_values)}
+
+        def tokenize(batch):
+            encoded = self.tokenizer(
+                batch[text], batch[pair] if pair else None, truncation=True, max_length=self.data.max_length
+            )
+            return encoded | {"labels": [label_id[value] for value in batch[label]]}
+
+        return examples.map(tokenize, batched=True, remove_columns=examples.column_names, desc="tokenizing")
 
     def collator(self):
         from transformers import DataCollatorWithPadding
@@ -136,17 +179,81 @@ class PolarityTask(Task):
         return DataCollatorWithPadding(self.tokenizer)
 
     def score(self, predict_output):
-        result = load_metric("accuracy").compute(
-            predictions=predict_output.predictions.argmax(-1), references=predict_output.label_ids
+        predictions, references = predict_output.predictions.argmax(-1), predict_output.label_ids
+        scores = {"accuracy": load_metric("accuracy").compute(predictions=predictions, references=references)}
+        if self.unbalanced:
+            scores["f1"] = load_metric("f1").compute(predictions=predictions, references=references)
+        return {name: round(result[name], 4) for name, result in scores.items()}
+
+
+class CausalLanguageModellingTask(Task):
+    """Next-token prediction on blocks of ``max_length`` tokens cut from the concatenated text.
+
+    Perplexity is exp of the mean loss over the held-out blocks. ``evaluate``'s perplexity
+    module loads its own model by name, so it cannot score the model in memory.
+    """
+
+    kind, metric, headline, auto_class = "causal-lm", "perplexity", "perplexity", "AutoModelForCausalLM"
+
+    def label_classes(self, dataset) -> tuple[list[str], list]:
+        return [], []
+
+    def encode(self, examples):
+        block, text = self.data.max_length, self.columns.text
+
+        def blocks(batch):
+            ids = [token for row in self.tokenizer(batch[text])["input_ids"] for token in row]
+            chunks = [ids[start : start + block] for start in range(0, len(ids) - block + 1, block)]
+            return {"input_ids": chunks, "labels": [list(chunk) for chunk in chunks]}
+
+        encoded = examples.map(
+            blocks, batched=True, remove_columns=examples.column_names, desc="cutting blocks"
         )
-        return {"accuracy": round(result["accuracy"], 4)}
+        if len(encoded) == 0:
+            raise HfpruneError(
+                f"data {self.data.dataset}: column {text!r} holds fewer than max_length={block} tokens in a "
+                "split; lower max_length or give more text"
+            )
+        return encoded
+
+    def collator(self):
+        from transformers import default_data_collator
+
+        return default_data_collator
+
+    def evaluate(self, model, arguments):
+        from transformers import Trainer
+
+        trainer = Trainer(model=model, args=arguments, data_collator=self.collator())
+        loss = trainer.evaluate(self.test_set)["eval_loss"]
+        return {"perplexity": round(math.exp(loss), 4), "loss": round(loss, 4)}
 
 
-TASK_OF_DATASET: dict[str, type[Task]] = {"wnut": EntityTask, "polarity": PolarityTask}
+TASK_CLASSES: dict[str, type[Task]] = {
+    task.kind: task
+    for task in (TokenClassificationTask, SequenceClassificationTask, CausalLanguageModellingTask)
+}
 
 
-def load_task(data: DataSection, tokenizer, seed: int, examples: list | None = None) -> Task:
-    return TASK_OF_DATASET[data.dataset](data, tokenizer, seed, examples)
+def load_task(data: DataSection, tokenizer, model_config, seed: int, dataset=None) -> Task:
+    """The task ``data`` describes, on ``dataset`` (default: read from ``data.dataset``) for this model.
+
+    ``model_config`` (the pretrained model's config) tells a language model's text from a
+    classifier's when the data has no labels; a tokenizer without a padding token pads
+    with its end-of-text token.
+    """
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and data.max_length > positions:
+        raise HfpruneError(
+            f"data {data.dataset}: max_length {data.max_length} is longer than the model reads "
+            f"({positions} positions); give --max-length {positions} or less"
+        )
+    dataset = load_source(data.dataset) if dataset is None else dataset
+    kind = data.task or infer_task(data, dataset, model_config)
+    columns = find_columns(data, dataset, kind)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TASK_CLASSES[kind](data, dataset, tokenizer, seed, columns)
 
 
 def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:
@@ -157,3 +264,26 @@ def score_entities(output, test_set, test_examples, id_to_label: dict[int, str])
         predictions=predicted, references=[tags for _, tags in test_examples]
     )
     return {key: round(result[key], 4) for key in ("f1", "precision", "recall")}
+
+
+def _split(data: DataSection, dataset, seed: int):
+    """(train, test) ``Dataset``s: the named or found test split, else a seeded share of the training split.
+
+    The share is :func:`hfprune.data.split_indices`' shuffle, so a built-in set splits as it
+    always has and reported scores stay comparable.
+    """
+    train = dataset[data.train_split]  # find_columns has checked it is there
+    test_name = data.test_split or next((name for name in ("test", "validation") if name in dataset), None)
+    if data.test_split and data.test_split not in dataset:
+        raise HfpruneError(
+            f"data {data.dataset} has no {data.test_split!r} split; its splits: {', '.join(dataset)}"
+        )
+    if test_name is not None:
+        test = dataset[test_name]
+    else:
+        train_rows, test_rows = split_indices(len(train), data.test_fraction, seed)
+        train, test = train.select(train_rows), train.select(test_rows)
+    for name, part in (("training", train), ("test", test)):
+        if len(part) == 0:
+            raise HfpruneError(f"data {data.dataset}: the {name} split is empty")
+    return train, test

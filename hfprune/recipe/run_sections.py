@@ -37,12 +37,36 @@ class ModelSection(_Section):
     )
 
 
-class DataSection(_Section):
-    """Which task and data: WNUT-16 entities (entity F1) or movie-review polarity (accuracy)."""
+TASKS = ("sequence-classification", "token-classification", "causal-lm")
 
-    dataset: Literal["wnut", "polarity"] = "wnut"
+
+class DataSection(_Section):
+    """Which data and task: a built-in set, files, or a cached dataset (:mod:`hfprune.data.sources`).
+
+    Columns, splits and the task are found from the data and the model unless named here.
+    """
+
+    dataset: StrictStr = Field(
+        default="wnut",
+        min_length=1,
+        description="wnut, polarity, a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a "
+        "save_to_disk folder, or a dataset name in the local datasets cache",
+    )
+    task: Literal[TASKS] | None = Field(default=None, description="default: inferred from the data and model")
+    text_column: StrictStr | None = Field(default=None, min_length=1)
+    text_pair_column: StrictStr | None = Field(default=None, min_length=1)
+    label_column: StrictStr | None = Field(default=None, min_length=1)
+    train_split: StrictStr = Field(default="train", min_length=1)
+    test_split: StrictStr | None = Field(
+        default=None,
+        min_length=1,
+        description="default: the data's 'test' or 'validation' split, else test_fraction of the training "
+        "split",
+    )
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    max_length: int = Field(default=64, gt=0, description="sub-tokens per example after truncation")
+    max_length: int = Field(
+        default=64, gt=0, description="sub-tokens per example after truncation; tokens per block of text"
+    )
     train_limit: int | None = Field(
         default=None, gt=0, description="train on the first N training examples only"
     )
@@ -50,7 +74,14 @@ class DataSection(_Section):
 
 
 class TrainingSection(_Section):
-    """How the stock Trainer fine-tunes."""
+    """How the stock Trainer fine-tunes: the short names below, and any other ``TrainingArguments`` field.
+
+    Other keys are kept as given and checked against ``TrainingArguments`` by ``hfprune run``
+    (:mod:`hfprune.cli.training_arguments`), which imports transformers; a recipe stays
+    cheap to load without it.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     epochs: float = Field(default=DEFAULT_EPOCHS, gt=0.0)
     max_steps: int | None = Field(default=None, gt=0, description="overrides epochs")
