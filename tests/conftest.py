@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub: fail fast instead of waiting
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -117,6 +119,55 @@ def minilm_tokenizer(minilm_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def tiny_llama_folder(
+    path: Path, tokenizer, heads: int = 4, key_value_heads: int = 2, hidden: int = 32
+) -> Path:
+    """A random 2-layer Llama saved with ``tokenizer`` (and a vocabulary to match) in ``path``: a causal LM
+    folder the command line and the benchmarks load like a real one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=key_value_heads,
+        max_position_embeddings=128,
+    )
+    return _save_with_tokenizer(LlamaForCausalLM(config), tokenizer, path)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, minilm_tokenizer):
+    """A random 2-layer BERT of width 32 with MiniLM's tokenizer: the whole main job runs on it in seconds."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    return _save_with_tokenizer(BertModel(config), minilm_tokenizer, tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, minilm_tokenizer):
+    """A random 2-layer Llama (4 heads over 2 key/value heads) with MiniLM's tokenizer: a causal LM."""
+    return tiny_llama_folder(tmp_path / "llama", minilm_tokenizer)
+
+
+def _save_with_tokenizer(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(autouse=True)

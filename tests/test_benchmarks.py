@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_llama_folder
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -213,3 +215,31 @@ def test_ldnet_quick(tmp_path):
     assert rows["pruned"]["lm_flops_per_word"] < rows["unpruned"]["lm_flops_per_word"]
     assert all(value > 0 for value in result["words_per_second"].values())
     assert "LD-Net paper" in stdout and "F1 unpruned" in stdout
+
+
+def test_llm_benchmark_quick(tmp_path, minilm_tokenizer):
+    """`--quick` on a tiny random Llama and a small text: dense, then each target alone and distilled,
+    compacted, scored and timed (the real run loads SmolLM2, which CI does not install)."""
+    model = tiny_llama_folder(tmp_path / "llama", minilm_tokenizer, heads=6, key_value_heads=3, hidden=48)
+    text = tmp_path / "text.jsonl"
+    words = "it is a truth universally acknowledged that a single man in possession of a good fortune".split()
+    text.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i])}) + "\n" for i in range(60)))
+    options = ("--model", str(model), "--data", str(text), "--block", "16")
+    stdout, result = run_quick("llm.py", tmp_path, *options)
+
+    rows = {row["row"]: row for row in result["rows"]}
+    assert list(rows) == [
+        "dense",
+        "pruned 1.5x",
+        "pruned 1.5x + distillation",
+        "pruned 2x",
+        "pruned 2x + distillation",
+    ]
+    dense = rows["dense"]
+    for name, row in rows.items():
+        assert row["perplexity"] > 1
+        if name != "dense":
+            assert (row["key_value_heads"], row["heads"], row["neurons"]) == (2, 4, 32)  # 1 of 3 groups, half
+            assert row["layer_parameters"] < dense["layer_parameters"]
+    assert set(rows["pruned 2x"]["speed"]) == {"b1", "b8"} and "speed" not in rows["pruned 2x + distillation"]
+    assert "| pruned 1.5x + distillation |" in stdout and "(target at most +10%)" in stdout

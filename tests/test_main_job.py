@@ -115,26 +115,6 @@ training: {{max_steps: 8, batch_size: 8, learning_rate: 0.001}}
 """
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path, minilm_tokenizer):
-    """A random 2-layer BERT of width 32 with MiniLM's tokenizer: the whole job runs on it in seconds."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    path = tmp_path / "tiny"
-    BertModel(config).save_pretrained(path)
-    minilm_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_run_on_a_tiny_model_writes_a_loadable_compacted_model_reports_and_a_picture(
     tmp_path, tiny_model_dir, capsys
 ):

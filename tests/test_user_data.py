@@ -54,45 +54,6 @@ def write_csv(path, rows: list[dict]):
     return path
 
 
-@pytest.fixture
-def tiny_bert_dir(tmp_path, minilm_tokenizer):
-    """A random 2-layer BERT of width 32 with MiniLM's tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(tmp_path / "bert")
-    minilm_tokenizer.save_pretrained(tmp_path / "bert")
-    return tmp_path / "bert"
-
-
-@pytest.fixture
-def tiny_llama_dir(tmp_path, minilm_tokenizer):
-    """A random 2-layer Llama (4 heads over 2 key/value heads) with MiniLM's tokenizer: a causal LM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    minilm_tokenizer.save_pretrained(tmp_path / "llama")
-    return tmp_path / "llama"
-
-
 def run(tmp_path, *argv) -> dict:
     """``hfprune run`` on a tiny model; its report.json."""
     output = tmp_path / "out"
@@ -286,7 +247,7 @@ def test_text_without_labels_for_a_causal_lm_is_language_modelling_in_blocks(
     ids=["text-column", "label-column", "one-class", "no-labels", "empty-text", "split", "task", "too-long"],
 )
 def test_bad_data_is_one_line_naming_the_data_and_column(
-    minilm_tokenizer, tiny_bert_dir, section, rows, message
+    minilm_tokenizer, tiny_model_dir, section, rows, message
 ):
     from transformers import AutoConfig
 
@@ -294,7 +255,7 @@ def test_bad_data_is_one_line_naming_the_data_and_column(
         load_task(
             DataSection(dataset="mine.csv", **section),
             minilm_tokenizer,
-            AutoConfig.from_pretrained(tiny_bert_dir),
+            AutoConfig.from_pretrained(tiny_model_dir),
             0,
             dataset_of(rows),
         )
@@ -315,14 +276,14 @@ def test_an_empty_test_split_is_refused(minilm_tokenizer):
 # The whole job
 
 
-def test_run_on_a_csv_trains_on_its_columns_and_saves_its_label_names(tmp_path, tiny_bert_dir):
+def test_run_on_a_csv_trains_on_its_columns_and_saves_its_label_names(tmp_path, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     rows = [{"review": row["review"], "sentiment": row["label"]} for row in review_rows(40)]
     data = write_csv(tmp_path / "reviews.csv", rows)
     report = run(
         tmp_path,
-        str(recipe_file(tmp_path, BERT_LAYERS, "model: {path: " + str(tiny_bert_dir) + "}\n")),
+        str(recipe_file(tmp_path, BERT_LAYERS, "model: {path: " + str(tiny_model_dir) + "}\n")),
         "--data",
         str(data),
         "--label-column",
@@ -366,7 +327,7 @@ def test_run_on_text_with_a_causal_lm_scores_perplexity_and_keeps_the_head(tmp_p
 # TrainingArguments
 
 
-def test_every_training_argument_is_a_flag_or_recipe_key_and_flags_win(tmp_path, tiny_bert_dir):
+def test_every_training_argument_is_a_flag_or_recipe_key_and_flags_win(tmp_path, tiny_model_dir):
     from hfprune.cli import build_parser
     from hfprune.cli.run import RunSettings
 
@@ -412,24 +373,24 @@ def test_a_bad_training_value_is_one_line_before_any_data_is_read(tmp_path, caps
 
 @pytest.mark.parametrize(("eval_delay", "warned"), [(0, True), (5, False)])
 def test_check_warns_of_a_best_checkpoint_saved_before_the_pruning_is_fixed(
-    tmp_path, tiny_bert_dir, capsys, eval_delay, warned
+    tmp_path, tiny_model_dir, capsys, eval_delay, warned
 ):
     training = "training: {load_best_model_at_end: true, eval_strategy: steps, save_strategy: steps"
     recipe = recipe_file(tmp_path, BERT_LAYERS, f"{training}, eval_delay: {eval_delay}}}\n")
     recipe.write_text(recipe.read_text().replace("config:", "schedule: {start: 0, end: 4}\n    config:"))
-    argv = ["check", str(recipe), "--model", str(tiny_bert_dir), "--task", "sequence-classification"]
+    argv = ["check", str(recipe), "--model", str(tiny_model_dir), "--task", "sequence-classification"]
     assert main([*argv, "--total-steps", "10"]) == 0
     out = capsys.readouterr().out
     assert ("load_best_model_at_end can reload a checkpoint saved before 5 optimizer steps" in out) is warned
     assert ("eval_strategy: steps with eval_delay: 5" in out) is warned
 
 
-def test_the_main_jobs_report_to_tensorboard_gets_the_pruning_metrics(tmp_path, tiny_bert_dir):
+def test_the_main_jobs_report_to_tensorboard_gets_the_pruning_metrics(tmp_path, tiny_model_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = write_csv(tmp_path / "reviews.csv", review_rows(40))
-    recipe = recipe_file(tmp_path, BERT_LAYERS, "model: {path: " + str(tiny_bert_dir) + "}\n")
+    recipe = recipe_file(tmp_path, BERT_LAYERS, "model: {path: " + str(tiny_model_dir) + "}\n")
     run(
         tmp_path,
         str(recipe),
