@@ -38,11 +38,7 @@ def infer_task(data: DataSection, dataset, model_config) -> str:
         return "token-classification" if _is_list(features[label]) else "sequence-classification"
     if any(name.endswith(CAUSAL_LM_HEADS) for name in getattr(model_config, "architectures", None) or []):
         return "causal-lm"
-    raise HfpruneError(
-        f"data {data.dataset} has no label column (looked for {', '.join(LABEL_NAMES)}; its columns: "
-        f"{', '.join(features)}): name one with --label-column, or pass --task causal-lm with a causal "
-        "language model"
-    )
+    raise _no_label_column(data, features, ", or pass --task causal-lm with a causal language model")
 
 
 def find_columns(data: DataSection, dataset, task: str) -> Columns:
@@ -50,10 +46,7 @@ def find_columns(data: DataSection, dataset, task: str) -> Columns:
     features = _train(data, dataset).features
     label = None if task == "causal-lm" else _label_column(data, features)
     if task != "causal-lm" and label is None:
-        raise HfpruneError(
-            f"data {data.dataset}: {task} needs a label column (looked for {', '.join(LABEL_NAMES)}; "
-            f"its columns: {', '.join(features)}); name it with --label-column"
-        )
+        raise _no_label_column(data, features, f" ({task} needs one)")
     text = data.text_column or _first_present(features, TEXT_NAMES[task], exclude=label)
     if text is None:
         raise HfpruneError(
@@ -123,11 +116,21 @@ def _check_columns(data: DataSection, split, columns: Columns, task: str) -> Non
 
 
 def _train(data: DataSection, dataset):
-    if data.train_split not in dataset:
-        raise HfpruneError(
-            f"data {data.dataset} has no {data.train_split!r} split; its splits: {', '.join(dataset)}"
-        )
-    return dataset[data.train_split]
+    return named_split(data, dataset, data.train_split)
+
+
+def named_split(data: DataSection, dataset, name: str):
+    """The split ``name`` of ``dataset``; a one-line error listing the splits when there is none."""
+    if name not in dataset:
+        raise HfpruneError(f"data {data.dataset} has no {name!r} split; its splits: {', '.join(dataset)}")
+    return dataset[name]
+
+
+def _no_label_column(data: DataSection, features, advice: str) -> HfpruneError:
+    return HfpruneError(
+        f"data {data.dataset} has no label column (looked for {', '.join(LABEL_NAMES)}; its columns: "
+        f"{', '.join(features)}): name one with --label-column{advice}"
+    )
 
 
 def _label_column(data: DataSection, features) -> str | None:

@@ -15,7 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import Counter
 
-from hfprune.cli.columns import Columns, find_columns, infer_task, label_classes
+from hfprune.cli.columns import Columns, find_columns, infer_task, label_classes, named_split
 from hfprune.cli.metrics import load_metric
 from hfprune.cli.model_sources import load_pretrained
 from hfprune.data import split_indices, wnut
@@ -274,12 +274,8 @@ def _split(data: DataSection, dataset, seed: int):
     """
     train = dataset[data.train_split]  # find_columns has checked it is there
     test_name = data.test_split or next((name for name in ("test", "validation") if name in dataset), None)
-    if data.test_split and data.test_split not in dataset:
-        raise HfpruneError(
-            f"data {data.dataset} has no {data.test_split!r} split; its splits: {', '.join(dataset)}"
-        )
     if test_name is not None:
-        test = dataset[test_name]
+        test = named_split(data, dataset, test_name)
     else:
         train_rows, test_rows = split_indices(len(train), data.test_fraction, seed)
         train, test = train.select(train_rows), train.select(test_rows)
