@@ -202,12 +202,11 @@ ENCODER_LINEARS = (
 ENCODER_LAYERS = r"re:.*encoder\.layer\.\d+"  # whole layers: block-lasso finds heads and FFN neurons inside
 
 
-def entry(strategy: str, schedule: str, config: str, targets: str = ENCODER_LINEARS) -> str:
-    """One ``pruners:`` item as YAML text (schedule and config in YAML flow style)."""
-    return (
-        f"  - strategy: {strategy}\n    targets: ['{targets}']\n    schedule: {schedule}\n    config: "
-        f"{config}\n"
-    )
+def entry(strategy: str, schedule: str | None, config: str, targets: str = ENCODER_LINEARS) -> str:
+    """One ``pruners:`` item as YAML text (schedule and config in YAML flow style; no schedule for a one-shot
+    strategy)."""
+    when = f"    schedule: {schedule}\n" if schedule is not None else ""
+    return f"  - strategy: {strategy}\n    targets: ['{targets}']\n{when}    config: {config}\n"
 
 
 def recipe(*entries: str) -> str:

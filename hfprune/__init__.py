@@ -1,24 +1,27 @@
 """hfprune: prune Hugging Face models during training from a YAML recipe."""
 
 from hfprune import _moved
+from hfprune.calibration import CalibrationError, oneshot
 from hfprune.errors import CompactionError, HfpruneError, PluginError, RecipeError, StateError
 from hfprune.hookspecs import hookimpl
 from hfprune.integrations.lora import keep_sparse, merge_lora
 from hfprune.optimizer import PruneOptimizer
 from hfprune.pruner import Pruner
 from hfprune.recipe.schema import Recipe, load_recipe
-from hfprune.strategy import StepContext, Strategy, StrategyConfig
+from hfprune.strategy import OneShotStrategy, StepContext, Strategy, StrategyConfig
 
 __version__ = "0.2.0"
 
 _moved.install()
 
 __all__ = [
+    "CalibrationError",
     "CompactionError",
     "HfpruneError",
     "PluginError",
     "PruneCallback",
     "PruneOptimizer",
+    "OneShotStrategy",
     "Pruner",
     "Recipe",
     "RecipeError",
@@ -31,6 +34,7 @@ __all__ = [
     "load_compacted",
     "load_recipe",
     "merge_lora",
+    "oneshot",
 ]
 
 

@@ -19,13 +19,13 @@ and per-block factors are broadcast whole and cut to the local rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfprune.architecture import ArchitectureAdapter, Member, find_units, weight_dim
+from hfprune.architecture import ArchitectureAdapter, Member, Unit, find_units, weight_dim
 from hfprune.errors import TargetError
 from hfprune.integrations.peft_names import named_modules
 from hfprune.integrations.sharding import Layout, layout_of, shard_group
@@ -132,6 +132,7 @@ class BlockSet:
 
     name: str
     matrices: tuple[BlockedMatrix, ...]
+    unit: Unit | None = field(default=None, compare=False)  # the head or neuron unit, for a set of one
 
     def mask_gradient(self) -> torch.Tensor | None:
         """Per group of a head or neuron set, the loss gradient of a mask on the group's output (at 1), summed
@@ -264,6 +265,7 @@ def _unit_sets(
             yield BlockSet(
                 unit.name,
                 tuple(GroupedMatrix(f"{names[id(m.module)]}.weight", m, unit.count) for m in unit.members),
+                unit,
             )
 
 

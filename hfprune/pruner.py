@@ -44,7 +44,7 @@ from hfprune.plugins import Registry, StrategyInfo, default_registry
 from hfprune.recipe.schema import Recipe, RecipeSource, load_recipe
 from hfprune.recipe.targets import match_targets, unmatched_hint
 from hfprune.state import load_state, save_state
-from hfprune.strategy import StepContext, Strategy, StrategyConfig, Targets
+from hfprune.strategy import OneShotStrategy, StepContext, Strategy, StrategyConfig, Targets
 from hfprune.tied import distinct_parameters, tensor_identity
 
 STATE_FORMAT = 1
@@ -155,6 +155,29 @@ def _grad_scaler(optimizer: torch.optim.Optimizer):
 def _wrapped(parameters: dict[str, nn.Parameter], view: ModelView) -> list[str]:
     """The layers peft wrapped whose weights are among ``parameters``, by name."""
     return sorted({layer for name in parameters if (layer := view.wrapped_layer(name))})
+
+
+def kind_problems(recipe: Recipe, registry: Registry, one_shot: bool) -> list[Problem]:
+    """One per entry of the other kind than its driver: one-shot in training, or the reverse.
+
+    The drivers ask when they start; ``hfprune prune`` asks before it loads any data.
+    """
+    problems = []
+    for index, entry in enumerate(recipe.pruners):
+        if issubclass(registry.get(entry.strategy).cls, OneShotStrategy) == one_shot:
+            continue
+        name = entry.strategy
+        if one_shot:
+            message = f"{name!r} prunes during training, and one-shot pruning runs no optimizer step"
+            hint = (
+                "use a one-shot strategy (`hfprune plugins` lists them), or train with this recipe: "
+                "`hfprune run`, PruneCallback or PruneOptimizer"
+            )
+        else:
+            message = f"{name!r} is a one-shot strategy: it prunes from calibration data, not during training"
+            hint = "run this recipe with `hfprune prune` or hfprune.oneshot(model, data, recipe)"
+        problems.append(recipe.problem(("pruners", index, "strategy"), message, hint=hint))
+    return problems
 
 
 class Pruner:
@@ -364,19 +387,32 @@ class Pruner:
             return [self.recipe.problem(where, f"the targeted parameters are {exc}")]
         return []
 
-    def start(self, total_steps: int | None, lr_scheduler=None) -> None:
+    def start(self, total_steps: int | None, lr_scheduler=None, one_shot: bool = False) -> None:
         """Build the strategies for a run of ``total_steps`` optimizer steps (None: unknown).
 
         ``lr_scheduler`` is the run's learning-rate scheduler, if any: strategies with
-        ``lam: auto`` read the learning rates of their phase ahead from it.
+        ``lam: auto`` read the learning rates of their phase ahead from it. ``one_shot``: the
+        driver is :func:`hfprune.oneshot`, which runs only one-shot strategies, as training runs
+        only the others; an entry of the other kind is a RecipeError.
         """
         if not self.plans:
             raise RuntimeError("Pruner.start() needs a model first: call attach(model)")
-        problems: list[Problem] = []
+        problems = kind_problems(self.recipe, self.registry, one_shot)
+        if problems:
+            raise self.recipe.error(problems)
         schedules = []
         for plan in self.plans:
+            entry = self.recipe.pruners[plan.index]
+            if one_shot and "schedule" in entry.model_fields_set:
+                problems.append(
+                    self.recipe.problem(
+                        ("pruners", plan.index, "schedule"),
+                        "a one-shot strategy prunes once, at no training step: remove `schedule`",
+                    )
+                )
+                continue
             try:
-                schedules.append(self.recipe.pruners[plan.index].schedule.resolve(total_steps))
+                schedules.append(entry.schedule.resolve(total_steps))
             except ValueError as exc:
                 problems.append(self.recipe.problem(("pruners", plan.index, "schedule"), str(exc)))
         if problems:

@@ -228,3 +228,25 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, StateValue]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class OneShotStrategy(Strategy):
+    """A strategy that prunes once, from calibration data, with no optimizer step.
+
+    Run by :func:`hfprune.oneshot` and ``hfprune prune``; the training drivers refuse it, as
+    the one-shot driver refuses training strategies. The engine builds it like any strategy
+    (its schedule is unused), then calls :meth:`prune` once with the calibration data
+    (:class:`hfprune.calibration.Calibration`), whose passes measure what the method needs:
+    activations (:meth:`~hfprune.calibration.Calibration.forward_passes`), loss gradients
+    (:meth:`~hfprune.calibration.Calibration.gradient_passes`), or a layer's inputs as the
+    already-pruned layers below make them (:meth:`~hfprune.calibration.Calibration.replay`).
+    What it prunes it reports as any strategy does: masks, :meth:`compaction_plan` for
+    structure. When :meth:`prune` raises, the driver puts the model's weights back.
+    """
+
+    #: Fewer calibration examples than this is an error before any pass: too few to rank by.
+    min_examples: ClassVar[int] = 1
+
+    def prune(self, calibration) -> None:
+        """Measure on ``calibration``, decide what goes, and change the weights: once."""
+        raise NotImplementedError

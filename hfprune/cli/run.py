@@ -21,11 +21,21 @@ import time
 from pathlib import Path
 
 from hfprune.cli import training_arguments
+from hfprune.cli.arguments import add_data_arguments, positive
+from hfprune.cli.measure import (
+    compact_or_why,
+    count_parameters,
+    latency_rows,
+    layer_parameters,
+    loader_of,
+    sparsity_report,
+    structure_of,
+)
 from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, load_config, load_tokenizer, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
-from hfprune.errors import CompactionError, HfpruneError
+from hfprune.errors import HfpruneError
 from hfprune.recipe import builtin as builtin_recipes
-from hfprune.recipe.run_sections import TASKS, DataSection, ModelSection, TrainingSection, merge
+from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection, merge
 from hfprune.recipe.schema import load_recipe
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
@@ -82,46 +92,15 @@ def register(commands: argparse._SubParsersAction, training_flags: bool = False)
         help="a model already fine-tuned on this task, used as the dense reference "
         "and as the teacher (recipe distillation:) instead of fine-tuning one first",
     )
-    model.add_argument(
-        "--data",
-        "--dataset",
-        dest="dataset",
-        metavar="SOURCE",
-        help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy; or "
-        "the user's data: a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a save_to_disk folder, "
-        "or a dataset name in the local datasets cache",
-    )
-    model.add_argument(
-        "--task",
-        choices=TASKS,
-        help="what to fine-tune for (default: inferred; word-tag lists: token-classification, one label per "
-        "row: sequence-classification, text without labels and a causal LM: causal-lm)",
-    )
-    for column, meaning in (
-        ("text", "the text, or the words of token classification"),
-        ("text-pair", "the second text of a pair"),
-        ("label", "the labels, or the tags of token classification"),
-    ):
-        model.add_argument(
-            f"--{column}-column",
-            metavar="NAME",
-            help=f"the column holding {meaning} (default: found by name)",
-        )
-    model.add_argument(
-        "--max-length",
-        type=_positive(int),
-        metavar="N",
-        help=f"sub-tokens per example after truncation; tokens per block of text (default: "
-        f"{DataSection().max_length})",
-    )
+    add_data_arguments(model)
     model.add_argument(
         "--train-limit",
-        type=_positive(int),
+        type=positive(int),
         metavar="N",
         help="train on the first N training examples only (quick runs)",
     )
     model.add_argument(
-        "--test-limit", type=_positive(int), metavar="N", help="score on the first N test examples only"
+        "--test-limit", type=positive(int), metavar="N", help="score on the first N test examples only"
     )
     training = run.add_argument_group("training (recipe section training:)")
     training.add_argument(
@@ -129,7 +108,7 @@ def register(commands: argparse._SubParsersAction, training_flags: bool = False)
         "--num_train_epochs",
         dest="epochs",
         metavar="N",
-        type=_positive(float),
+        type=positive(float),
         help=f"training epochs (default: {TrainingSection().epochs:g})",
     )
     training.add_argument(
@@ -137,7 +116,7 @@ def register(commands: argparse._SubParsersAction, training_flags: bool = False)
         "--max_steps",
         dest="max_steps",
         metavar="N",
-        type=_positive(int),
+        type=positive(int),
         help="stop after this many optimizer steps; overrides epochs",
     )
     training.add_argument(
@@ -145,7 +124,7 @@ def register(commands: argparse._SubParsersAction, training_flags: bool = False)
         "--per_device_train_batch_size",
         dest="batch_size",
         metavar="N",
-        type=_positive(int),
+        type=positive(int),
         help=f"examples per step (default: {TrainingSection().batch_size})",
     )
     training.add_argument(
@@ -153,7 +132,7 @@ def register(commands: argparse._SubParsersAction, training_flags: bool = False)
         "--learning_rate",
         dest="learning_rate",
         metavar="LR",
-        type=_positive(float),
+        type=positive(float),
         help=f"peak learning rate, decayed linearly to 0 (default: {TrainingSection().learning_rate:g})",
     )
     training.add_argument(
@@ -178,22 +157,6 @@ def register(commands: argparse._SubParsersAction, training_flags: bool = False)
     if training_flags:
         training_arguments.add_training_flags(run)
     run.set_defaults(handler=run_main)
-
-
-def _positive(kind: type):
-    """An argparse type that refuses zero, negatives and non-numbers with a usage error (exit 2)."""
-    expected = "a positive integer" if kind is int else "a positive number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:  # "not >" also refuses nan
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
 
 
 class RunSettings:
@@ -245,7 +208,7 @@ class RunSettings:
         self.output_dir = Path(args.output_dir)
         self.training_flags = training_arguments.given_flags(args)
         self.arguments("dense")  # a bad setting is refused here, before any data is read
-        _check_output_dir(self.output_dir, args.overwrite)
+        check_output_dir(self.output_dir, args.overwrite)
 
     def arguments(self, phase: str, **fixed):
         """TrainingArguments for ``phase`` ("dense", "pruned" or "scoring"); each phase's TensorBoard events
@@ -255,7 +218,7 @@ class RunSettings:
         )
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse, before any training, to write over a folder holding anything unless asked to."""
     if output_dir.exists() and not output_dir.is_dir():
         raise HfpruneError(f"--output-dir {output_dir} is a file, not a folder")
@@ -295,13 +258,13 @@ def run_main(args: argparse.Namespace) -> int:
     callback = PruneCallback(settings.recipe, teacher=dense if settings.needs_teacher else None)
     start = _pruning_start(dense, settings)
     model, trainer = _train(task, settings, "pruned", callbacks=[callback], start=start)
-    compacted, compaction = _compact(callback, model)
+    compacted, compaction = compact_or_why(callback, model)
     report = _measure(settings, task, trainer, callback.pruner, compacted, baseline) | {
         "compaction": compaction
     }
     final = compacted if compacted is not None else model
     _save_model(final, task.tokenizer, settings)
-    report["loader"] = _loader(final)
+    report["loader"] = loader_of(final)
     report["seconds"] = round(time.perf_counter() - started, 1)
     _remove_empty_folders(settings.output_dir / TRAINING_FOLDER)
     write_results(settings.output_dir, report, task.headline)
@@ -335,7 +298,7 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
     from hfprune.compaction.structure import model_structure
 
     model = trainer.model
-    structure = _structure(model, pruner)
+    structure = structure_of(model, pruner)
     compacted_score = _evaluate(compacted, task, settings) if compacted is not None else None
     return {
         "model": str(settings.model_path),
@@ -360,20 +323,20 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
             "pruned": _evaluate(model, task, settings),
             "compacted": compacted_score,
         },
-        "sparsity": _sparsity(pruner),
+        "sparsity": sparsity_report(pruner),
         "strategy_metrics": {
             k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")
         },
         "parameters": {
-            "full_size": _count(model),
+            "full_size": count_parameters(model),
             "targeted": sum(plan.numel for plan in pruner.plans),
-            "compacted": _count(compacted) if compacted is not None else None,
-            "layers_full_size": _layer_parameters(structure),
-            "layers_compacted": _layer_parameters(model_structure(compacted, pruner.registry.architectures))
+            "compacted": count_parameters(compacted) if compacted is not None else None,
+            "layers_full_size": layer_parameters(structure),
+            "layers_compacted": layer_parameters(model_structure(compacted, pruner.registry.architectures))
             if compacted is not None
             else None,
         },
-        "latency": _latency(
+        "latency": latency_rows(
             model,
             compacted,
             settings.data.max_length,
@@ -427,85 +390,10 @@ def _evaluate(model, task, settings: RunSettings) -> dict:
     return task.evaluate(model, settings.arguments("scoring", report_to="none"))
 
 
-def _compact(callback, model):
-    """(compacted model, 'ok'), or (None, why nothing could be removed: unstructured sparsity leaves nothing
-    whole)."""
-    try:
-        return callback.compact(model), "ok"
-    except CompactionError as exc:
-        return None, str(exc)
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _sparsity(pruner) -> dict:
-    """Fraction of exactly-zero targeted weights, overall and per recipe entry (keyed 'INDEX.STRATEGY')."""
-    values = pruner.sparsity()
-    return {
-        "global": round(values.get("sparsity", 0.0), 4),
-        "entries": {
-            key.removeprefix("sparsity/"): round(v, 4) for key, v in values.items() if key != "sparsity"
-        },
-    }
-
-
-def _latency(model, compacted, sequence: int, batches: dict[int, int]) -> list[dict]:
-    """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed
-    alternately."""
-    from hfprune.cli.latency import interleaved_latency, random_inputs
-
-    if compacted is None:
-        return []
-    print(
-        f"timing the full-size and the compacted model (batch {' and '.join(map(str, batches))}, "
-        f"{sequence} tokens)"
-    )
-    rows = []
-    for batch, repeats in batches.items():
-        inputs = random_inputs(model.config.vocab_size, batch, sequence)
-        times = interleaved_latency({"full_size": model, "compacted": compacted}, inputs, repeats)
-        rows.append(
-            {
-                "batch": batch,
-                "sequence": sequence,
-                "full_size_ms": round(times["full_size"], 2),
-                "compacted_ms": round(times["compacted"], 2),
-                "speedup": round(times["full_size"] / times["compacted"], 3),
-            }
-        )
-    return rows
-
-
-def _structure(model, pruner) -> dict:
-    """What is left of each layer of the trained full-size model: deleted layers (the stacks in the pruner's
-    plan),
-    live heads and neurons, sparsity."""
-    from hfprune.compaction.structure import model_structure
-
-    return model_structure(model, pruner.registry.architectures, pruner.layer_plan(model))
-
-
-def _layer_parameters(structure: dict) -> int:
-    """Parameters in the layers of every layer stack: the part pruning shrinks (embeddings and heads are not
-    in it)."""
-    return sum(layer["parameters"] for stack in structure["stacks"] for layer in stack["layers"])
-
-
 def _save_model(model, tokenizer, settings: RunSettings) -> None:
     from hfprune.compaction.compact import save_compacted
 
     save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer=tokenizer, replace=True)
-
-
-def _loader(model) -> str:
-    """How to load the saved model: plain transformers when its config is stock."""
-    from hfprune.compaction.compact import LAYOUT_KEY
-
-    if getattr(model.config, LAYOUT_KEY, None):
-        return "hfprune.load_compacted"
-    return f"transformers.{type(model).__name__}.from_pretrained"
 
 
 def _remove_empty_folders(folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""What ``hfprune run`` leaves behind: report.json for scripts, report.md for people, and the picture.
+"""What ``hfprune run`` and ``hfprune prune`` leave behind: report.json for scripts, report.md for people, and the picture.
 
 Each report is written beside its final name and renamed into place, so an interrupted run
 leaves the last complete report, never half of one.
@@ -127,13 +127,11 @@ def _markdown(report: dict) -> str:
             "a higher "
             f"`gate_lr` lets the gates settle during training."
         )
-    return f"""# hfprune run
+    return f"""# hfprune {report.get("command", "run")}
 
 - model: `{report["model"]}`
 - recipe: `{report["recipe"]}`
-- task: {report["task"]}; {report["train_examples"]} training and {report["test_examples"]} test examples
-- training: {report["steps"]} optimizer steps, {report["epochs"]} epochs; {report["seconds"]:.0f} s in all
-- distillation: {("from " + report["teacher"]) if report["teacher"] else "none"}
+{_how_it_ran(report)}
 
 ## Test set
 
@@ -155,7 +153,7 @@ def _markdown(report: dict) -> str:
 {sparsity}
 {compaction}
 
-Strategy metrics at the end of training:
+Strategy metrics at the end:
 
 {metrics or "(none)"}
 
@@ -163,6 +161,24 @@ Strategy metrics at the end of training:
 
 `model/` holds the model and its tokenizer; load it with `{report["loader"]}("model")`.
 """
+
+
+def _how_it_ran(report: dict) -> str:
+    """The lines on the data and the work: training (``hfprune run``) or calibration (``hfprune prune``)."""
+    if report.get("command") == "prune":
+        return (
+            f"- task: {report['task']}; {report['calibration_examples']} calibration and "
+            f"{report['test_examples']} test examples\n"
+            f"- no training: pruned from the calibration examples in {report['pruning_seconds']:.0f} s; "
+            f"{report['seconds']:.0f} s in all"
+        )
+    return (
+        f"- task: {report['task']}; {report['train_examples']} training and {report['test_examples']} test "
+        "examples\n"
+        f"- training: {report['steps']} optimizer steps, {report['epochs']} epochs; {report['seconds']:.0f} s "
+        "in all\n"
+        f"- distillation: {('from ' + report['teacher']) if report['teacher'] else 'none'}"
+    )
 
 
 def _size_row(label: str, full_size: int, compacted: int | None) -> str:

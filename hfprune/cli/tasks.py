@@ -76,6 +76,12 @@ class Task(ABC):
             else {}
         )
         model = load_pretrained(path, self.auto_class, **labels)
+        trained_as = getattr(model.config, "architectures", None) or []
+        if fine_tuned and trained_as and type(model).__name__ not in trained_as:
+            raise HfpruneError(
+                f"{path} was saved as {trained_as[0]}, and {self.description} needs a "
+                f"{type(model).__name__}: is this the model fine-tuned for this data? (--task sets the task)"
+            )
         if fine_tuned and self.labels and model.config.num_labels != len(self.labels):
             raise HfpruneError(
                 f"{path} predicts {model.config.num_labels} labels; {self.description} has {len(self.labels)}"
