@@ -7,7 +7,8 @@ instead of importing another benchmark's script:
 
 - arguments: the parser, ``--output`` and ``--quick``, the data limits, the fine-tuning
   flags :func:`training_arguments` reads, the flags of the benchmarks that compact and time a model;
-- data: the split every benchmark uses, MiniLM's tokenizer and classifier, the polarity sentences;
+- data: the split every benchmark uses, MiniLM's tokenizer and classifier, the polarity sentences, the
+  causal-LM task of the LLM benchmarks;
 - training: the Trainer's settings, its step count, the learning rate summed over a pruning window;
 - recipes: the encoder's target patterns, ``pruners:`` entries as YAML text, block-lasso on
   heads and neurons with its lam rule;
@@ -150,6 +151,26 @@ def polarity_data(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
 
     train, test = split(read_polarity(args.data), TEST_FRACTION, SPLIT_SEED)
     return encode(train[: args.train_limit], tokenizer), encode(test[: args.test_limit], tokenizer)
+
+
+def causal_lm_task(args: argparse.Namespace):
+    """(pretrained model, task): the causal-LM task ``hfprune run`` builds on ``args.model`` and
+    ``args.data``, blocks of ``args.block`` tokens from ``args.train_limit`` / ``args.test_limit``
+    paragraphs."""
+    from hfprune.cli.model_sources import load_config, load_pretrained, load_tokenizer, resolve_model_source
+    from hfprune.cli.tasks import load_task
+    from hfprune.recipe.run_sections import DataSection
+
+    source = resolve_model_source(args.model)
+    data = DataSection(
+        dataset=args.data,
+        task="causal-lm",
+        max_length=args.block,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+    )
+    task = load_task(data, load_tokenizer(source), load_config(source), args.seed)
+    return load_pretrained(source, "AutoModelForCausalLM"), task
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_output_arguments, benchmark_parser, machine, report, settings
+from common import add_output_arguments, benchmark_parser, causal_lm_task, machine, report, settings
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "llm_oneshot.json"
 TARGETS = r"re:model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
@@ -58,24 +58,6 @@ def parse_args(argv=None):
     if args.quick:
         args.calibration, args.train_limit, args.test_limit = 8, 40, 10
     return args
-
-
-def load(args):
-    """(pretrained model, task): the causal-LM task ``hfprune prune`` would build on this model and data."""
-    from hfprune.cli.model_sources import load_config, load_pretrained, load_tokenizer, resolve_model_source
-    from hfprune.cli.tasks import load_task
-    from hfprune.recipe.run_sections import DataSection
-
-    source = resolve_model_source(args.model)
-    data = DataSection(
-        dataset=args.data,
-        task="causal-lm",
-        max_length=args.block,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-    )
-    task = load_task(data, load_tokenizer(source), load_config(source), args.seed)
-    return load_pretrained(source, "AutoModelForCausalLM"), task
 
 
 def wanda_recipe(method: str, pattern: str) -> str:
@@ -107,7 +89,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     transformers.logging.set_verbosity_error()
-    dense, task = load(args)
+    dense, task = causal_lm_task(args)
     dense.eval()
     calibration = task.train_set.select(range(min(args.calibration, len(task.train_set))))
     batches = [

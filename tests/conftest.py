@@ -141,21 +141,27 @@ def tiny_llama_folder(
     return _save_with_tokenizer(LlamaForCausalLM(config), tokenizer, path)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path, minilm_tokenizer):
-    """A random 2-layer BERT of width 32 with MiniLM's tokenizer: the whole main job runs on it in seconds."""
+def tiny_bert_folder(path: Path, tokenizer, model_class=None, **config) -> Path:
+    """A random 2-layer BERT of width 32 (a ``model_class``, default BertModel) saved with ``tokenizer``."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
+        vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        **config,
     )
-    return _save_with_tokenizer(BertModel(config), minilm_tokenizer, tmp_path / "tiny")
+    return _save_with_tokenizer((model_class or BertModel)(config), tokenizer, path)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, minilm_tokenizer):
+    """A random 2-layer BERT of width 32 with MiniLM's tokenizer: the whole main job runs on it in seconds."""
+    return tiny_bert_folder(tmp_path / "tiny", minilm_tokenizer)
 
 
 @pytest.fixture

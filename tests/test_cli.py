@@ -75,10 +75,12 @@ def test_check_describes_a_layer_selection_entry_by_its_stack(capsys):
 def test_plugins_lists_the_built_in_strategies_and_architecture_adapters(capsys):
     assert main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["strategy", "plugin", "distribution", "version", "description"]
+    assert lines[0].split() == ["strategy", "plugin", "distribution", "version", "prunes", "description"]
     assert any(line.split()[:3] == ["magnitude", "magnitude", "hfprune"] for line in lines)
     assert any(line.split()[:3] == ["block-lasso", "block-lasso", "hfprune"] for line in lines)
     assert any(line.split()[:3] == ["layer-lasso", "layer-lasso", "hfprune"] for line in lines)
+    kinds = {line.split()[0]: line.split()[4] for line in lines[1:8]}
+    assert kinds["magnitude"] == "training" and kinds["wanda"] == kinds["mask-search"] == "one-shot"
     assert any(
         line.split()[:5] == ["architecture", "plugin", "distribution", "version", "recognizes"]
         for line in lines

@@ -12,6 +12,8 @@ from hfprune import load_compacted
 from hfprune.cli import main
 from hfprune.compaction.sparse_file import load_sparse
 
+from conftest import tiny_bert_folder
+
 MASK_SEARCH = r"""version: 1
 pruners:
   - strategy: mask-search
@@ -29,24 +31,12 @@ pruners:
 @pytest.fixture
 def classifier_dir(tmp_path, minilm_tokenizer):
     """A random 2-layer BERT sentiment classifier (neg, pos) with MiniLM's tokenizer: 'fine-tuned'."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-        id2label={0: "neg", 1: "pos"},
-        label2id={"neg": 0, "pos": 1},
+    labels = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
+    return tiny_bert_folder(
+        tmp_path / "classifier", minilm_tokenizer, BertForSequenceClassification, **labels
     )
-    path = tmp_path / "classifier"
-    BertForSequenceClassification(config).save_pretrained(path)
-    minilm_tokenizer.save_pretrained(path)
-    return path
 
 
 def prune(tmp_path, recipe: str, model, data, *extra) -> int:

@@ -94,13 +94,14 @@ class Calibration:
         finally:
             self.rows = None
 
-    def _bar(self, items, description: str):
+    def bar(self, items, description: str):
+        """``items`` with a progress bar (when ``progress``), for a strategy's own long loops."""
         return tqdm(items, desc=description, unit="batch", disable=not self.progress, leave=False)
 
     def forward_passes(self, description: str) -> None:
         """Run the model on every batch without gradients; hooks the caller registered see the activations."""
         with torch.no_grad():
-            for batch in self._bar(self.batches, description):
+            for batch in self.bar(self.batches, description):
                 with self._batch(batch):
                     self.model(**batch)
 
@@ -125,7 +126,7 @@ class Calibration:
         try:
             for param in trainable:
                 param.requires_grad_(id(param) in wanted)
-            for index, batch in enumerate(self._bar(self.batches, description)):
+            for index, batch in enumerate(self.bar(self.batches, description)):
                 with self._batch(batch):
                     loss = self._loss(batch, first=index == 0)
                     loss.backward()
@@ -179,7 +180,7 @@ class LayerReplay:
         handle = stack[0].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with torch.no_grad():
-                for batch in calibration._bar(calibration.batches, "capturing layer inputs"):
+                for batch in calibration.bar(calibration.batches, "capturing layer inputs"):
                     with calibration._batch(batch):
                         rows = calibration.rows
                         try:

@@ -16,6 +16,7 @@ from hfprune.pruner import Pruner
 from hfprune.recipe import builtin as builtin_recipes
 from hfprune.recipe.schema import load_recipe
 from hfprune.schedule import Schedule, ScheduleSpec
+from hfprune.strategy import OneShotStrategy
 from hfprune.tied import distinct_numel
 
 
@@ -97,10 +98,9 @@ def run_check(args: argparse.Namespace) -> int:
         schedules.append(schedule)
         count = plan.numel
         total_targeted += count
-        print(
-            f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  schedule "
-            f"{_schedule_text(schedule)}"
-        )
+        one_shot = issubclass(plan.strategy.cls, OneShotStrategy)
+        when = "one-shot, from calibration data" if one_shot else f"schedule {_schedule_text(schedule)}"
+        print(f"pruners[{plan.index}] {plan.strategy.name} ({plan.strategy.plugin.provenance})  {when}")
         if not plan.parameters:
             for line in plan.strategy.cls.describe(plan.modules, plan.config):
                 print(f"  {line}")
@@ -118,10 +118,11 @@ def run_check(args: argparse.Namespace) -> int:
             for other in plan.tied.get(name, ()):
                 print(f"    = {other} (tied weights: the same tensor, pruned and counted once)")
         planned = plan.planned_sparsity
+        decided_by = "calibration" if one_shot else "training"
         reach = (
             f"will zero {planned:.1%} ({round(planned * count):,} weights)"
             if planned is not None
-            else "sparsity set by training"
+            else f"sparsity set by {decided_by}"
         )
         print(f"  {len(plan.parameters)} parameters, {count:,} weights; {reach}")
     if total_targeted:

@@ -5,6 +5,15 @@ Shared by ``hfprune run`` and ``hfprune prune``, whose reports have the same par
 
 from __future__ import annotations
 
+LATENCY_BATCHES = {1: 30, 32: 10}  # batch size: timed forward passes of each model
+# A causal LM's batch of 32 x 128 tokens takes seconds per pass on a CPU: smaller batches, fewer repeats.
+CAUSAL_LM_LATENCY_BATCHES = {1: 10, 8: 5}
+
+
+def latency_batches(task_kind: str) -> dict[int, int]:
+    """The batch sizes a task's models are timed at, and the timed passes at each."""
+    return CAUSAL_LM_LATENCY_BATCHES if task_kind == "causal-lm" else LATENCY_BATCHES
+
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -81,3 +90,27 @@ def compact_or_why(pruner, model):
         return pruner.compact(model), "ok"
     except CompactionError as exc:
         return None, str(exc)
+
+
+def pruning_report(model, compacted, pruner, sequence: int, latency_batches: dict[int, int]) -> dict:
+    """The report's parts about what was pruned: sparsity, strategy metrics, sizes, speed and structure."""
+    from hfprune.compaction.structure import model_structure
+
+    structure = structure_of(model, pruner)
+    return {
+        "sparsity": sparsity_report(pruner),
+        "strategy_metrics": {
+            k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")
+        },
+        "parameters": {
+            "full_size": count_parameters(model),
+            "targeted": sum(plan.numel for plan in pruner.plans),
+            "compacted": count_parameters(compacted) if compacted is not None else None,
+            "layers_full_size": layer_parameters(structure),
+            "layers_compacted": layer_parameters(model_structure(compacted, pruner.registry.architectures))
+            if compacted is not None
+            else None,
+        },
+        "latency": latency_rows(model, compacted, sequence, latency_batches),
+        "structure": structure,
+    }

@@ -24,10 +24,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_plugins(args: argparse.Namespace) -> int:
     registry = default_registry()
     rows = [
-        (s.name, s.plugin.name, s.plugin.distribution, s.plugin.version, s.description)
+        (s.name, s.plugin.name, s.plugin.distribution, s.plugin.version, _kind(s.cls), s.description)
         for s in registry.strategies.values()
     ]
-    print_table(("strategy", "plugin", "distribution", "version", "description"), rows)
+    print_table(("strategy", "plugin", "distribution", "version", "prunes", "description"), rows)
     if registry.architectures:
         print()
         owners = registry.architecture_owners
@@ -58,3 +58,10 @@ def run_plugins(args: argparse.Namespace) -> int:
     if not registry.autoload:
         print(f"note: plugin autoloading is off ({DISABLE_AUTOLOAD_ENV})")
     return 0
+
+
+def _kind(strategy_class) -> str:
+    """When a strategy prunes: while training (``hfprune run``, the callback) or once (``hfprune prune``)."""
+    from hfprune.strategy import OneShotStrategy
+
+    return "one-shot" if issubclass(strategy_class, OneShotStrategy) else "training"

@@ -13,19 +13,12 @@ Face checkpoint. An unstructured result is saved as it is (its zeros exact) and 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 from hfprune.cli.arguments import add_data_arguments, positive
-from hfprune.cli.measure import (
-    compact_or_why,
-    count_parameters,
-    latency_rows,
-    layer_parameters,
-    loader_of,
-    sparsity_report,
-    structure_of,
-)
+from hfprune.cli.measure import compact_or_why, latency_batches, loader_of, pruning_report
 from hfprune.cli.model_sources import load_config, load_tokenizer, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, REPORT_MD, summary, write_results
 from hfprune.errors import HfpruneError
@@ -38,8 +31,6 @@ from hfprune.recipe.schema import load_recipe
 DEFAULT_CALIBRATION_EXAMPLES = 2000  # Kwon et al.'s calibration set
 DEFAULT_BATCH_SIZE = 32
 SPARSE_FILE = "sparse.safetensors"
-LATENCY_BATCHES = {1: 30, 32: 10}
-CAUSAL_LM_LATENCY_BATCHES = {1: 10, 8: 5}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -80,9 +71,79 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def prune_main(args: argparse.Namespace) -> int:
+    """The ``prune`` handler: settings first (cheap), then load, score, prune, compact, time, save, report."""
+    started = time.perf_counter()
+    recipe_path, recipe, model_path, data = _settings(args)
+    output_dir = Path(args.output_dir)
+    source = resolve_model_source(model_path)
+    print(
+        f"hfprune prune: {recipe_path} prunes {model_path}, measured on {data.dataset}; results go to "
+        f"{output_dir}/"
+    )
+
+    import torch
+
+    import hfprune
+    from hfprune.cli.tasks import load_task
+
+    task = load_task(data, load_tokenizer(source), load_config(source), args.seed)
+    model = task.model(source, fine_tuned=True)
+    print(
+        f"{task.description}: {len(task.train_examples)} calibration and {len(task.test_examples)} test "
+        "examples"
+    )
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer that scores wants a folder; nothing stays
+        score = _scorer(task, args.batch_size, scratch)
+        baseline = score(model)
+        print(f"dense: {task.metric} {baseline[task.headline]:.3f}")
+        batches = torch.utils.data.DataLoader(
+            task.train_set, batch_size=args.batch_size, collate_fn=task.collator()
+        )
+        pruning_started = time.perf_counter()
+        pruner = hfprune.oneshot(model, (dict(batch) for batch in batches), recipe)
+        pruning_seconds = round(time.perf_counter() - pruning_started, 1)
+        print(f"pruned in {pruning_seconds:.0f} s")
+        compacted, compaction = compact_or_why(pruner, model)
+        scores = {
+            "baseline": baseline,
+            "pruned": score(model),
+            "compacted": score(compacted) if compacted is not None else None,
+        }
+    final = compacted if compacted is not None else model
+    report = {
+        "command": "prune",
+        "model": str(source),
+        "recipe": str(recipe_path),
+        "task": task.description,
+        "metric": task.metric,
+        "calibration_examples": len(task.train_examples),
+        "test_examples": len(task.test_examples),
+        "pruning_seconds": pruning_seconds,
+        "settings": {
+            "dataset": data.dataset,
+            "task": task.kind,
+            "columns": task.columns._asdict(),
+            "max_length": data.max_length,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+        },
+        "scores": scores,
+        "compaction": compaction,
+        "loader": loader_of(final),
+    } | pruning_report(model, compacted, pruner, data.max_length, latency_batches(task.kind))
+    _save(final, task.tokenizer, output_dir, sparse=compacted is None)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_results(output_dir, report, task.headline)
+    print(summary(report, task.headline))
+    print(f"results: {output_dir / REPORT_MD}; model: {output_dir / MODEL_FOLDER}/")
+    return 0
+
+
+def _settings(args: argparse.Namespace):
+    """(recipe path, recipe, model path, data section), every problem found before any model or data is
+    read: a recipe with training strategies, no model, an output folder holding results."""
     from hfprune.cli.run import check_output_dir
 
-    started = time.perf_counter()
     recipe_path = builtin_recipes.resolve(args.recipe)
     recipe = load_recipe(recipe_path)
     problems = kind_problems(recipe, default_registry(), one_shot=True)
@@ -107,91 +168,22 @@ def prune_main(args: argparse.Namespace) -> int:
             "test_limit": args.test_limit,
         },
     )
-    output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite)
-    source = resolve_model_source(model_path)
-    print(
-        f"hfprune prune: {recipe_path} prunes {model_path}, measured on {data.dataset}; results go to "
-        f"{output_dir}/"
-    )
+    check_output_dir(Path(args.output_dir), args.overwrite)
+    return recipe_path, recipe, model_path, data
 
+
+def _scorer(task, batch_size: int, scratch: str):
+    """A function giving a model's scores on the test split."""
     import torch
     from transformers import TrainingArguments
 
-    import hfprune
-    from hfprune.cli.tasks import load_task
-
-    task = load_task(data, load_tokenizer(source), load_config(source), args.seed)
-    model = task.model(source, fine_tuned=True)
-    scoring = TrainingArguments(
-        output_dir=str(output_dir / "training" / "scoring"),
-        per_device_eval_batch_size=args.batch_size,
+    arguments = TrainingArguments(
+        output_dir=scratch,
+        per_device_eval_batch_size=batch_size,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
-    print(
-        f"{task.description}: {len(task.train_examples)} calibration and {len(task.test_examples)} test "
-        "examples"
-    )
-    baseline = task.evaluate(model, scoring)
-    print(f"dense: {task.metric} {baseline[task.headline]:.3f}")
-    batches = torch.utils.data.DataLoader(
-        task.train_set, batch_size=args.batch_size, collate_fn=task.collator()
-    )
-    pruning_started = time.perf_counter()
-    pruner = hfprune.oneshot(model, (dict(batch) for batch in batches), recipe)
-    pruning_seconds = round(time.perf_counter() - pruning_started, 1)
-    print(f"pruned in {pruning_seconds:.0f} s")
-    compacted, compaction = compact_or_why(pruner, model)
-    structure = structure_of(model, pruner)
-    latency_batches = CAUSAL_LM_LATENCY_BATCHES if task.kind == "causal-lm" else LATENCY_BATCHES
-    final = compacted if compacted is not None else model
-    report = {
-        "command": "prune",
-        "model": str(source),
-        "recipe": str(recipe_path),
-        "task": task.description,
-        "metric": task.metric,
-        "calibration_examples": len(task.train_examples),
-        "test_examples": len(task.test_examples),
-        "pruning_seconds": pruning_seconds,
-        "settings": {
-            "dataset": data.dataset,
-            "task": task.kind,
-            "columns": task.columns._asdict(),
-            "max_length": data.max_length,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-        },
-        "scores": {
-            "baseline": baseline,
-            "pruned": task.evaluate(model, scoring),
-            "compacted": task.evaluate(compacted, scoring) if compacted is not None else None,
-        },
-        "sparsity": sparsity_report(pruner),
-        "strategy_metrics": {
-            k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")
-        },
-        "parameters": {
-            "full_size": count_parameters(model),
-            "targeted": sum(plan.numel for plan in pruner.plans),
-            "compacted": count_parameters(compacted) if compacted is not None else None,
-            "layers_full_size": layer_parameters(structure),
-            "layers_compacted": layer_parameters(structure_of(compacted, pruner))
-            if compacted is not None
-            else None,
-        },
-        "latency": latency_rows(model, compacted, data.max_length, latency_batches),
-        "structure": structure,
-        "compaction": compaction,
-        "loader": loader_of(final),
-    }
-    _save(final, task.tokenizer, output_dir, sparse=compacted is None)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    write_results(output_dir, report, task.headline)
-    print(summary(report, task.headline))
-    print(f"results: {output_dir / REPORT_MD}; model: {output_dir / MODEL_FOLDER}/")
-    return 0
+    return lambda model: task.evaluate(model, arguments)
 
 
 def _save(model, tokenizer, output_dir: Path, sparse: bool) -> None:

@@ -22,15 +22,7 @@ from pathlib import Path
 
 from hfprune.cli import training_arguments
 from hfprune.cli.arguments import add_data_arguments, positive
-from hfprune.cli.measure import (
-    compact_or_why,
-    count_parameters,
-    latency_rows,
-    layer_parameters,
-    loader_of,
-    sparsity_report,
-    structure_of,
-)
+from hfprune.cli.measure import compact_or_why, latency_batches, loader_of, pruning_report
 from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, load_config, load_tokenizer, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
 from hfprune.errors import HfpruneError
@@ -40,9 +32,6 @@ from hfprune.recipe.schema import load_recipe
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
 TRAINING_FOLDER = "training"  # in the output folder: what the Trainer writes when asked (TensorBoard events)
-LATENCY_BATCHES = {1: 30, 32: 10}  # batch size: timed forward passes of each model
-# A causal LM's batch of 32 x 128 tokens takes seconds per pass on a CPU: smaller batches, fewer repeats.
-CAUSAL_LM_LATENCY_BATCHES = {1: 10, 8: 5}
 
 
 def register(commands: argparse._SubParsersAction, training_flags: bool = False) -> None:
@@ -295,10 +284,7 @@ def _dense_model(task, settings: RunSettings):
 def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: dict | None) -> dict:
     """Everything report.json says about the trained model (``trainer.model``) and its compacted copy, if
     any."""
-    from hfprune.compaction.structure import model_structure
-
     model = trainer.model
-    structure = structure_of(model, pruner)
     compacted_score = _evaluate(compacted, task, settings) if compacted is not None else None
     return {
         "model": str(settings.model_path),
@@ -323,27 +309,7 @@ def _measure(settings: RunSettings, task, trainer, pruner, compacted, baseline: 
             "pruned": _evaluate(model, task, settings),
             "compacted": compacted_score,
         },
-        "sparsity": sparsity_report(pruner),
-        "strategy_metrics": {
-            k: round(v, 4) for k, v in pruner.metrics().items() if not k.startswith("sparsity")
-        },
-        "parameters": {
-            "full_size": count_parameters(model),
-            "targeted": sum(plan.numel for plan in pruner.plans),
-            "compacted": count_parameters(compacted) if compacted is not None else None,
-            "layers_full_size": layer_parameters(structure),
-            "layers_compacted": layer_parameters(model_structure(compacted, pruner.registry.architectures))
-            if compacted is not None
-            else None,
-        },
-        "latency": latency_rows(
-            model,
-            compacted,
-            settings.data.max_length,
-            CAUSAL_LM_LATENCY_BATCHES if task.kind == "causal-lm" else LATENCY_BATCHES,
-        ),
-        "structure": structure,
-    }
+    } | pruning_report(model, compacted, pruner, settings.data.max_length, latency_batches(task.kind))
 
 
 def _teacher_source(settings: RunSettings, pruner) -> str | None:

@@ -1,4 +1,5 @@
-"""What ``hfprune run`` and ``hfprune prune`` leave behind: report.json for scripts, report.md for people, and the picture.
+"""What ``hfprune run`` and ``hfprune prune`` leave behind: report.json for scripts, report.md for people,
+and the picture.
 
 Each report is written beside its final name and renamed into place, so an interrupted run
 leaves the last complete report, never half of one.
@@ -175,8 +176,8 @@ def _how_it_ran(report: dict) -> str:
     return (
         f"- task: {report['task']}; {report['train_examples']} training and {report['test_examples']} test "
         "examples\n"
-        f"- training: {report['steps']} optimizer steps, {report['epochs']} epochs; {report['seconds']:.0f} s "
-        "in all\n"
+        f"- training: {report['steps']} optimizer steps, {report['epochs']} epochs; "
+        f"{report['seconds']:.0f} s in all\n"
         f"- distillation: {('from ' + report['teacher']) if report['teacher'] else 'none'}"
     )
 

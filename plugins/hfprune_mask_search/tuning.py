@@ -100,7 +100,8 @@ def tune(
     student = replay.inputs()
     teacher = list(student)
     tuned = 0
-    for index, (layer, dense) in enumerate(zip(stack, dense_layers)):
+    layers = calibration.bar(list(zip(stack, dense_layers)), "mask-search: tuning layer by layer")
+    for index, (layer, dense) in enumerate(layers):
         for block_set, keep in by_layer.get(index, []):
             fit = _fit(calibration, replay, layer, dense, block_set, keep, student, teacher)
             scales = fit.solve()
