@@ -151,7 +151,7 @@ def test_least_squares_tuning_reduces_the_reconstruction_error():
 
     design = torch.stack([contributions(g) for g in (0, 2, 3)], dim=1).double()
     direct = torch.linalg.lstsq(design, targets.flatten().double().unsqueeze(1)).solution.flatten()
-    torch.testing.assert_close(scales, direct, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(scales, direct, rtol=1e-4, atol=1e-6)  # float32 products, float64 sums
 
     def error(values):
         return float((design @ values - targets.flatten().double()).square().sum())
