@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from hfprune.errors import HfpruneError
 
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers' names for it
+
 
 class CalibrationError(HfpruneError, ValueError):
     """Calibration data a one-shot strategy cannot use (too little, no labels, the wrong task)."""
@@ -188,11 +190,15 @@ class LayerReplay:
                         except _StopForward:
                             pass
                     args, kwargs = seen.pop()
+                    kwargs = dict(kwargs)
                     if args:
                         hidden, args = args[0], args[1:]
                     else:
-                        kwargs = dict(kwargs)
                         hidden = kwargs.pop("hidden_states")
+                    # A decoder's key/value cache would grow with every replayed call: each call stands alone.
+                    for cache in CACHE_ARGUMENTS:
+                        if cache in kwargs:
+                            kwargs[cache] = None
                     self.calls.append(LayerCall(hidden, args, kwargs, rows))
         finally:
             handle.remove()

@@ -76,10 +76,12 @@ class Task(ABC):
             else {}
         )
         model = load_pretrained(path, self.auto_class, **labels)
-        trained_as = getattr(model.config, "architectures", None) or []
-        if fine_tuned and trained_as and type(model).__name__ not in trained_as:
+        # A checkpoint saved with a head for another task (a sentence classifier read as a tagger) would load
+        # with that head's weights in the wrong role; a bare encoder has none, and the label count decides.
+        heads = [name for name in getattr(model.config, "architectures", None) or [] if "For" in name]
+        if fine_tuned and heads and type(model).__name__ not in heads:
             raise HfpruneError(
-                f"{path} was saved as {trained_as[0]}, and {self.description} needs a "
+                f"{path} was saved as {heads[0]}, and {self.description} needs a "
                 f"{type(model).__name__}: is this the model fine-tuned for this data? (--task sets the task)"
             )
         if fine_tuned and self.labels and model.config.num_labels != len(self.labels):
