@@ -173,6 +173,50 @@ def causal_lm_task(args: argparse.Namespace):
     return load_pretrained(source, "AutoModelForCausalLM"), task
 
 
+class TaskData:
+    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.cli.tasks`: split, encoding, head, score), with
+    the benchmarks' split seed, and a fine-tuning run's ``training`` settings: (epochs, batch size, learning
+    rate). ``polarity`` reads ``polarity_csv`` when given (the tests pass a small one)."""
+
+    def __init__(
+        self,
+        name: str,
+        args: argparse.Namespace,
+        tokenizer,
+        training: tuple[float, int, float],
+        polarity_csv: Path | None = None,
+    ):
+        from hfprune.cli.tasks import load_task
+        from hfprune.data.polarity import read_polarity
+        from hfprune.data.sources import polarity_dataset
+        from hfprune.recipe.run_sections import DataSection
+
+        self.name = name
+        self.epochs, self.batch_size, self.lr = training
+        data = DataSection(
+            dataset=name,
+            test_fraction=TEST_FRACTION,
+            train_limit=args.train_limit,
+            test_limit=args.test_limit,
+        )
+        dataset = polarity_dataset(read_polarity(polarity_csv)) if name == "polarity" else None
+        self.task = load_task(data, tokenizer, None, SPLIT_SEED, dataset)
+        self.train, self.test = self.task.train_set, self.task.test_set
+        self.collator, self.metric = self.task.collator(), self.task.metric
+
+    def model(self, path, fine_tuned: bool = False):
+        return self.task.model(path, fine_tuned=fine_tuned)
+
+    def arguments(self, output_dir: str, seed: int) -> TrainingArguments:
+        return training_arguments(self, output_dir, seed, group_by_length=False)
+
+    def steps(self) -> int:
+        return training_steps(self, len(self.train))
+
+    def score(self, model, output_dir: str, seed: int) -> float:
+        return self.task.evaluate(model, self.arguments(output_dir, seed))[self.task.headline]
+
+
 # --- training -------------------------------------------------------------------------------------
 def training_arguments(run, output_dir: str, seed: int, group_by_length: bool = True) -> TrainingArguments:
     """The Trainer's settings for a fine-tuning run on the CPU: ``run`` has ``epochs``, ``batch_size`` and

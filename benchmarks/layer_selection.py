@@ -22,19 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hfprune import PruneCallback
 from hfprune.architecture import delete_residual_layers
-from hfprune.cli.tasks import load_task
-from hfprune.data.polarity import read_polarity
-from hfprune.data.sources import polarity_dataset
-from hfprune.recipe.run_sections import DataSection
 
 from common import (
     LATENCY_SEQ,
-    SPLIT_SEED,
-    TEST_FRACTION,
+    TaskData,
     add_polarity_data_argument,
     add_run_arguments,
     benchmark_parser,
@@ -48,8 +43,6 @@ from common import (
     report,
     settings,
     speedup_cells,
-    training_arguments,
-    training_steps,
     vs_dense_cell,
 )
 
@@ -104,38 +97,7 @@ def truncate(model, layers: list[int]):
     return model
 
 
-class Task:
-    """One dataset as ``hfprune run`` reads it (:mod:`hfprune.cli.tasks`: split, encoding, head, score), with
-    this benchmark's split seed and training settings."""
-
-    def __init__(self, name: str, args, tokenizer):
-        self.name = name
-        self.epochs, self.batch_size, self.lr = TASKS[name]
-        data = DataSection(
-            dataset=name,
-            test_fraction=TEST_FRACTION,
-            train_limit=args.train_limit,
-            test_limit=args.test_limit,
-        )
-        dataset = polarity_dataset(read_polarity(args.polarity_data)) if name == "polarity" else None
-        self.task = load_task(data, tokenizer, None, SPLIT_SEED, dataset)
-        self.train, self.test = self.task.train_set, self.task.test_set
-        self.collator, self.metric = self.task.collator(), self.task.metric
-
-    def model(self, path: str):
-        return self.task.model(path)
-
-    def arguments(self, output_dir: str, seed: int) -> TrainingArguments:
-        return training_arguments(self, output_dir, seed, group_by_length=False)
-
-    def steps(self) -> int:
-        return training_steps(self, len(self.train))
-
-    def score(self, model, output_dir: str, seed: int) -> float:
-        return self.task.evaluate(model, self.arguments(output_dir, seed))[self.task.headline]
-
-
-def run_row(task: Task, args, kind: str, keep: int, workdir: Path) -> tuple[dict, torch.nn.Module]:
+def run_row(task: TaskData, args, kind: str, keep: int, workdir: Path) -> tuple[dict, torch.nn.Module]:
     torch.manual_seed(args.seed)
     model = task.model(args.model_path)
     depth = model.config.num_hidden_layers
@@ -184,7 +146,7 @@ def main(argv=None) -> int:
     tokenizer = minilm_tokenizer(args)
     rows = []
     for name in args.tasks:
-        task = Task(name, args, tokenizer)
+        task = TaskData(name, args, tokenizer, TASKS[name], args.polarity_data)
         plan = [("dense", 0)] + [(kind, k) for k in args.keeps for kind in ("layer-lasso", *args.baselines)]
         print(
             f"{name}: {len(task.train)} train / {len(task.test)} test examples, {task.steps()} steps per "

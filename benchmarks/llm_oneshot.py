@@ -9,7 +9,10 @@ weight update:
 - ``magnitude``: the smallest weights of each matrix (one threshold per matrix, as magnitude
   pruning usually is);
 - ``magnitude, per row``: the same score compared within each output row;
-- ``wanda``: ``|W| * ||X||``, compared within each output row (Sun et al. 2023).
+- ``wanda, dense inputs``: ``|W| * ||X||``, compared within each output row, every input norm
+  ``||X||`` from one forward pass of the dense model;
+- ``wanda``: the same, a layer at a time, each layer's input norms measured after the layers below
+  it are pruned (Sun et al. 2023).
 
 Each at 50% unstructured and at 2:4 (every 4 consecutive inputs of a row keep 2). Perplexity is exp
 of the mean next-token loss on the held-out blocks (the test split, which no calibration block
@@ -36,7 +39,8 @@ TARGETS = r"re:model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 METHODS = {  # the wanda strategy's score and comparison
     "magnitude": "{score: magnitude, compare: matrix}",
     "magnitude, per row": "{score: magnitude, compare: row}",
-    "wanda": "{score: wanda, compare: row}",
+    "wanda, dense inputs": "{score: wanda, compare: row, sequential: false}",
+    "wanda": "{score: wanda, compare: row}",  # layer by layer, as the paper
 }
 PATTERNS = {"50%": "sparsity: 0.5", "2:4": "n_m: [2, 4]"}
 

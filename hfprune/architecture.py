@@ -192,6 +192,15 @@ def find_layer_stacks(root: nn.Module, adapters: list[ArchitectureAdapter]) -> l
     return list(stacks.values())
 
 
+def stacks_holding(root: nn.Module, modules, adapters: list[ArchitectureAdapter]) -> list[nn.ModuleList]:
+    """The layer stacks in ``root`` (:func:`find_layer_stacks`) that hold any of ``modules``: those a strategy
+    working a layer at a time walks."""
+    wanted = {id(module) for module in modules}
+    return [
+        stack for stack in find_layer_stacks(root, adapters) if any(id(m) in wanted for m in stack.modules())
+    ]
+
+
 def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
     """Delete, in place, the layers of a residual stack whose keep flag is False; the hidden-state indices
     left.

@@ -291,6 +291,14 @@ class MaskingStrategy(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state)
 
+    def keep_plan(self) -> dict[str, torch.Tensor] | None:
+        """Each parameter's keep-mask, whole (collective when sharded), or None before any is set: the
+        :meth:`compaction_plan` of a structured strategy once its pattern is fixed (compaction removes the
+        all-False slices)."""
+        if not self.masks.active:
+            return None
+        return dict(zip(self.masks.names, self.masks.whole_keep()))
+
 
 class ReweightedPhaseStrategy(MaskingStrategy):
     """Base for penalty methods: push weights toward zero in ``[start, end)``, then fix a mask.

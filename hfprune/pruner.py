@@ -158,13 +158,17 @@ def _wrapped(parameters: dict[str, nn.Parameter], view: ModelView) -> list[str]:
 
 
 def kind_problems(recipe: Recipe, registry: Registry, one_shot: bool) -> list[Problem]:
-    """One per entry of the other kind than its driver: one-shot in training, or the reverse.
+    """One per entry of the other kind than its driver (one-shot in training, or the reverse), and per
+    one-shot entry given a schedule.
 
     The drivers ask when they start; ``hfprune prune`` asks before it loads any data.
     """
     problems = []
     for index, entry in enumerate(recipe.pruners):
         if issubclass(registry.get(entry.strategy).cls, OneShotStrategy) == one_shot:
+            if one_shot and "schedule" in entry.model_fields_set:
+                message = "a one-shot strategy prunes once, at no training step: remove `schedule`"
+                problems.append(recipe.problem(("pruners", index, "schedule"), message))
             continue
         name = entry.strategy
         if one_shot:
@@ -402,17 +406,8 @@ class Pruner:
             raise self.recipe.error(problems)
         schedules = []
         for plan in self.plans:
-            entry = self.recipe.pruners[plan.index]
-            if one_shot and "schedule" in entry.model_fields_set:
-                problems.append(
-                    self.recipe.problem(
-                        ("pruners", plan.index, "schedule"),
-                        "a one-shot strategy prunes once, at no training step: remove `schedule`",
-                    )
-                )
-                continue
             try:
-                schedules.append(entry.schedule.resolve(total_steps))
+                schedules.append(self.recipe.pruners[plan.index].schedule.resolve(total_steps))
             except ValueError as exc:
                 problems.append(self.recipe.problem(("pruners", plan.index, "schedule"), str(exc)))
         if problems:

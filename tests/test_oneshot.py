@@ -232,6 +232,35 @@ pruners:
     assert all(torch.equal(a, b) for a, b in zip(*keeps))
 
 
+def wanda_recipe(layers: str, sequential: bool) -> str:
+    return f"""version: 1
+pruners:
+  - strategy: wanda
+    targets: ['re:bert\\.encoder\\.layer\\.({layers})\\.(intermediate|output)\\.dense']
+    config: {{sparsity: 0.5, sequential: {str(sequential).lower()}}}
+"""
+
+
+def test_wanda_layer_by_layer_measures_each_layer_after_the_ones_below_are_pruned():
+    """Sequential Wanda on layers 0 and 1 equals pruning layer 0, then measuring layer 1 on that model."""
+    batches = calibration_batches()
+    together = tiny_bert()
+    pruner = hfprune.oneshot(together, batches, wanda_recipe("0|1", sequential=True), progress=False)
+    chosen = dict(zip(pruner.strategies[0].masks.names, pruner.strategies[0].masks.keep()))
+
+    by_hand, masks = tiny_bert(), {}
+    for layer in ("0", "1"):  # one dense pass each, on the model as the layers before left it
+        step = hfprune.oneshot(by_hand, batches, wanda_recipe(layer, sequential=False), progress=False)
+        masks |= dict(zip(step.strategies[0].masks.names, step.strategies[0].masks.keep()))
+    assert chosen.keys() == masks.keys() and len(chosen) == 4
+    assert all(torch.equal(chosen[name], masks[name]) for name in chosen)
+
+    dense_norms = tiny_bert()  # every norm from the dense model: layer 1 chooses differently
+    pruner = hfprune.oneshot(dense_norms, batches, wanda_recipe("0|1", sequential=False), progress=False)
+    unaware = dict(zip(pruner.strategies[0].masks.names, pruner.strategies[0].masks.keep()))
+    assert any(not torch.equal(unaware[name], chosen[name]) for name in chosen if ".1." in name)
+
+
 # --- the driver and bad input ---------------------------------------------------------------------
 
 

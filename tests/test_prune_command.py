@@ -95,6 +95,13 @@ def test_prune_refuses_a_training_recipe_before_reading_data(tmp_path, classifie
     assert "pruners[0].strategy" in error and "prunes during training" in error
 
 
+def test_prune_refuses_a_one_shot_entry_with_a_schedule_before_reading_data(tmp_path, classifier_dir, capsys):
+    recipe = MASK_SEARCH.replace("    config:", "    schedule: {start: 0.1, end: 0.5}\n    config:")
+    assert prune(tmp_path, recipe, classifier_dir, tmp_path / "missing.csv") == 1
+    error = capsys.readouterr().err
+    assert "pruners[0].schedule" in error and "remove `schedule`" in error
+
+
 def test_prune_refuses_a_model_of_another_task(tmp_path, classifier_dir, capsys):
     """Word-tag data given to a sentence classifier: said plainly, nothing written."""
     rows = [{"tokens": json.dumps(["a", "film"]), "tags": json.dumps(["O", "B-x"])} for _ in range(40)]

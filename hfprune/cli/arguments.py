@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hfprune.recipe.run_sections import TASKS, DataSection
+from hfprune.recipe.run_sections import TASKS, DataSection, merge
 
 
 def positive(kind: type):
@@ -56,4 +56,23 @@ def add_data_arguments(group) -> None:
         metavar="N",
         help=f"sub-tokens per example after truncation; tokens per block of text (default: "
         f"{DataSection().max_length})",
+    )
+
+
+def data_section(recipe_data: DataSection | None, args: argparse.Namespace, train_limit: int | None):
+    """The recipe's ``data:`` section with the flags of :func:`add_data_arguments` given on the command line
+    (and ``train_limit``, which each command names its own way) put over it."""
+    return merge(
+        recipe_data,
+        DataSection,
+        {
+            "dataset": args.dataset,
+            "task": args.task,
+            "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column,
+            "label_column": args.label_column,
+            "max_length": args.max_length,
+            "train_limit": train_limit,
+            "test_limit": args.test_limit,
+        },
     )

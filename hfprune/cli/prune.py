@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hfprune.cli.arguments import add_data_arguments, positive
+from hfprune.cli.arguments import add_data_arguments, data_section, positive
 from hfprune.cli.measure import compact_or_why, latency_batches, loader_of, pruning_report
 from hfprune.cli.model_sources import load_config, load_tokenizer, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, REPORT_MD, summary, write_results
@@ -25,7 +25,6 @@ from hfprune.errors import HfpruneError
 from hfprune.plugins import default_registry
 from hfprune.pruner import kind_problems
 from hfprune.recipe import builtin as builtin_recipes
-from hfprune.recipe.run_sections import DataSection, merge
 from hfprune.recipe.schema import load_recipe
 
 DEFAULT_CALIBRATION_EXAMPLES = 2000  # Kwon et al.'s calibration set
@@ -154,20 +153,7 @@ def _settings(args: argparse.Namespace):
         raise HfpruneError(
             "hfprune prune needs the fine-tuned model to prune: --model PATH (or model: path:)"
         )
-    data = merge(
-        recipe.data,
-        DataSection,
-        {
-            "dataset": args.dataset,
-            "task": args.task,
-            "text_column": args.text_column,
-            "text_pair_column": args.text_pair_column,
-            "label_column": args.label_column,
-            "max_length": args.max_length,
-            "train_limit": args.calibration_examples,
-            "test_limit": args.test_limit,
-        },
-    )
+    data = data_section(recipe.data, args, args.calibration_examples)
     check_output_dir(Path(args.output_dir), args.overwrite)
     return recipe_path, recipe, model_path, data
 

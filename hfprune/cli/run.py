@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from hfprune.cli import training_arguments
-from hfprune.cli.arguments import add_data_arguments, positive
+from hfprune.cli.arguments import add_data_arguments, data_section, positive
 from hfprune.cli.measure import compact_or_why, latency_batches, loader_of, pruning_report
 from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, load_config, load_tokenizer, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
 from hfprune.errors import HfpruneError
 from hfprune.recipe import builtin as builtin_recipes
-from hfprune.recipe.run_sections import DataSection, ModelSection, TrainingSection, merge
+from hfprune.recipe.run_sections import ModelSection, TrainingSection, merge
 from hfprune.recipe.schema import load_recipe
 
 DEFAULT_OUTPUT_DIR = "hfprune-output"
@@ -156,20 +156,7 @@ class RunSettings:
         self.recipe = load_recipe(self.recipe_path)  # a bad recipe fails here, before any data is read
         training_arguments.check_recipe_keys(self.recipe)
         model = merge(self.recipe.model, ModelSection, {"path": args.model, "teacher": args.teacher})
-        self.data = merge(
-            self.recipe.data,
-            DataSection,
-            {
-                "dataset": args.dataset,
-                "task": args.task,
-                "text_column": args.text_column,
-                "text_pair_column": args.text_pair_column,
-                "label_column": args.label_column,
-                "max_length": args.max_length,
-                "train_limit": args.train_limit,
-                "test_limit": args.test_limit,
-            },
-        )
+        self.data = data_section(self.recipe.data, args, args.train_limit)
         self.training = merge(
             self.recipe.training,
             TrainingSection,

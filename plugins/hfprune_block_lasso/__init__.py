@@ -272,11 +272,7 @@ class BlockLassoStrategy(ReweightedPhaseStrategy):
         )
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
-        """Once the pattern is fixed: each parameter's keep-mask, whose all-False slices compaction
-        removes."""
-        if not self.masks.active:
-            return None
-        return dict(zip(self.masks.names, self.masks.whole_keep()))
+        return self.keep_plan()
 
     def alpha_names(self) -> list[str]:
         return [block_set.name for block_set in self.sets]

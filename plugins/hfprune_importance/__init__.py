@@ -225,9 +225,7 @@ class ImportanceStrategy(MaskingStrategy):
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
         """Once the pattern is fixed (``end`` reached): each parameter's keep-mask, whose all-False slices
         compaction removes."""
-        if self.updated_for != self.schedule.end:
-            return None
-        return dict(zip(self.masks.names, self.masks.keep()))
+        return self.keep_plan() if self.updated_for == self.schedule.end else None
 
     def state_dict(self) -> dict:
         scores = {

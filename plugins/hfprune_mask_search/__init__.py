@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from hfprune import OneShotStrategy, StrategyConfig, hookimpl
-from hfprune.architecture import find_layer_stacks
+from hfprune.architecture import stacks_holding
 from hfprune.blocks import BlockSet, block_norms, build_block_sets
 from hfprune.errors import TargetError
 from hfprune.masks import MaskingStrategy
@@ -100,7 +100,10 @@ class MaskSearchStrategy(OneShotStrategy, MaskingStrategy):
             raise TargetError(f"keep {self.config.keep:g}: {exc}") from None
         if gradients is not None and self.config.rearrange:
             keeps = [rearrange(g, keep) for g, keep in zip(gradients, keeps)]
-        stacks = self._stacks(calibration.model) if self.config.tune else []
+        stacks = []  # tuning replays the layer stacks that hold the blocks, layer by layer
+        if self.config.tune:
+            units = [s.unit.module for s in self.sets]
+            stacks = stacks_holding(calibration.model, units, self.targets.architectures)
         teachers = [dense_copies(stack) for stack in stacks]
         masks = {
             name: torch.ones(p.shape, dtype=torch.bool, device=p.device)
@@ -127,15 +130,6 @@ class MaskSearchStrategy(OneShotStrategy, MaskingStrategy):
         calibration.gradient_passes(consumers, read, "mask-search: Fisher importance")
         return [torch.stack(row) for row in rows]
 
-    def _stacks(self, model) -> list:
-        """The layer stacks holding the targeted blocks: tuning replays them layer by layer."""
-        units = {id(s.unit.module) for s in self.sets}
-        return [
-            stack
-            for stack in find_layer_stacks(model, self.targets.architectures)
-            if any(id(m) in units for m in stack.modules())
-        ]
-
     def metrics(self) -> dict[str, float]:
         """``kept_heads`` and ``kept_neurons``: the fraction of each kind kept."""
         if self.kept is None:
@@ -148,9 +142,7 @@ class MaskSearchStrategy(OneShotStrategy, MaskingStrategy):
         return result
 
     def compaction_plan(self) -> dict[str, torch.Tensor] | None:
-        if not self.masks.active:
-            return None
-        return dict(zip(self.masks.names, self.masks.keep()))
+        return self.keep_plan()
 
 
 def _unit_sets(targets) -> list[BlockSet]:

@@ -13,20 +13,25 @@ N:M, every ``m`` consecutive inputs of a row keep their ``n`` best. ``score: mag
 is the baseline, ``|W_ij|`` alone, compared by row or, as magnitude pruning usually is, over
 the whole matrix (``compare: matrix``).
 
-Activation norms come from one forward pass of the dense model over the calibration data
-(the paper feeds each layer the already-pruned layers' outputs; at 50% the difference is
-small, and one pass serves every target, whatever the model).
+As in the paper, the model is pruned a layer at a time (``sequential``, the default): each
+layer's input norms are measured on what the layers below, already pruned, give it
+(:meth:`hfprune.calibration.Calibration.replay`), so later layers choose knowing what earlier
+ones lost. ``sequential: false`` measures every norm in one forward pass of the dense model
+instead: the same cost as a single pass, for models without a layer stack hfprune knows.
+Targets outside the layer stacks (an LM head) are measured after the stacks are pruned.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from hfprune import OneShotStrategy, StrategyConfig, hookimpl
-from hfprune.architecture import weight_dim
+from hfprune.architecture import stacks_holding, weight_dim
 from hfprune.errors import TargetError
 from hfprune.masks import MaskingStrategy, pruned_count
 
@@ -48,6 +53,11 @@ class WandaConfig(StrategyConfig):
     )
     compare: Literal["row", "matrix"] = Field(
         default="row", description="'row': each output row loses the same share; 'matrix': one threshold"
+    )
+    sequential: bool = Field(
+        default=True,
+        description="measure each layer's input norms after pruning the layers below it (the paper's "
+        "way); false: all from one pass of the dense model",
     )
 
     @model_validator(mode="after")
@@ -104,43 +114,74 @@ class WandaStrategy(OneShotStrategy, MaskingStrategy):
         return pruned / max(total, 1)
 
     def prune(self, calibration) -> None:
-        norms = self._input_norms(calibration) if self.config.score == "wanda" else {}
-        masks = []
-        for name, param in zip(self.masks.names, self.masks.params):
-            module = self.modules[name]
-            rows_dim = weight_dim(module, "out")
-            score = param.detach().abs().float()
-            score = score if rows_dim == 0 else score.t()  # (outputs, inputs)
-            if name in norms:
-                score = score * norms[name].sqrt()
-            keep = keep_mask(score, self.config)
-            masks.append(keep if rows_dim == 0 else keep.t())
-        self.masks.set(masks, optimizer=None)
+        keeps: dict[str, torch.Tensor] = {}
+        if self.config.score == "wanda":
+            remaining = dict(self.modules)
+            if self.config.sequential:
+                stacks = stacks_holding(calibration.model, self.modules.values(), self.targets.architectures)
+                for stack in stacks:
+                    self._prune_stack(calibration, stack, remaining, keeps)
+            if remaining:
+                with _input_norms(remaining, calibration) as norms:
+                    calibration.forward_passes("wanda: input norms")
+                keeps |= {name: self._keep(name, norms[name]) for name in remaining}
+        else:
+            keeps = {name: self._keep(name, None) for name in self.modules}
+        self.masks.set([keeps[name] for name in self.masks.names], optimizer=None)
 
-    def _input_norms(self, calibration) -> dict[str, torch.Tensor]:
-        """Each target's squared input-feature norms over the calibration tokens (padding left out)."""
-        sums = {name: None for name in self.modules}
+    def _prune_stack(self, calibration, stack, remaining: dict, keeps: dict) -> None:
+        """Prune the targets in ``stack`` a layer at a time, each from its input as the pruned layers below
+        make it; those done leave ``remaining`` for ``keeps``."""
+        replay = calibration.replay(stack)
+        hidden = replay.inputs()
+        for layer in calibration.bar(stack, "wanda: layer by layer"):
+            inside = {id(module) for module in layer.modules()}
+            targets = {name: module for name, module in remaining.items() if id(module) in inside}
+            if targets:
+                with _input_norms(targets, calibration) as norms:
+                    for index, states in enumerate(hidden):
+                        replay.call(layer, index, states)
+                for name in targets:
+                    keeps[name] = self._keep(name, norms[name])
+                    self.modules[name].weight.data.mul_(keeps[name])  # what the layers above will see
+                    del remaining[name]
+            hidden = replay.run(layer, hidden)
 
-        def hook(name):
-            def accumulate(module, args):
-                rows = calibration.select_rows(args[0].detach()).float()
-                squares = rows.square().sum(0)
-                sums[name] = squares if sums[name] is None else sums[name] + squares
+    def _keep(self, name: str, norms: torch.Tensor | None) -> torch.Tensor:
+        """The keep-mask of target ``name`` (shaped like its weight) from its squared input norms, if any."""
+        module = self.modules[name]
+        rows_dim = weight_dim(module, "out")
+        score = module.weight.detach().abs().float()
+        score = score if rows_dim == 0 else score.t()  # (outputs, inputs)
+        if norms is not None:
+            score = score * norms.sqrt()
+        keep = keep_mask(score, self.config)
+        return keep if rows_dim == 0 else keep.t()
 
-            return accumulate
 
-        handles = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
-        try:
-            calibration.forward_passes("wanda: input norms")
-        finally:
-            for handle in handles:
-                handle.remove()
-        missed = [name for name, value in sums.items() if value is None]
-        if missed:
-            raise TargetError(
-                f"{missed[0]} never ran in the calibration passes: its inputs cannot be measured"
-            )
-        return sums
+@contextmanager
+def _input_norms(modules: dict, calibration) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, each module's squared input-feature norms summed over the calibration tokens that pass
+    through it (padding left out); on closing, a module that never ran is a TargetError."""
+    sums = {name: None for name in modules}
+
+    def hook(name):
+        def accumulate(module, args):
+            rows = calibration.select_rows(args[0].detach()).float()
+            squares = rows.square().sum(0)
+            sums[name] = squares if sums[name] is None else sums[name] + squares
+
+        return accumulate
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield sums
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [name for name, value in sums.items() if value is None]
+    if missed:
+        raise TargetError(f"{missed[0]} never ran in the calibration passes: its inputs cannot be measured")
 
 
 def keep_mask(score: torch.Tensor, config: WandaConfig) -> torch.Tensor:
