@@ -132,6 +132,8 @@ class WandaStrategy(OneShotStrategy, MaskingStrategy):
     def _prune_stack(self, calibration, stack, remaining: dict, keeps: dict) -> None:
         """Prune the targets in ``stack`` a layer at a time, each from its input as the pruned layers below
         make it; those done leave ``remaining`` for ``keeps``."""
+        in_stack = {id(module) for module in stack.modules()}
+        left = sum(id(module) in in_stack for module in remaining.values())
         replay = calibration.replay(stack)
         hidden = replay.inputs()
         for layer in calibration.bar(stack, "wanda: layer by layer"):
@@ -145,6 +147,9 @@ class WandaStrategy(OneShotStrategy, MaskingStrategy):
                     keeps[name] = self._keep(name, norms[name])
                     self.modules[name].weight.data.mul_(keeps[name])  # what the layers above will see
                     del remaining[name]
+                left -= len(targets)
+            if not left:
+                break  # no target above: advancing the replay further would be wasted passes
             hidden = replay.run(layer, hidden)
 
     def _keep(self, name: str, norms: torch.Tensor | None) -> torch.Tensor:
