@@ -104,7 +104,7 @@ def test_keep_accuracy_quick(tmp_path):
         "importance+distillation",
     }
     for method, summary in methods.items():
-        assert 0.0 <= summary["score_min"] <= summary["score_mean"] <= summary["score_max"] <= 1.0
+        assert 0.0 <= summary["accuracy_min"] <= summary["accuracy_mean"] <= summary["accuracy_max"] <= 1.0
         if method != "dense":
             assert (
                 summary["parameter_reduction"] == pytest.approx(2.0, abs=0.01) and summary["speedup_b32"] > 0
