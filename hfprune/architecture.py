@@ -25,6 +25,9 @@ from hfprune.integrations.peft_names import is_adapter_layer, named_modules
 
 Side = Literal["out", "in"]  # "out": the matrix produces the group's activations; "in": it consumes them
 UnitKind = Literal["head", "neuron"]
+Prunable = Literal[
+    "layer", "head", "neuron"
+]  # what a family may refuse to prune (ArchitectureAdapter.refusal)
 PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per layer, shortened with the stack
 
 
@@ -111,7 +114,8 @@ class ArchitectureAdapter:
     blocks is covered; :meth:`resize` updates the bookkeeping attributes a forward pass reads after
     compaction has sliced the matrices; :meth:`config_updates` says how a config states
     uniform sizes, or that it cannot; :meth:`delete_layers` removes layers from the stacks it
-    recognizes (residual stacks by default).
+    recognizes (residual stacks by default); :meth:`refusal` explains a family whose layers, heads
+    or neurons cannot be pruned.
     """
 
     name: str = ""
@@ -127,6 +131,11 @@ class ArchitectureAdapter:
     def layer_stack(self, module: nn.Module) -> nn.ModuleList | None:
         """The residual layer stack ``module`` holds as a direct attribute (BERT's encoder: ``layer``), or
         None."""
+        return None
+
+    def refusal(self, module: nn.Module, kind: Prunable) -> str | None:
+        """Why ``module``'s layers, heads or neurons cannot be pruned in this family (ALBERT's one layer
+        serves every position), or None. A strategy that finds no stack or unit shows it in its error."""
         return None
 
     def resize(self, unit: Unit, kept_groups: int) -> None:
@@ -156,6 +165,16 @@ def layer(parent: nn.Module | None, name: str) -> nn.Module | None:
     """
     module = getattr(parent, name, None)
     return module.get_base_layer() if module is not None and is_adapter_layer(module) else module
+
+
+def refusal(root: nn.Module, kind: Prunable, adapters: list[ArchitectureAdapter]) -> str | None:
+    """The first reason an adapter gives why ``kind`` cannot be pruned in ``root`` or below, or None."""
+    for module in root.modules():
+        for adapter in adapters:
+            reason = adapter.refusal(module, kind)
+            if reason:
+                return reason
+    return None
 
 
 def unit_of(module: nn.Module, kind: UnitKind, adapters: list[ArchitectureAdapter]) -> Unit | None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfprune.architecture import ArchitectureAdapter, Member, Unit, find_units, weight_dim
+from hfprune.architecture import ArchitectureAdapter, Member, Unit, find_units, refusal, weight_dim
 from hfprune.errors import TargetError
 from hfprune.integrations.peft_names import named_modules
 from hfprune.integrations.sharding import Layout, layout_of, shard_group
@@ -251,6 +251,9 @@ def _unit_sets(
             u for u in find_units(target, kind, adapters, prefix=target_name) if id(u.module) not in seen
         ]
         if not found and not any(id(m) in seen for m in target.modules()):
+            reason = refusal(target, kind, adapters)
+            if reason:
+                raise TargetError(f"{target_name} ({type(target).__name__}): {reason}")
             known = ", ".join(a.name for a in adapters) or "none"
             raise TargetError(
                 f"{target_name} ({type(target).__name__}) contains no "

@@ -11,15 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
+    BartConfig,
+    BartForConditionalGeneration,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
     TrainerCallback,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 from hfprune.plugins import default_registry
@@ -88,12 +100,144 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def tiny_phi3(seed: int = 0) -> Phi3ForCausalLM:
+    """Fused projections: qkv_proj holds 4 query heads and 2 key/value heads; gate_up_proj both halves."""
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Phi3ForCausalLM(config)
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    """Gemma 3's text model: per-head query and key norms, a sliding-window layer and a global one."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    """16x16 RGB images in four 8x8 patches."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
+    """Encoder and decoder of 2 layers each; the decoder's cross-attention reads the encoder."""
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config)
+
+
+def tiny_t5(seed: int = 0, gated: bool = False) -> T5ForConditionalGeneration:
+    """Encoder and decoder of 2 layers each, relative position bias in the first of each; ``gated``: Flan-T5's
+    gated-GELU FFN."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_albert(seed: int = 0) -> AlbertForSequenceClassification:
+    """One layer shared by 3 positions."""
+    torch.manual_seed(seed)
+    config = AlbertConfig(
+        vocab_size=VOCAB,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout_prob=0.0,
+    )
+    return AlbertForSequenceClassification(config)
+
+
+# Families whose layers form one residual stack: every test of heads, neurons and layer deletion runs on each.
 TINY_MODELS = {
     "bert": tiny_bert,
     "roberta": tiny_roberta,
     "distilbert": tiny_distilbert,
     "gpt2": tiny_gpt2,
     "llama": tiny_llama,
+    "phi3": tiny_phi3,
+    "gemma3": tiny_gemma3,
+    "vit": tiny_vit,
+}
+# Every supported family: those above, and those whose layers are not deleted (an encoder-decoder's two
+# stacks; ALBERT's one shared layer); T5's heads are not pruned either.
+EVERY_FAMILY = {
+    **TINY_MODELS,
+    "bart": tiny_bart,
+    "albert": tiny_albert,
+    "t5": tiny_t5,
+    "flan-t5": lambda: tiny_t5(gated=True),
 }
 
 

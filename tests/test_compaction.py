@@ -12,10 +12,11 @@ import transformers
 
 from hfprune import CompactionError, Pruner, RecipeError, hookimpl
 from hfprune.compaction.compact import LAYOUT_KEY, compact_model, probe_batch
+from hfprune.compaction.conformance import check_round_trip, pruned, structured_recipe
 from hfprune.compaction.loading import load_compacted
 from hfprune.plugins import default_registry
 
-from conftest import TINY_MODELS, TokenDataset, tiny_bert, tiny_llama
+from conftest import EVERY_FAMILY, tiny_bert, tiny_llama, tiny_phi3
 
 UNITS = {  # (attention class, FFN class) per tiny model
     "bert": ("BertAttention", "BertLayer"),
@@ -23,36 +24,14 @@ UNITS = {  # (attention class, FFN class) per tiny model
     "distilbert": ("DistilBertSelfAttention", "FFN"),
     "gpt2": ("GPT2Attention", "GPT2MLP"),
     "llama": ("LlamaAttention", "LlamaMLP"),
+    "phi3": ("Phi3Attention", "Phi3MLP"),
+    "gemma3": ("Gemma3Attention", "Gemma3MLP"),
+    "vit": ("ViTAttention", "ViTMLP"),
+    "bart": ("BartAttention", "BartEncoderLayer, BartDecoderLayer"),
+    "albert": ("AlbertAttention", "AlbertLayer"),
+    "t5": (None, "T5DenseActDense"),  # neurons only: its heads share the first layer's position bias
+    "flan-t5": (None, "T5DenseGatedActDense"),
 }
-
-
-def structured_recipe(attention: str | None, ffn: str | None, ratio: float = 0.5, end: int = 1) -> str:
-    entries = [
-        f"  - strategy: block-lasso\n    targets: [{target}]\n    schedule: {{start: 0, end: {end}}}\n"
-        f"    config: {{group: {group}, ratio: {ratio}, lam: 0.01}}\n"
-        for group, target in (("head", attention), ("neuron", ffn))
-        if target
-    ]
-    return "version: 1\npruners:\n" + "".join(entries)
-
-
-def pruned(model, text: str, steps: int = 3, registry=None) -> Pruner:
-    """Train ``steps`` real SGD steps with the recipe, so the pattern is fixed by the end."""
-    pruner = Pruner(text, registry)
-    pruner.attach(model)
-    pruner.start(steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = TokenDataset(size=4)
-    ids = torch.stack([data[i]["input_ids"] for i in range(4)])
-    for _ in range(steps):
-        model(
-            input_ids=ids, labels=ids if isinstance(model, transformers.GenerationMixin) else ids[:, 0] % 2
-        ).loss.backward()
-        pruner.before_optimizer_step(optimizer)
-        optimizer.step()
-        pruner.after_optimizer_step(optimizer)
-        optimizer.zero_grad()
-    return pruner
 
 
 def counts(model, kind: str, adapters=None) -> list[int]:
@@ -64,9 +43,9 @@ def counts(model, kind: str, adapters=None) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+@pytest.mark.parametrize("family", sorted(EVERY_FAMILY))
 def test_compaction_removes_half_the_heads_and_neurons_with_equal_outputs(family):
-    model = TINY_MODELS[family]()
+    model = EVERY_FAMILY[family]()
     pruner = pruned(model, structured_recipe(*UNITS[family]))
     heads, neurons = counts(model, "head"), counts(model, "neuron")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -83,6 +62,51 @@ def test_compaction_removes_half_the_heads_and_neurons_with_equal_outputs(family
     model.eval(), compacted.eval()
     with torch.no_grad():
         torch.testing.assert_close(compacted(**probe).logits, model(**probe).logits, atol=1e-4, rtol=0)
+
+
+# Families whose config states fewer heads (their head size is a config field): plain from_pretrained loads
+# them with heads removed. The others record heads under hfprune_layout and load with load_compacted.
+HEADS_IN_A_STOCK_CONFIG = {"llama", "phi3", "gemma3", "vit"}
+
+
+@pytest.mark.parametrize("family", sorted(EVERY_FAMILY))
+def test_every_family_is_pruned_compacted_saved_and_reloaded_computing_as_the_pruned_model(family, tmp_path):
+    """The adapter conformance kit on each family: a transformers upgrade that renames a family's modules
+    fails here, under the family's name."""
+    loaded = check_round_trip(EVERY_FAMILY[family], *UNITS[family], tmp_path)
+    stock = not getattr(loaded.config, LAYOUT_KEY, None)
+    assert stock == (family in HEADS_IN_A_STOCK_CONFIG or UNITS[family][0] is None)
+
+
+@pytest.mark.parametrize("family", sorted(EVERY_FAMILY))
+def test_every_family_with_half_its_neurons_saves_a_stock_config_that_plain_transformers_loads(
+    family, tmp_path
+):
+    model = EVERY_FAMILY[family]()
+    compacted = pruned(model, structured_recipe(None, UNITS[family][1])).compact(model)
+    compacted.save_pretrained(tmp_path)
+    assert not getattr(compacted.config, LAYOUT_KEY, None)
+    _assert_same_outputs(model, getattr(transformers, type(model).__name__).from_pretrained(tmp_path))
+
+
+def test_phi3_layers_that_keep_different_heads_each_split_their_fused_projection_at_their_own_size(tmp_path):
+    """Phi-3 reads where qkv_proj's keys begin from its config, shared by every layer."""
+    model = tiny_phi3()
+    output = model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        output.weight[:, 16:] = 0  # key/value group 1 of layer 0: query heads 2 and 3
+    keep = (output.weight != 0).float()
+
+    compacted = compact_model(
+        model, {"model.layers.0.self_attn.o_proj.weight": keep}, default_registry().architectures
+    )
+    compacted.save_pretrained(tmp_path)
+
+    assert getattr(compacted.config, LAYOUT_KEY) == {
+        "head": {"model.layers.0.self_attn": 1, "model.layers.1.self_attn": 2}
+    }
+    assert compacted.config.num_attention_heads == 4  # the shared config still describes layer 1
+    _assert_same_outputs(model, load_compacted(tmp_path))
 
 
 def test_uniform_neurons_save_a_stock_config_that_plain_transformers_loads(tmp_path):
@@ -375,3 +399,33 @@ def test_save_compacted_replaces_a_folder_only_once_the_new_one_is_complete(tmp_
     save_compacted(tiny_bert(seed=1), output, replace=True)
     assert (output / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_the_adapter_kit_fails_an_adapter_whose_config_cannot_rebuild_the_model(monkeypatch, tmp_path):
+    """A ViT adapter that states fewer heads but not their size: the saved config builds heads of the wrong
+    width, and the kit's reload says so."""
+    from hfprune.compaction.conformance import AdapterConformance
+    from hfprune.plugins import DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, build_registry
+    from hfprune_architectures import ViT
+
+    from conftest import tiny_vit
+
+    class HeadsWithoutTheirSize(ViT):
+        def config_updates(self, config, kind, unit, kept_groups):
+            return {"num_attention_heads": kept_groups} if kind == "head" else None
+
+    class Plugin:
+        @hookimpl
+        def hfprune_register_architectures(self, register):
+            register(HeadsWithoutTheirSize())
+
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    monkeypatch.setenv(PLUGINS_ENV, "block-lasso")
+
+    class TestBrokenViT(AdapterConformance):
+        model_factory = staticmethod(tiny_vit)
+        attention = "ViTAttention"
+        registry = build_registry({"broken": Plugin()})
+
+    with pytest.raises(Exception, match="size mismatch|mismatch"):
+        TestBrokenViT().test_pruned_compacted_saved_and_reloaded_it_computes_as_the_pruned_model(tmp_path)

@@ -17,7 +17,7 @@ from hfprune.compaction.compact import LAYOUT_KEY, probe_batch
 from hfprune.compaction.loading import load_compacted
 from hfprune.model_hooks import ModelHook, hook_save_pretrained
 
-from conftest import TINY_MODELS, TokenDataset, make_trainer, tiny_bert
+from conftest import TINY_MODELS, TokenDataset, make_trainer, tiny_albert, tiny_bert
 
 STACKS = {
     "bert": "bert.encoder.layer",
@@ -25,6 +25,9 @@ STACKS = {
     "distilbert": "distilbert.transformer.layer",
     "gpt2": "transformer.h",
     "llama": "model.layers",
+    "phi3": "model.layers",
+    "gemma3": "model.layers",
+    "vit": "vit.layers",
 }
 
 
@@ -495,6 +498,14 @@ def test_bad_layer_lasso_entries_fail_before_training_with_their_key(text, key, 
         Pruner(text).attach(tiny_bert(layers=4))
     assert info.value.key.startswith(key) and message in str(info.value)
     assert info.value.line is not None
+
+
+def test_albert_layers_are_refused_with_why_since_one_layer_serves_every_position():
+    with pytest.raises(RecipeError) as info:
+        Pruner(lasso_recipe(target="albert.encoder", keep=1)).attach(tiny_albert())
+    assert info.value.key.startswith("pruners[0].targets")
+    assert "ALBERT runs its 3 positions through 1 shared layer group" in str(info.value)
+    assert "Prune the shared layer's heads and neurons instead" in str(info.value)
 
 
 def test_compact_command_deletes_the_layers_of_a_trainer_checkpoint(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hfprune.cli import main
+from hfprune.cli.columns import Columns
 from hfprune.cli.tasks import (
     CausalLanguageModellingTask,
     SequenceClassificationTask,
@@ -106,7 +107,7 @@ def test_every_file_type_and_a_saved_folder_read_through_datasets(tmp_path):
         (lambda d: (d / "r.txt").write_text("x") and d / "r.txt", r"r.txt: \.txt is not one of \.csv, \.tsv"),
         (
             lambda d: (d / "empty").mkdir() or d / "empty",
-            r"holds no .* files and is not a save_to_disk folder",
+            r"holds no .* files, no images and is not a save_to_disk folder",
         ),
         (
             lambda d: d / "nowhere",
@@ -141,7 +142,7 @@ def dataset_of(rows: list[dict], test_rows: list[dict] | None = None):
 def test_single_labels_make_sequence_classification_with_names_from_the_data(minilm_tokenizer):
     task = load_task(DataSection(dataset="mine.csv"), minilm_tokenizer, None, 0, dataset_of(review_rows(20)))
     assert isinstance(task, SequenceClassificationTask)
-    assert task.columns == ("review", None, "label") and task.labels == ["neg", "pos"]
+    assert task.columns == Columns("review", None, "label") and task.labels == ["neg", "pos"]
     assert (len(task.train_examples), len(task.test_examples)) == (16, 4)  # test_fraction 0.2
     assert not task.unbalanced and task.headline == "accuracy"
     item = task.train_set[0]
@@ -176,7 +177,7 @@ def test_unbalanced_classes_put_macro_f1_beside_accuracy_as_the_headline(minilm_
 def test_text_pairs_are_found_by_their_usual_names(minilm_tokenizer):
     rows = [{"premise": f"a man walks {i}", "hypothesis": "someone moves", "label": i % 3} for i in range(12)]
     task = load_task(DataSection(dataset="nli.jsonl"), minilm_tokenizer, None, 0, dataset_of(rows))
-    assert task.columns == ("premise", "hypothesis", "label") and task.labels == ["0", "1", "2"]
+    assert task.columns == Columns("premise", "hypothesis", "label") and task.labels == ["0", "1", "2"]
     item = task.train_set[0]
     assert item["input_ids"].count(minilm_tokenizer.sep_token_id) == 2  # [CLS] premise [SEP] hypothesis [SEP]
 
@@ -196,7 +197,7 @@ def test_word_tag_lists_make_token_classification_and_a_test_split_is_used(minil
     )
     task = load_task(DataSection(dataset="saved"), minilm_tokenizer, None, 0, dataset)
     assert isinstance(task, TokenClassificationTask) and task.labels == ["O", "B-PER", "I-PER"]
-    assert task.columns == ("tokens", None, "ner_tags")
+    assert task.columns == Columns("tokens", None, "ner_tags")
     assert (len(task.train_examples), len(task.test_examples)) == (6, 2)
     assert task._pairs(task.test_examples)[0] == (["Mary", "sings"], ["B-PER", "O"])
 
@@ -291,7 +292,12 @@ def test_run_on_a_csv_trains_on_its_columns_and_saves_its_label_names(tmp_path, 
         "--no-baseline",
     )
     assert report["settings"]["task"] == "sequence-classification"
-    assert report["settings"]["columns"] == {"text": "review", "text_pair": None, "label": "sentiment"}
+    assert report["settings"]["columns"] == {
+        "text": "review",
+        "text_pair": None,
+        "label": "sentiment",
+        "image": None,
+    }
     assert report["metric"] == "accuracy" and set(report["scores"]["pruned"]) == {"accuracy"}
     assert report["task"] == f"sequence classification on {data}"
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")

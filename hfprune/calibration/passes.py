@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -74,8 +75,19 @@ class Calibration:
 
     @property
     def tokens(self) -> int:
-        """Real (not padding) token positions over all batches."""
+        """Real (not padding) token positions over all batches; for images, the positions the model makes of
+        each (:attr:`positions_per_image`)."""
+        if "pixel_values" in self.batches[0]:
+            return self.examples * self.positions_per_image
         return sum(int(_token_mask(batch).sum()) for batch in self.batches)
+
+    @cached_property
+    def positions_per_image(self) -> int:
+        """How many positions the model's embeddings make of one image (its patches and class token): the
+        length of its first hidden state, from one forward pass of the first batch."""
+        inputs = {key: value for key, value in self.batches[0].items() if key != "labels"}
+        with torch.no_grad():
+            return self.model(**inputs, output_hidden_states=True).hidden_states[0].shape[1]
 
     @property
     def mean_length(self) -> float:

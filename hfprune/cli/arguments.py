@@ -31,19 +31,21 @@ def add_data_arguments(group) -> None:
         dest="dataset",
         metavar="SOURCE",
         help="wnut: WNUT-16 entities, entity F1 (default); polarity: movie-review sentences, accuracy; or "
-        "the user's data: a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a save_to_disk folder, "
-        "or a dataset name in the local datasets cache",
+        "the user's data: a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a folder of images (one "
+        "subfolder per class), a save_to_disk folder, or a dataset name in the local datasets cache",
     )
     group.add_argument(
         "--task",
         choices=TASKS,
         help="what to fine-tune for (default: inferred; word-tag lists: token-classification, one label per "
-        "row: sequence-classification, text without labels and a causal LM: causal-lm)",
+        "row: sequence-classification, images with labels: image-classification, text without labels and a "
+        "causal LM: causal-lm)",
     )
     for column, meaning in (
         ("text", "the text, or the words of token classification"),
         ("text-pair", "the second text of a pair"),
         ("label", "the labels, or the tags of token classification"),
+        ("image", "the images of image classification"),
     ):
         group.add_argument(
             f"--{column}-column",
@@ -71,6 +73,7 @@ def data_section(recipe_data: DataSection | None, args: argparse.Namespace, trai
             "text_column": args.text_column,
             "text_pair_column": args.text_pair_column,
             "label_column": args.label_column,
+            "image_column": args.image_column,
             "max_length": args.max_length,
             "train_limit": train_limit,
             "test_limit": args.test_limit,

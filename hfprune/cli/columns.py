@@ -1,8 +1,10 @@
-"""Which columns of the user's data hold the text and the labels, which task that makes, and what is wrong.
+"""Which columns of the user's data hold the text (or images) and the labels, which task that makes, and what
+is wrong.
 
 Names given in the recipe's ``data:`` section or on the command line win; otherwise the
 usual names of Hugging Face datasets are tried (``text``, ``sentence``, ``sentence1`` and
-``sentence2``, ``tokens`` and ``ner_tags``, ``label``). Every problem is one line naming the
+``sentence2``, ``tokens`` and ``ner_tags``, ``label``), and an image column is the one that
+holds images. Every problem is one line naming the
 data and the column, raised before any model is built.
 """
 
@@ -24,9 +26,10 @@ CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
 
 
 class Columns(NamedTuple):
-    text: str
+    text: str | None  # None for image classification, which reads ``image``
     text_pair: str | None
     label: str | None
+    image: str | None = None
 
 
 def infer_task(data: DataSection, dataset, model_config) -> str:
@@ -34,6 +37,8 @@ def infer_task(data: DataSection, dataset, model_config) -> str:
     modelling for unlabelled text given to a causal language model."""
     features = _train(data, dataset).features
     label = _label_column(data, features)
+    if label is not None and _image_column(data, features) is not None:
+        return "image-classification"
     if label is not None:
         return "token-classification" if _is_list(features[label]) else "sequence-classification"
     if any(name.endswith(CAUSAL_LM_HEADS) for name in getattr(model_config, "architectures", None) or []):
@@ -47,6 +52,8 @@ def find_columns(data: DataSection, dataset, task: str) -> Columns:
     label = None if task == "causal-lm" else _label_column(data, features)
     if task != "causal-lm" and label is None:
         raise _no_label_column(data, features, f" ({task} needs one)")
+    if task == "image-classification":
+        return _image_columns(data, dataset, label)
     text = data.text_column or _first_present(features, TEXT_NAMES[task], exclude=label)
     if text is None:
         raise HfpruneError(
@@ -67,6 +74,39 @@ def find_columns(data: DataSection, dataset, task: str) -> Columns:
     return columns
 
 
+def _image_columns(data: DataSection, dataset, label: str) -> Columns:
+    features = _train(data, dataset).features
+    image = _image_column(data, features)
+    if image is None:
+        raise HfpruneError(
+            f"data {data.dataset} has no image column (its columns: {', '.join(features)}); image "
+            "classification reads a folder of images, one subfolder per class"
+        )
+    columns = Columns(None, None, label, image)
+    for split in dataset.values():
+        _check_columns(data, split, columns, "image-classification")
+    return columns
+
+
+def _image_column(data: DataSection, features) -> str | None:
+    """The column named ``image_column`` (which must hold images), else the first that holds images."""
+    from datasets import Image
+
+    if data.image_column is not None:
+        if not isinstance(features.get(data.image_column), Image):
+            found = features.get(data.image_column)
+            raise HfpruneError(
+                f"data {data.dataset}: image column {data.image_column!r} "
+                + (
+                    f"holds {found}, not images"
+                    if found is not None
+                    else f"is not one of {', '.join(features)}"
+                )
+            )
+        return data.image_column
+    return next((name for name, feature in features.items() if isinstance(feature, Image)), None)
+
+
 def label_classes(dataset, column: str) -> tuple[list[str], list]:
     """(name, stored value) of each class, in class-id order: a ClassLabel's names and ids, else the values
     found in every split, sorted."""
@@ -85,7 +125,7 @@ def label_classes(dataset, column: str) -> tuple[list[str], list]:
 def _check_columns(data: DataSection, split, columns: Columns, task: str) -> None:
     if len(split) == 0:
         return  # a split nothing reads may be empty; one that is read is refused when it is split off
-    for role, column in zip(("text", "text pair", "label"), columns):
+    for role, column in zip(("text", "text pair", "label", "image"), columns):
         if column is None:
             continue
         if column not in split.features:
@@ -93,12 +133,16 @@ def _check_columns(data: DataSection, split, columns: Columns, task: str) -> Non
                 f"data {data.dataset} has no {role} column {column!r}; "
                 f"its columns: {', '.join(split.features)}"
             )
+        if role == "image":
+            continue  # reading the column would decode every image; imagefolder lists only image files
         values = split[column]
         empty = next(
             (row for row, value in enumerate(values) if value is None or value == "" or value == []), None
         )
         if empty is not None:
             raise HfpruneError(f"data {data.dataset}: row {empty} of {role} column {column!r} is empty")
+    if task == "image-classification":
+        return
     wants_words = task == "token-classification"
     if wants_words != _is_list(split.features[columns.text]) or not _holds_text(split.features[columns.text]):
         shape = "lists of words" if wants_words else "text"

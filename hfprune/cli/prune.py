@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hfprune.cli.arguments import add_data_arguments, data_section, positive
 from hfprune.cli.measure import compact_or_why, latency_batches, loader_of, pruning_report
-from hfprune.cli.model_sources import load_config, load_tokenizer, resolve_model_source
+from hfprune.cli.model_sources import load_config, load_processor, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, REPORT_MD, summary, write_results
 from hfprune.errors import HfpruneError
 from hfprune.plugins import default_registry
@@ -85,7 +85,7 @@ def prune_main(args: argparse.Namespace) -> int:
     import hfprune
     from hfprune.cli.tasks import load_task
 
-    task = load_task(data, load_tokenizer(source), load_config(source), args.seed)
+    task = load_task(data, load_processor(source), load_config(source), args.seed)
     model = task.model(source, fine_tuned=True)
     print(
         f"{task.description}: {len(task.train_examples)} calibration and {len(task.test_examples)} test "
@@ -130,7 +130,7 @@ def prune_main(args: argparse.Namespace) -> int:
         "compaction": compaction,
         "loader": loader_of(final),
     } | pruning_report(model, compacted, pruner, data.max_length, latency_batches(task.kind))
-    _save(final, task.tokenizer, output_dir, sparse=compacted is None)
+    _save(final, task.processor, output_dir, sparse=compacted is None)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_results(output_dir, report, task.headline)
     print(summary(report, task.headline))
@@ -172,11 +172,11 @@ def _scorer(task, batch_size: int, scratch: str):
     return lambda model: task.evaluate(model, arguments)
 
 
-def _save(model, tokenizer, output_dir: Path, sparse: bool) -> None:
+def _save(model, processor, output_dir: Path, sparse: bool) -> None:
     """The model as a plain checkpoint; an unstructured one also as the compact sparse file."""
     from hfprune.compaction.compact import save_compacted
     from hfprune.compaction.sparse_file import save_sparse
 
-    save_compacted(model, output_dir / MODEL_FOLDER, tokenizer=tokenizer, replace=True)
+    save_compacted(model, output_dir / MODEL_FOLDER, tokenizer=processor, replace=True)
     if sparse:
         save_sparse(model.state_dict(), output_dir / SPARSE_FILE)

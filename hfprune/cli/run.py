@@ -23,7 +23,7 @@ from pathlib import Path
 from hfprune.cli import training_arguments
 from hfprune.cli.arguments import add_data_arguments, data_section, positive
 from hfprune.cli.measure import compact_or_why, latency_batches, loader_of, pruning_report
-from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, load_config, load_tokenizer, resolve_model_source
+from hfprune.cli.model_sources import DEFAULT_MODEL_HINT, load_config, load_processor, resolve_model_source
 from hfprune.cli.run_results import MODEL_FOLDER, PICTURE, REPORT_JSON, REPORT_MD, summary, write_results
 from hfprune.errors import HfpruneError
 from hfprune.recipe import builtin as builtin_recipes
@@ -219,7 +219,7 @@ def run_main(args: argparse.Namespace) -> int:
 
     task = load_task(
         settings.data,
-        load_tokenizer(settings.model_path),
+        load_processor(settings.model_path),
         load_config(settings.model_path),
         settings.training.seed,
     )
@@ -239,7 +239,7 @@ def run_main(args: argparse.Namespace) -> int:
         "compaction": compaction
     }
     final = compacted if compacted is not None else model
-    _save_model(final, task.tokenizer, settings)
+    _save_model(final, task.processor, settings)
     report["loader"] = loader_of(final)
     report["seconds"] = round(time.perf_counter() - started, 1)
     _remove_empty_folders(settings.output_dir / TRAINING_FOLDER)
@@ -331,7 +331,7 @@ def _train(task, settings: RunSettings, phase: str, callbacks: list, start=None)
         data_collator=task.collator(),
         train_dataset=task.train_set,
         eval_dataset=task.test_set,
-        processing_class=task.tokenizer,
+        processing_class=task.processor,
         callbacks=callbacks,
     )
     trainer.train()
@@ -343,10 +343,10 @@ def _evaluate(model, task, settings: RunSettings) -> dict:
     return task.evaluate(model, settings.arguments("scoring", report_to="none"))
 
 
-def _save_model(model, tokenizer, settings: RunSettings) -> None:
+def _save_model(model, processor, settings: RunSettings) -> None:
     from hfprune.compaction.compact import save_compacted
 
-    save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer=tokenizer, replace=True)
+    save_compacted(model, settings.output_dir / MODEL_FOLDER, tokenizer=processor, replace=True)
 
 
 def _remove_empty_folders(folder: Path) -> None:

@@ -3,8 +3,9 @@
 The task is ``data.task`` when the recipe or ``--task`` names one, else inferred
 (:mod:`hfprune.cli.columns`): a label column of word-tag lists is token classification
 (entity F1 through seqeval), a label column of single values sequence classification
-(accuracy, and macro F1 as the headline when the classes are unbalanced), and text without
-labels for a causal language model is language modelling (perplexity on held-out blocks).
+(accuracy, and macro F1 as the headline when the classes are unbalanced), images with labels
+image classification (scored the same way), and text without labels for a causal language
+model is language modelling (perplexity on held-out blocks).
 Scores go through ``evaluate`` with the metric modules packaged in :mod:`hfprune.cli.metrics`,
 which load offline.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
+
+import torch
 
 from hfprune.cli.columns import Columns, find_columns, infer_task, label_classes, named_split
 from hfprune.cli.metrics import load_metric
@@ -32,7 +35,8 @@ UNBALANCED = 1.5  # a largest class this many times the smallest makes macro F1 
 
 
 class Task(ABC):
-    """One dataset, split with a fixed seed, tokenized, with the head and score that suit it."""
+    """One dataset, split with a fixed seed, tokenized (or its images processed), with the head and score that
+    suit it."""
 
     kind: str  # one of hfprune.recipe.run_sections.TASKS
     metric: str  # the headline score's name, e.g. "entity F1"
@@ -40,9 +44,10 @@ class Task(ABC):
     auto_class: str  # the transformers Auto class for the head
     labels: list[str]
 
-    def __init__(self, data: DataSection, dataset, tokenizer, seed: int, columns: Columns):
-        """``dataset`` is the source's ``DatasetDict``; ``columns`` the ones this task reads."""
-        self.data, self.tokenizer, self.columns = data, tokenizer, columns
+    def __init__(self, data: DataSection, dataset, processor, seed: int, columns: Columns):
+        """``dataset`` is the source's ``DatasetDict``; ``processor`` the model's tokenizer (its image
+        processor, for images); ``columns`` the ones this task reads."""
+        self.data, self.processor, self.columns = data, processor, columns
         train, test = _split(data, dataset, seed)
         # From every split: class ids do not depend on the split or the limits.
         self.labels, self.label_values = self.label_classes(dataset)
@@ -89,8 +94,9 @@ class Task(ABC):
                 f"{path} predicts {model.config.num_labels} labels; {self.description} has {len(self.labels)}"
             )
         # A decoder classifier reads the last token that is not padding: it must know which that is.
-        if self.tokenizer.pad_token_id is not None and model.config.pad_token_id is None:
-            model.config.pad_token_id = self.tokenizer.pad_token_id
+        pad = getattr(self.processor, "pad_token_id", None)  # an image processor has none
+        if pad is not None and model.config.pad_token_id is None:
+            model.config.pad_token_id = pad
         return model
 
     def evaluate(self, model, arguments) -> dict[str, float]:
@@ -129,20 +135,20 @@ class TokenClassificationTask(Task):
     )
 
     def encode(self, examples):
-        if not self.tokenizer.is_fast:
+        if not self.processor.is_fast:
             raise HfpruneError(
                 "entity labels are aligned through word ids, which only a fast tokenizer reports; "
                 "give a model folder with tokenizer.json"
             )
         label_to_id = {label: i for i, label in enumerate(self.labels)}
         return wnut.tokenize_and_align(
-            self._pairs(examples), self.tokenizer, label_to_id, self.data.max_length
+            self._pairs(examples), self.processor, label_to_id, self.data.max_length
         )
 
     def collator(self):
         from transformers import DataCollatorForTokenClassification
 
-        return DataCollatorForTokenClassification(self.tokenizer)
+        return DataCollatorForTokenClassification(self.processor)
 
     def score(self, predict_output):
         return score_entities(
@@ -165,7 +171,8 @@ class SequenceClassificationTask(Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        counts = [Counter(self.train_set["labels"])[label] for label in range(len(self.labels))]
+        per_value = Counter(self.train_examples[self.columns.label])  # read raw: encoding images takes long
+        counts = [per_value[value] for value in self.label_values]
         self.unbalanced = max(counts) > UNBALANCED * min(counts)
         self.metric, self.headline = ("macro F1", "f1") if self.unbalanced else ("accuracy", "accuracy")
 
@@ -174,7 +181,7 @@ class SequenceClassificationTask(Task):
         label_id = {value: i for i, value in enumerate(self.label_values)}
 
         def tokenize(batch):
-            encoded = self.tokenizer(
+            encoded = self.processor(
                 batch[text], batch[pair] if pair else None, truncation=True, max_length=self.data.max_length
             )
             return encoded | {"labels": [label_id[value] for value in batch[label]]}
@@ -184,7 +191,7 @@ class SequenceClassificationTask(Task):
     def collator(self):
         from transformers import DataCollatorWithPadding
 
-        return DataCollatorWithPadding(self.tokenizer)
+        return DataCollatorWithPadding(self.processor)
 
     def score(self, predict_output):
         predictions, references = predict_output.predictions.argmax(-1), predict_output.label_ids
@@ -192,6 +199,47 @@ class SequenceClassificationTask(Task):
         if self.unbalanced:
             scores["f1"] = load_metric("f1").compute(predictions=predictions, references=references)
         return {name: round(result[name], 4) for name, result in scores.items()}
+
+
+class ImageClassificationTask(SequenceClassificationTask):
+    """One label per image (a folder of images, one subfolder per class); scored as sequence classification.
+
+    Images are processed when the Trainer reads them (:class:`ProcessedImages`), not stored
+    processed: 224 x 224 pixel values take 600 kB an image.
+    """
+
+    kind, auto_class = "image-classification", "AutoModelForImageClassification"
+
+    def encode(self, examples):
+        label_id = {value: i for i, value in enumerate(self.label_values)}
+        return ProcessedImages(examples, self.processor, self.columns.image, self.columns.label, label_id)
+
+    def collator(self):
+        from transformers import default_data_collator
+
+        return default_data_collator
+
+
+class ProcessedImages(torch.utils.data.Dataset):
+    """``examples`` with each image turned into the model's ``pixel_values`` by its image processor when
+    read."""
+
+    def __init__(self, examples, processor, image: str, label: str, label_id: dict):
+        self.examples, self.processor, self.image, self.label, self.label_id = (
+            examples,
+            processor,
+            image,
+            label,
+            label_id,
+        )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.examples[index]
+        pixels = self.processor(images=row[self.image].convert("RGB"), return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels[0], "labels": self.label_id[row[self.label]]}
 
 
 class CausalLanguageModellingTask(Task):
@@ -210,7 +258,7 @@ class CausalLanguageModellingTask(Task):
         block, text = self.data.max_length, self.columns.text
 
         def blocks(batch):
-            ids = [token for row in self.tokenizer(batch[text])["input_ids"] for token in row]
+            ids = [token for row in self.processor(batch[text])["input_ids"] for token in row]
             chunks = [ids[start : start + block] for start in range(0, len(ids) - block + 1, block)]
             return {"input_ids": chunks, "labels": [list(chunk) for chunk in chunks]}
 
@@ -239,16 +287,21 @@ class CausalLanguageModellingTask(Task):
 
 TASK_CLASSES: dict[str, type[Task]] = {
     task.kind: task
-    for task in (TokenClassificationTask, SequenceClassificationTask, CausalLanguageModellingTask)
+    for task in (
+        TokenClassificationTask,
+        SequenceClassificationTask,
+        ImageClassificationTask,
+        CausalLanguageModellingTask,
+    )
 }
 
 
-def load_task(data: DataSection, tokenizer, model_config, seed: int, dataset=None) -> Task:
+def load_task(data: DataSection, processor, model_config, seed: int, dataset=None) -> Task:
     """The task ``data`` describes, on ``dataset`` (default: read from ``data.dataset``) for this model.
 
     ``model_config`` (the pretrained model's config) tells a language model's text from a
-    classifier's when the data has no labels; a tokenizer without a padding token pads
-    with its end-of-text token.
+    classifier's when the data has no labels; ``processor`` is its tokenizer (a tokenizer
+    without a padding token pads with its end-of-text token) or, for images, its image processor.
     """
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None and data.max_length > positions:
@@ -259,9 +312,9 @@ def load_task(data: DataSection, tokenizer, model_config, seed: int, dataset=Non
     dataset = load_source(data.dataset) if dataset is None else dataset
     kind = data.task or infer_task(data, dataset, model_config)
     columns = find_columns(data, dataset, kind)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return TASK_CLASSES[kind](data, dataset, tokenizer, seed, columns)
+    if getattr(processor, "pad_token", "") is None and processor.eos_token is not None:
+        processor.pad_token = processor.eos_token
+    return TASK_CLASSES[kind](data, dataset, processor, seed, columns)
 
 
 def score_entities(output, test_set, test_examples, id_to_label: dict[int, str]) -> dict[str, float]:

@@ -6,6 +6,7 @@ probe batch.
 config cannot state.
 - :mod:`~hfprune.compaction.structure`: what is left of each layer of a model, as ``hfprune report`` shows it.
 - :mod:`~hfprune.compaction.sparse_file`: a smaller file for unstructured zeros (bitmask plus values).
+- :mod:`~hfprune.compaction.conformance`: the conformance kit for architecture adapters (pytest checks).
 
 Nothing is imported here: ``import hfprune`` loads only :mod:`~hfprune.compaction.compact`,
 and the loader (which imports transformers) waits until it is used.

@@ -323,13 +323,22 @@ def _swap_in(staging: Path, output: Path) -> None:
 
 
 def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
-    """A seeded random batch of token ids for the model's vocabulary, the second row half padded."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 100
+    """A seeded random batch for the model: token ids for its vocabulary, the second row half padded (and the
+    first half as the decoder's input, for an encoder-decoder); or, for a model that reads images
+    (``main_input_name`` is ``pixel_values``), random images of its size."""
+    config = getattr(model, "config", None)
     generator = torch.Generator().manual_seed(0)
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch_size, config.num_channels, size, size, generator=generator)}
+    vocab = getattr(config, "vocab_size", None) or 100
     input_ids = torch.randint(0, vocab, (batch_size, length), generator=generator)
     attention_mask = torch.ones(batch_size, length, dtype=torch.long)
     attention_mask[1:, length // 2 :] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if getattr(config, "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = input_ids[:, : length // 2]
+    return batch
 
 
 @dataclass(frozen=True)

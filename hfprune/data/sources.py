@@ -6,6 +6,8 @@ A source is one string, as ``--data`` or a recipe's ``data: {dataset: ...}`` giv
   polarity, Jane Austen's novels as text for a language model);
 - a CSV / TSV / JSON / JSON-lines / parquet file, or a folder of them (``datasets`` reads file
   names such as ``train.csv`` and ``test.csv`` as splits);
+- a folder of images, one subfolder per class (``datasets``' imagefolder: an ``image`` and a
+  ``label`` column; ``train/`` and ``test/`` subfolders are splits);
 - a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``;
 - the name of a dataset already in the local ``datasets`` cache (nothing is downloaded when offline).
 
@@ -27,6 +29,7 @@ FILE_BUILDERS = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the top of its folder
 
 
@@ -106,12 +109,15 @@ def _load_file(path: Path):
 def _load_folder(path: Path):
     if any((path / marker).is_file() for marker in SAVED_MARKERS):
         return _read(path, lambda _, load_from_disk: _as_dict(load_from_disk(str(path))))
-    if not any(file.suffix in FILE_BUILDERS for file in path.rglob("*") if file.is_file()):
-        raise HfpruneError(
-            f"data folder {path} holds no {'/'.join(sorted(FILE_BUILDERS))} files and is not a save_to_disk "
-            "folder"
-        )
-    return _read(path, lambda load_dataset, _: load_dataset(str(path)))
+    suffixes = {file.suffix.lower() for file in path.rglob("*") if file.is_file()}
+    if suffixes & FILE_BUILDERS.keys():
+        return _read(path, lambda load_dataset, _: load_dataset(str(path)))
+    if suffixes & IMAGE_SUFFIXES:
+        return _read(path, lambda load_dataset, _: load_dataset("imagefolder", data_dir=str(path)))
+    raise HfpruneError(
+        f"data folder {path} holds no {'/'.join(sorted(FILE_BUILDERS))} files, no images and is not a "
+        "save_to_disk folder"
+    )
 
 
 def _load_cached(name: str):

@@ -37,7 +37,7 @@ class ModelSection(_Section):
     )
 
 
-TASKS = ("sequence-classification", "token-classification", "causal-lm")
+TASKS = ("sequence-classification", "token-classification", "causal-lm", "image-classification")
 
 
 class DataSection(_Section):
@@ -49,13 +49,15 @@ class DataSection(_Section):
     dataset: StrictStr = Field(
         default="wnut",
         min_length=1,
-        description="wnut, polarity, a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a "
-        "save_to_disk folder, or a dataset name in the local datasets cache",
+        description="wnut, polarity, a CSV/TSV/JSON/JSON-lines/parquet file or folder of them, a folder of "
+        "images (one subfolder per class), a save_to_disk folder, or a dataset name in the local datasets "
+        "cache",
     )
     task: Literal[TASKS] | None = Field(default=None, description="default: inferred from the data and model")
     text_column: StrictStr | None = Field(default=None, min_length=1)
     text_pair_column: StrictStr | None = Field(default=None, min_length=1)
     label_column: StrictStr | None = Field(default=None, min_length=1)
+    image_column: StrictStr | None = Field(default=None, min_length=1)
     train_split: StrictStr = Field(default="train", min_length=1)
     test_split: StrictStr | None = Field(
         default=None,

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from hfprune import StrategyConfig, hookimpl
-from hfprune.architecture import find_layer_stacks
+from hfprune.architecture import find_layer_stacks, refusal
 from hfprune.errors import StateError, TargetError
 from hfprune.integrations.peft_names import named_modules
 from hfprune.strategy import StepContext, Strategy, Targets
@@ -144,9 +144,12 @@ class LayerLassoStrategy(Strategy):
         stacks = find_stacks(targets)
         if not stacks:
             raise TargetError(
-                f"matched {len(targets)} modules, but none is a layer stack (an nn.ModuleList such as "
-                "bert.encoder.layer, "
-                "transformer.h or model.layers) or holds one an architecture adapter recognizes"
+                next(
+                    filter(None, (refusal(m, "layer", targets.architectures) for m in targets.values())), None
+                )
+                or f"matched {len(targets)} modules, but none is a layer stack (an nn.ModuleList such as "
+                "bert.encoder.layer, transformer.h or model.layers) or holds one an architecture adapter "
+                "recognizes"
             )
         depth = sum(len(stack) for stack in stacks.values())
         if config.keep is not None and config.keep >= depth:

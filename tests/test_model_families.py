@@ -1,0 +1,125 @@
+"""The stock trainers on families whose inputs are not a BERT's: BART under Seq2SeqTrainer (self- and
+cross-attention heads, generation) and ViT under Trainer (images)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
+
+from hfprune import Pruner, RecipeError
+from hfprune.callback import PruneCallback
+from hfprune.compaction.conformance import labelled_batch
+from hfprune.compaction.loading import load_compacted
+
+from conftest import tiny_bart, tiny_t5, tiny_vit, training_args
+
+RECIPE = """
+version: 1
+pruners:
+  - strategy: block-lasso
+    targets: [{attention}]
+    schedule: {{start: 0, end: 0.5}}
+    config: {{group: head, ratio: 0.5, lam: 0.01}}
+  - strategy: block-lasso
+    targets: [{ffn}]
+    schedule: {{start: 0, end: 0.5}}
+    config: {{group: neuron, ratio: 0.5, lam: 0.01}}
+"""
+
+
+class Examples(torch.utils.data.Dataset):
+    """The rows of one labelled batch (:func:`conftest.labelled_batch`), repeated."""
+
+    def __init__(self, model, size: int = 16):
+        self.batch = labelled_batch(model, size)
+
+    def __len__(self):
+        return len(next(iter(self.batch.values())))
+
+    def __getitem__(self, index):
+        return {key: value[index] for key, value in self.batch.items()}
+
+
+def recipe_file(tmp_path, **targets) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(**targets))
+    return str(path)
+
+
+def test_bart_under_seq2seq_trainer_loses_half_its_heads_and_neurons_and_generates_the_same(tmp_path):
+    model = tiny_bart()
+    callback = PruneCallback(
+        recipe_file(tmp_path, attention="BartAttention", ffn="BartEncoderLayer, BartDecoderLayer")
+    )
+    arguments = Seq2SeqTrainingArguments(
+        **training_args(tmp_path / "run").to_dict()
+        | {"predict_with_generate": True, "generation_max_length": 8}
+    )
+    data = Examples(model)
+    trainer = Seq2SeqTrainer(model=model, args=arguments, train_dataset=data, callbacks=[callback])
+    trainer.train()
+
+    small = callback.compact(trainer.model)
+    small.save_pretrained(tmp_path / "small")
+    loaded = load_compacted(tmp_path / "small")
+
+    cross = [m for name, m in loaded.named_modules() if name.endswith("encoder_attn")]
+    assert cross and all(m.q_proj.out_features == 16 for m in cross)  # 2 of 4 heads of width 8
+    assert (
+        loaded.config.encoder_ffn_dim == loaded.config.decoder_ffn_dim == 32
+        and loaded.model.encoder.layers[0].fc1.out_features == 32
+    )
+    prompts = {key: data.batch[key][:4] for key in ("input_ids", "attention_mask")}
+    expected = trainer.predict(Examples(model, 4)).predictions
+    trainer.model = loaded
+    torch.testing.assert_close(trainer.predict(Examples(model, 4)).predictions, expected)
+    settings = {"max_new_tokens": 6, "do_sample": False}
+    torch.testing.assert_close(
+        loaded.generate(**prompts, **settings), model.eval().generate(**prompts, **settings)
+    )
+
+
+def test_vit_under_trainer_loses_half_its_heads_and_neurons_into_a_stock_checkpoint(tmp_path):
+    model = tiny_vit()
+    callback = PruneCallback(recipe_file(tmp_path, attention="ViTAttention", ffn="ViTMLP"))
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path / "run"), train_dataset=Examples(model), callbacks=[callback]
+    )
+    trainer.train()
+
+    small = callback.compact(trainer.model)
+    small.save_pretrained(tmp_path / "small")
+    loaded = transformers.ViTForImageClassification.from_pretrained(tmp_path / "small")  # plain transformers
+
+    assert (loaded.config.num_attention_heads, loaded.config.head_dim, loaded.config.intermediate_size) == (
+        2,
+        8,
+        32,
+    )
+    images = labelled_batch(model, 4)["pixel_values"]
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=images).logits, model(pixel_values=images).logits, atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    "entry, reason",
+    [
+        (
+            r"{strategy: block-lasso, targets: ['re:.*block\.\d+'], config: {group: head, ratio: 0.5}}",
+            "T5's first layer computes a position bias for each head",
+        ),
+        (
+            "{strategy: layer-lasso, targets: [encoder], config: {keep: 1}}",
+            "T5's first layer holds the position bias every layer uses",
+        ),
+    ],
+)
+def test_t5_heads_and_layers_are_refused_before_training_with_why(entry, reason):
+    with pytest.raises(RecipeError) as info:
+        Pruner(f"version: 1\npruners:\n  - {entry}\n").attach(tiny_t5())
+    assert reason in str(info.value) and "prune T5's neurons (group: neuron)" in str(info.value)
