@@ -244,6 +244,11 @@ def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) ->
         raise CompactionError(
             f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}"
         )
+    if getattr(config, "is_encoder_decoder", False):
+        raise CompactionError(
+            f"{name}: an encoder-decoder sizes its encoder and decoder stacks with config fields of their "
+            "own, and num_hidden_layers names only one of them: its layers cannot be deleted"
+        )
     if config is None or getattr(config, "num_hidden_layers", None) != depth:
         raise CompactionError(
             f"{name} has {depth} layers, but the model's config states "

@@ -37,6 +37,13 @@ from transformers import (
 from hfprune.plugins import default_registry
 from hfprune.testing import VOCAB, TokenDataset, tiny_bert  # the kit plugins use; the suite shares it
 
+# The shape the tiny models share, under the names most configs use: width 32, 2 layers, 4 heads, FFN 64.
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+# A grouped-query decoder: 4 query heads share 2 key/value heads.
+DECODER = {**SMALL, "vocab_size": VOCAB, "num_key_value_heads": 2, "max_position_embeddings": 64}
+SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
@@ -56,16 +63,7 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def tiny_roberta(seed: int = 0) -> RobertaForSequenceClassification:
     torch.manual_seed(seed)
     config = RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=64,
-        pad_token_id=1,
+        **SMALL, **NO_DROPOUT, vocab_size=VOCAB, num_labels=2, max_position_embeddings=64, pad_token_id=1
     )
     return RobertaForSequenceClassification(config)
 
@@ -88,71 +86,29 @@ def tiny_distilbert(seed: int = 0) -> DistilBertForSequenceClassification:
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Grouped-query attention: 4 query heads share 2 key/value heads."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**DECODER))
 
 
 def tiny_phi3(seed: int = 0) -> Phi3ForCausalLM:
     """Fused projections: qkv_proj holds 4 query heads and 2 key/value heads; gate_up_proj both halves."""
     torch.manual_seed(seed)
-    config = Phi3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return Phi3ForCausalLM(config)
+    return Phi3ForCausalLM(Phi3Config(**DECODER, **SPECIAL_TOKENS))
 
 
 def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
     """Gemma 3's text model: per-head query and key norms, a sliding-window layer and a global one."""
     torch.manual_seed(seed)
+    layer_types = ["sliding_attention", "full_attention"]
     config = Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        **DECODER, **SPECIAL_TOKENS, head_dim=8, sliding_window=8, layer_types=layer_types
     )
     return Gemma3ForCausalLM(config)
 
 
-def tiny_vit(seed: int = 0) -> ViTForImageClassification:
-    """16x16 RGB images in four 8x8 patches."""
+def tiny_vit(seed: int = 0, labels: int = 2) -> ViTForImageClassification:
+    """16x16 RGB images in four 8x8 patches, ``labels`` classes."""
     torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=8,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = ViTConfig(**SMALL, **NO_DROPOUT, image_size=16, patch_size=8, num_labels=labels)
     return ViTForImageClassification(config)
 
 
@@ -204,16 +160,12 @@ def tiny_albert(seed: int = 0) -> AlbertForSequenceClassification:
     """One layer shared by 3 positions."""
     torch.manual_seed(seed)
     config = AlbertConfig(
+        **{**SMALL, "num_hidden_layers": 3},
+        **NO_DROPOUT,
         vocab_size=VOCAB,
         embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
         max_position_embeddings=64,
         num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
         classifier_dropout_prob=0.0,
     )
     return AlbertForSequenceClassification(config)

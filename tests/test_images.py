@@ -50,10 +50,11 @@ def image_folder(tmp_path):
 
 
 def vit_folder(path, fine_tuned: bool):
-    """A random 2-layer ViT for 16x16 images with its image processor; ``fine_tuned``: a red/blue head."""
+    """A random 2-layer ViT for 16x16 images with its image processor; ``fine_tuned``: a red/blue head, else
+    a head of 5 other classes (as an ImageNet checkpoint has its own)."""
     from transformers import ViTImageProcessor
 
-    model = tiny_vit()
+    model = tiny_vit(labels=2 if fine_tuned else 5)
     if fine_tuned:
         model.config.id2label, model.config.label2id = {0: "blue", 1: "red"}, {"blue": 0, "red": 1}
     model.save_pretrained(path)
@@ -126,3 +127,34 @@ def test_an_image_column_that_holds_no_images_is_one_line_naming_it(tmp_path, im
         find_columns(
             DataSection(dataset=str(image_folder), image_column="label"), dataset, "image-classification"
         )
+
+
+@pytest.mark.parametrize(
+    "with_tokenizer, message",
+    [
+        (False, "(nor is there an image processor, preprocessor_config.json)"),
+        (True, "holds images, and the model folder has no image processor (preprocessor_config.json)"),
+    ],
+)
+def test_images_with_a_model_folder_without_an_image_processor_are_one_line(
+    tmp_path, image_folder, minilm_tokenizer, capsys, with_tokenizer, message
+):
+    model_dir = tmp_path / "vit"
+    tiny_vit().save_pretrained(model_dir)  # no preprocessor_config.json
+    if with_tokenizer:
+        minilm_tokenizer.save_pretrained(model_dir)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(VIT_RECIPE)
+    argv = ["run", str(recipe), "--model", str(model_dir), "--data", str(image_folder), "--no-baseline"]
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_compacted_vit_is_saved_with_the_image_processor_of_its_checkpoint(tmp_path):
+    from transformers import AutoImageProcessor
+
+    from hfprune.compaction.compact import save_compacted
+
+    source = vit_folder(tmp_path / "checkpoint", fine_tuned=True)
+    save_compacted(tiny_vit(), tmp_path / "small", tokenizer_from=source)
+    assert AutoImageProcessor.from_pretrained(tmp_path / "small").size == {"height": 16, "width": 16}

@@ -9,6 +9,7 @@ import torch
 from hfprune import Pruner, RecipeError
 from hfprune.blocks import build_block_sets
 from hfprune.compaction.compact import probe_batch
+from hfprune.compaction.conformance import train_steps
 from hfprune.plugins import default_registry
 
 from conftest import TokenDataset, tiny_bert
@@ -33,14 +34,7 @@ def inputs(size: int = 8) -> dict[str, torch.Tensor]:
 
 
 def train(model, pruner: Pruner, steps: int) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    batch = inputs()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        pruner.before_optimizer_step(optimizer)
-        optimizer.step()
-        pruner.after_optimizer_step(optimizer)
-        optimizer.zero_grad()
+    train_steps(model, pruner, inputs(), steps, lr=0.01)
 
 
 @pytest.mark.parametrize("group", ["head", "neuron"])

@@ -500,11 +500,12 @@ def test_bad_layer_lasso_entries_fail_before_training_with_their_key(text, key, 
     assert info.value.line is not None
 
 
-def test_albert_layers_are_refused_with_why_since_one_layer_serves_every_position():
+@pytest.mark.parametrize("target", ["albert.encoder", "albert.encoder.albert_layer_groups.0.albert_layers"])
+def test_albert_layers_are_refused_with_why_since_one_layer_serves_every_position(target):
     with pytest.raises(RecipeError) as info:
-        Pruner(lasso_recipe(target="albert.encoder", keep=1)).attach(tiny_albert())
+        Pruner(lasso_recipe(target=target, keep=1)).attach(tiny_albert())
     assert info.value.key.startswith("pruners[0].targets")
-    assert "ALBERT runs its 3 positions through 1 shared layer group" in str(info.value)
+    assert "ALBERT runs every position through one shared layer" in str(info.value)
     assert "Prune the shared layer's heads and neurons instead" in str(info.value)
 
 

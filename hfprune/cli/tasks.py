@@ -76,6 +76,8 @@ class Task(ABC):
                 "num_labels": len(self.labels),
                 "id2label": dict(enumerate(self.labels)),
                 "label2id": {label: i for i, label in enumerate(self.labels)},
+                # A checkpoint with a head of another size (an ImageNet ViT's 1,000 classes) gets a new one.
+                "ignore_mismatched_sizes": True,
             }
             if fresh_head
             else {}
@@ -225,13 +227,8 @@ class ProcessedImages(torch.utils.data.Dataset):
     read."""
 
     def __init__(self, examples, processor, image: str, label: str, label_id: dict):
-        self.examples, self.processor, self.image, self.label, self.label_id = (
-            examples,
-            processor,
-            image,
-            label,
-            label_id,
-        )
+        self.examples, self.processor, self.label_id = examples, processor, label_id
+        self.image, self.label = image, label
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -309,9 +306,16 @@ def load_task(data: DataSection, processor, model_config, seed: int, dataset=Non
             f"data {data.dataset}: max_length {data.max_length} is longer than the model reads "
             f"({positions} positions); give --max-length {positions} or less"
         )
+    from transformers import ImageProcessingMixin
+
     dataset = load_source(data.dataset) if dataset is None else dataset
     kind = data.task or infer_task(data, dataset, model_config)
     columns = find_columns(data, dataset, kind)
+    if kind == "image-classification" and not isinstance(processor, ImageProcessingMixin):
+        raise HfpruneError(
+            f"data {data.dataset} holds images, and the model folder has no image processor "
+            "(preprocessor_config.json): give a vision model saved with its image processor"
+        )
     if getattr(processor, "pad_token", "") is None and processor.eos_token is not None:
         processor.pad_token = processor.eos_token
     return TASK_CLASSES[kind](data, dataset, processor, seed, columns)

@@ -49,6 +49,7 @@ ATOL = 1e-4
 RTOL = 1e-3
 KINDS: tuple[UnitKind, ...] = ("head", "neuron")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 @dataclass(frozen=True)
@@ -277,8 +278,9 @@ def save_compacted(
 
     Refuses an ``output`` that exists and is not empty, so nothing is overwritten, unless
     ``replace``: then the old folder is swapped out only after the new one is complete, so a
-    failed save leaves the last good model in place. Saves ``tokenizer``, or copies the
-    tokenizer from ``tokenizer_from`` when that folder has one.
+    failed save leaves the last good model in place. Saves ``tokenizer`` (or an image
+    processor given in its place), or copies the tokenizer or image processor from the model
+    folder ``tokenizer_from`` when it has one.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not replace:
@@ -291,17 +293,23 @@ def save_compacted(
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        elif tokenizer_from is not None and any(
-            (Path(tokenizer_from) / f).is_file() for f in TOKENIZER_FILES
-        ):
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(staging)
+        elif tokenizer_from is not None:
+            _copy_processor(Path(tokenizer_from), staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _swap_in(staging, output)
     return output
+
+
+def _copy_processor(source: Path, staging: Path) -> None:
+    """Save into ``staging`` the tokenizer, or the image processor, that the model folder ``source`` holds."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if any((source / name).is_file() for name in TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(staging)
+    elif (source / IMAGE_PROCESSOR_FILE).is_file():
+        AutoImageProcessor.from_pretrained(str(source)).save_pretrained(staging)
 
 
 def _swap_in(staging: Path, output: Path) -> None:
@@ -330,7 +338,10 @@ def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict
     generator = torch.Generator().manual_seed(0)
     if getattr(model, "main_input_name", None) == "pixel_values":
         size = config.image_size
-        return {"pixel_values": torch.randn(batch_size, config.num_channels, size, size, generator=generator)}
+        height, width = (size, size) if isinstance(size, int) else size
+        return {
+            "pixel_values": torch.randn(batch_size, config.num_channels, height, width, generator=generator)
+        }
     vocab = getattr(config, "vocab_size", None) or 100
     input_ids = torch.randint(0, vocab, (batch_size, length), generator=generator)
     attention_mask = torch.ones(batch_size, length, dtype=torch.long)

@@ -65,15 +65,22 @@ def pruned(model: nn.Module, recipe: str, steps: int = 3, registry: Registry | N
     pruner = Pruner(recipe, registry)
     pruner.attach(model)
     pruner.start(steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    batch = labelled_batch(model)
+    train_steps(model, pruner, labelled_batch(model), steps)
+    return pruner
+
+
+def train_steps(
+    model: nn.Module, pruner, batch: dict[str, torch.Tensor], steps: int, lr: float = 0.05
+) -> None:
+    """``steps`` SGD steps of ``model`` on ``batch``, with the pruner's work before and after each optimizer
+    step, as PruneOptimizer does."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(steps):
         model(**batch).loss.backward()
         pruner.before_optimizer_step(optimizer)
         optimizer.step()
         pruner.after_optimizer_step(optimizer)
         optimizer.zero_grad()
-    return pruner
 
 
 def reload(model: nn.Module, path: Path, registry: Registry) -> nn.Module:

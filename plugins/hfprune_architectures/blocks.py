@@ -36,13 +36,17 @@ def neuron_unit(adapter: ArchitectureAdapter, module, up, down, activation) -> U
 
 
 def heads(
-    adapter: ArchitectureAdapter, module, names: tuple[str, str, str, str], size: str, marker: str
+    adapter: ArchitectureAdapter,
+    module,
+    names: tuple[str, str, str, str],
+    size: str,
+    marker: str | None = None,
 ) -> Unit | None:
     """``module``'s head unit when it is attention with separate query, key, value and output projections
-    called ``names`` (each an ``nn.Linear``) and has the attribute ``marker``; heads are ``module.<size>``
-    wide."""
+    called ``names`` (each an ``nn.Linear``) and has the attribute ``marker`` (default: ``size``); heads are
+    ``module.<size>`` wide."""
     projections = [layer(module, name) for name in names]
-    if not linears(*projections) or not hasattr(module, marker):
+    if not linears(*projections) or not hasattr(module, marker or size):
         return None
     return head_unit(adapter, module, *projections, getattr(module, size))
 

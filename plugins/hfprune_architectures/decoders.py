@@ -48,18 +48,6 @@ class GPT2(ArchitectureAdapter):
         return {"n_inner": kept_groups} if kind == "neuron" else None
 
 
-def grouped_query_config(kind, unit: Unit, kept_groups: int) -> dict:
-    """The config fields of a grouped-query decoder (its head size stated as ``head_dim``) for
-    ``kept_groups``."""
-    if kind == "neuron":
-        return {"intermediate_size": kept_groups}
-    return {
-        "num_attention_heads": kept_groups * unit.heads_per_group,
-        "num_key_value_heads": kept_groups,
-        "head_dim": unit.module.head_dim,
-    }
-
-
 class LlamaFamily(ArchitectureAdapter):
     """Llama, Mistral, Qwen2, Gemma 3: self_attn.{q,k,v,o}_proj with grouped-query attention; gated mlp.
 
@@ -95,14 +83,20 @@ class LlamaFamily(ArchitectureAdapter):
         return stack(module, "layers", "self_attn", "mlp")
 
     def config_updates(self, config, kind, unit, kept_groups):
-        return grouped_query_config(kind, unit, kept_groups)
+        if kind == "neuron":
+            return {"intermediate_size": kept_groups}
+        return {
+            "num_attention_heads": kept_groups * unit.heads_per_group,
+            "num_key_value_heads": kept_groups,
+            "head_dim": unit.module.head_dim,
+        }
 
 
-class Phi3(ArchitectureAdapter):
+class Phi3(LlamaFamily):
     """Phi-3: fused self_attn.qkv_proj (every query head, then the key heads, then the value heads) + o_proj;
     fused mlp.gate_up_proj (the gate half, then the up half) + down_proj.
 
-    Its layers are the Llama family's, whose adapter deletes them.
+    Its layer stack and config fields are the Llama family's.
     """
 
     name = "phi3"
@@ -132,12 +126,11 @@ class Phi3(ArchitectureAdapter):
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
             # Phi-3's attention splits qkv_proj at config.num_attention_heads, read from the config every
-            # layer shares: a layer that keeps its own number of heads needs a config of its own.
+            # layer shares: a layer that keeps its own number of heads needs a config of its own. Being a
+            # copy, it no longer follows the model's config: set the attention implementation before
+            # compacting.
             attention = unit.module
             attention.num_key_value_heads = kept_groups
             attention.config = copy.copy(attention.config)
             attention.config.num_attention_heads = kept_groups * unit.heads_per_group
             attention.config.num_key_value_heads = kept_groups
-
-    def config_updates(self, config, kind, unit, kept_groups):
-        return grouped_query_config(kind, unit, kept_groups)

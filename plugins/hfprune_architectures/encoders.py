@@ -65,39 +65,33 @@ class DistilBert(ArchitectureAdapter):
         return {"hidden_dim": kept_groups} if kind == "neuron" else None
 
 
-class Albert(ArchitectureAdapter):
+class Albert(BertFamily):
     """ALBERT: one layer, shared by every position; attention.{query,key,value,dense}; ffn + ffn_output.
 
     The shared layer is one module, so its heads and neurons are found once and pruning
     them prunes every position alike, as the architecture requires. Its positions cannot
-    be deleted one at a time: :meth:`refusal` says so.
+    be deleted one at a time: :meth:`refusal` says so. Its config states sizes as BERT's does.
     """
 
     name = "albert"
 
     def attention(self, module):
-        names = ("query", "key", "value", "dense")
-        return heads(self, module, names, "attention_head_size", "attention_head_size")
+        return heads(self, module, ("query", "key", "value", "dense"), "attention_head_size")
 
     def feed_forward(self, module):
         return neurons(self, module, "ffn", "ffn_output", "activation")
 
     def refusal(self, module, kind):
-        if kind != "layer" or not hasattr(module, "albert_layer_groups"):
+        shared = hasattr(module, "albert_layer_groups") or hasattr(module, "ffn_output")  # encoder, or layer
+        if kind != "layer" or not shared:
             return None
-        config = module.config
         return (
-            f"ALBERT runs its {config.num_hidden_layers} positions through {config.num_hidden_groups} shared "
-            "layer group(s): a position cannot be deleted without deleting every position that shares its "
-            "layer. Prune the shared layer's heads and neurons instead (block-lasso, importance or "
-            "mask-search with group: head or neuron)"
+            "ALBERT runs every position through one shared layer: a position cannot be deleted without "
+            "deleting every position that shares its layer. Prune the shared layer's heads and neurons "
+            "instead (block-lasso, importance or mask-search with group: head or neuron)"
         )
 
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
             unit.module.num_attention_heads = kept_groups
             unit.module.all_head_size = kept_groups * unit.module.attention_head_size
-
-    def config_updates(self, config, kind, unit, kept_groups):
-        # As BERT: the head size is hidden_size / heads.
-        return {"intermediate_size": kept_groups} if kind == "neuron" else None

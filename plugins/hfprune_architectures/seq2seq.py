@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from hfprune.architecture import ArchitectureAdapter, Member, layer
 
 from .blocks import gated_neuron_unit, heads, linears, neurons
@@ -15,8 +13,8 @@ class Bart(ArchitectureAdapter):
 
     A cross-attention head is pruned like a self-attention head: its query rows, its key
     and value rows (which read the encoder's output) and its output-projection columns.
-    Layers are not deleted: the encoder and the decoder are two stacks, each sized by
-    its own config field, and the engine deletes from one stack per model.
+    Layers are refused (:meth:`refusal`): the encoder and the decoder are two stacks, each
+    sized by its own config field.
     """
 
     name = "bart"
@@ -29,9 +27,20 @@ class Bart(ArchitectureAdapter):
             return None  # fc1/fc2 in a module of their own are a vision encoder's MLP: vision.ViT
         return neurons(self, module, "fc1", "fc2", "activation_fn")
 
+    def refusal(self, module, kind):
+        if kind != "layer" or not (hasattr(module, "self_attn") and hasattr(module, "fc1")):
+            return None
+        return (
+            "an encoder-decoder's encoder and decoder are two stacks sized by their own config fields "
+            "(encoder_layers, decoder_layers): its layers are not deleted; prune its heads and neurons "
+            "(group: head or neuron)"
+        )
+
     def resize(self, unit, kept_groups):
         if unit.kind == "head":
             unit.module.num_heads = kept_groups
+            if hasattr(unit.module, "embed_dim"):  # models built from these blocks that reshape with it
+                unit.module.embed_dim = kept_groups * unit.module.head_dim
 
     def config_updates(self, config, kind, unit, kept_groups):
         # The head size is d_model / heads: fewer heads cannot be stated. One width for every FFN can.
@@ -63,12 +72,14 @@ class T5(ArchitectureAdapter):
         )
 
     def refusal(self, module, kind):
-        if kind == "head" and hasattr(module, "relative_attention_num_buckets"):
+        if not hasattr(module, "relative_attention_num_buckets"):  # every T5 attention block has it
+            return None
+        if kind == "head":
             return (
                 "T5's first layer computes a position bias for each head that every later layer adds to its "
                 "own heads, so no layer can lose a head the others keep; prune T5's neurons (group: neuron)"
             )
-        if kind == "layer" and isinstance(getattr(module, "block", None), nn.ModuleList):
+        if kind == "layer":
             return (
                 "T5's first layer holds the position bias every layer uses, and its encoder and decoder are "
                 "two stacks sized by their own config fields: its layers are not deleted; prune T5's neurons "

@@ -14,8 +14,8 @@ class ViT(ArchitectureAdapter):
     name = "vit"
 
     def attention(self, module):
-        if hasattr(module, "num_key_value_groups"):
-            return None  # a grouped-query decoder's attention: the Llama family's
+        if hasattr(module, "num_key_value_groups") or hasattr(module, "relative_position_bias"):
+            return None  # a grouped-query decoder's (the Llama family's), or with per-head position tables
         return heads(
             self, module, ("q_proj", "k_proj", "v_proj", "o_proj"), "head_dim", "num_attention_heads"
         )
@@ -33,8 +33,9 @@ class ViT(ArchitectureAdapter):
             unit.module.num_attention_heads = kept_groups
 
     def config_updates(self, config, kind, unit, kept_groups):
-        # ViT's attention reads its head size from config.head_dim when the config has one, so fewer heads
-        # can be stated. A config without these fields (a CLIP model's, which nests them) gets the layout.
+        # ViT's attention reads its head size from config.head_dim when the config has that field (ViTConfig
+        # does not define it; compaction adds it), so fewer heads can be stated. A config without these
+        # fields (a composite model's, which nests them in sub-configs) gets the layout.
         if kind == "neuron":
             return {"intermediate_size": kept_groups} if hasattr(config, "intermediate_size") else None
         if not hasattr(config, "num_attention_heads"):

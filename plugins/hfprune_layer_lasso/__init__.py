@@ -93,6 +93,16 @@ def find_stacks(targets: Targets) -> dict[str, nn.ModuleList]:
     return stacks
 
 
+def layer_refusal(targets: Targets) -> str | None:
+    """Why an adapter refuses to delete layers of the matched modules (ALBERT, T5, BART), or None: asked of
+    every target, a layer list named directly included."""
+    for module in targets.values():
+        reason = refusal(module, "layer", targets.architectures)
+        if reason:
+            return reason
+    return None
+
+
 class LayerLassoStrategy(Strategy):
     """A gate per layer and LD-Net's regularizer, which select ``keep`` layers to keep; or layer-wise dropout
     alone.
@@ -141,13 +151,13 @@ class LayerLassoStrategy(Strategy):
 
     @classmethod
     def select_parameters(cls, targets, config):
+        refused = layer_refusal(targets)
+        if refused:
+            raise TargetError(refused)
         stacks = find_stacks(targets)
         if not stacks:
             raise TargetError(
-                next(
-                    filter(None, (refusal(m, "layer", targets.architectures) for m in targets.values())), None
-                )
-                or f"matched {len(targets)} modules, but none is a layer stack (an nn.ModuleList such as "
+                f"matched {len(targets)} modules, but none is a layer stack (an nn.ModuleList such as "
                 "bert.encoder.layer, transformer.h or model.layers) or holds one an architecture adapter "
                 "recognizes"
             )
