@@ -93,15 +93,15 @@ def _image_column(data: DataSection, features) -> str | None:
     from datasets import Image
 
     if data.image_column is not None:
-        if not isinstance(features.get(data.image_column), Image):
-            found = features.get(data.image_column)
+        found = features.get(data.image_column)
+        if found is None:
             raise HfpruneError(
-                f"data {data.dataset}: image column {data.image_column!r} "
-                + (
-                    f"holds {found}, not images"
-                    if found is not None
-                    else f"is not one of {', '.join(features)}"
-                )
+                f"data {data.dataset} has no image column {data.image_column!r}; its columns: "
+                f"{', '.join(features)}"
+            )
+        if not isinstance(found, Image):
+            raise HfpruneError(
+                f"data {data.dataset}: image column {data.image_column!r} holds {found}, not images"
             )
         return data.image_column
     return next((name for name, feature in features.items() if isinstance(feature, Image)), None)
