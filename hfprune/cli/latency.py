@@ -27,9 +27,9 @@ def random_inputs(vocab_size: int, batch: int, sequence: int, seed: int = 0) -> 
 def inputs_for(model: nn.Module, batch: int, sequence: int) -> dict[str, torch.Tensor]:
     """Random inputs of the kind ``model`` reads: images of its size (compaction's probe images) when its
     input is ``pixel_values``, else :func:`random_inputs` tokens."""
-    from hfprune.compaction.compact import probe_batch
+    from hfprune.compaction.compact import probe_batch, reads_images
 
-    if getattr(model, "main_input_name", None) == "pixel_values":
+    if reads_images(model):
         return probe_batch(model, batch_size=batch)
     return random_inputs(model.config.vocab_size, batch, sequence)
 

@@ -34,10 +34,11 @@ def latency_rows(model, compacted, sequence: int, batches: dict[int, int]) -> li
     """Per batch size, median ms per forward of the full-size pruned model and of the compacted one, timed
     alternately, on random inputs: ``sequence`` tokens, or images of the model's size (``sequence`` None)."""
     from hfprune.cli.latency import inputs_for, interleaved_latency
+    from hfprune.compaction.compact import reads_images
 
     if compacted is None:
         return []
-    images = getattr(model, "main_input_name", None) == "pixel_values"
+    images = reads_images(model)
     sequence = None if images else sequence
     print(
         f"timing the full-size and the compacted model (batch {' and '.join(map(str, batches))}, "

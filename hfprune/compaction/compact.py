@@ -330,13 +330,18 @@ def _swap_in(staging: Path, output: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def reads_images(model: nn.Module) -> bool:
+    """Whether ``model``'s input is images (``main_input_name`` is ``pixel_values``), not token ids."""
+    return getattr(model, "main_input_name", None) == "pixel_values"
+
+
 def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
     """A seeded random batch for the model: token ids for its vocabulary, the second row half padded (and the
     first half as the decoder's input, for an encoder-decoder); or, for a model that reads images
     (``main_input_name`` is ``pixel_values``), random images of its size."""
     config = getattr(model, "config", None)
     generator = torch.Generator().manual_seed(0)
-    if getattr(model, "main_input_name", None) == "pixel_values":
+    if reads_images(model):
         size = config.image_size
         height, width = (size, size) if isinstance(size, int) else size
         return {
