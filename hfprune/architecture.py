@@ -32,13 +32,19 @@ PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per layer, sh
 
 
 def weight_dim(module: nn.Module, side: Side) -> int:
-    """The axis of ``module.weight`` that runs over its outputs or inputs (Conv1D stores it transposed)."""
+    """The axis of ``module.weight`` that runs over its outputs or inputs (Conv1D stores it transposed).
+
+    An ``nn.Embedding`` has outputs only, one per column: T5's position-bias table holds one
+    column per head, which a head unit slices with its projections.
+    """
     from transformers.pytorch_utils import Conv1D  # here, not at import: the plugin registry must stay light
 
     if isinstance(module, nn.Linear):
         return 0 if side == "out" else 1
     if isinstance(module, Conv1D):
         return 1 if side == "out" else 0
+    if isinstance(module, nn.Embedding) and side == "out":
+        return 1
     raise TypeError(f"{type(module).__name__} is neither nn.Linear nor Conv1D; adapters describe only those")
 
 

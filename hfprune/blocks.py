@@ -274,6 +274,7 @@ def _unit_sets(
 
 def _tile_set(name: str, module: nn.Module, group: str, tile: tuple[int, int] | None) -> BlockSet:
     try:
+        weight_dim(module, "in")  # a projection: an embedding table has no input features to tile
         out_dim = weight_dim(module, "out")
     except TypeError as exc:
         raise TargetError(f"{name}: {exc}") from None

@@ -183,7 +183,7 @@ TINY_MODELS = {
     "vit": tiny_vit,
 }
 # Every supported family: those above, and those whose layers are not deleted (an encoder-decoder's two
-# stacks; ALBERT's one shared layer); T5's heads are not pruned either.
+# stacks; ALBERT's one shared layer).
 EVERY_FAMILY = {
     **TINY_MODELS,
     "bart": tiny_bart,

@@ -29,8 +29,8 @@ UNITS = {  # (attention class, FFN class) per tiny model
     "vit": ("ViTAttention", "ViTMLP"),
     "bart": ("BartAttention", "BartEncoderLayer, BartDecoderLayer"),
     "albert": ("AlbertAttention", "AlbertLayer"),
-    "t5": (None, "T5DenseActDense"),  # neurons only: its heads share the first layer's position bias
-    "flan-t5": (None, "T5DenseGatedActDense"),
+    "t5": ("T5Stack", "T5DenseActDense"),  # heads a stack at a time: they share the first layer's bias
+    "flan-t5": ("T5Stack", "T5DenseGatedActDense"),
 }
 
 
@@ -66,7 +66,7 @@ def test_compaction_removes_half_the_heads_and_neurons_with_equal_outputs(family
 
 # Families whose config states fewer heads (their head size is a config field): plain from_pretrained loads
 # them with heads removed. The others record heads under hfprune_layout and load with load_compacted.
-HEADS_IN_A_STOCK_CONFIG = {"llama", "phi3", "gemma3", "vit"}
+HEADS_IN_A_STOCK_CONFIG = {"llama", "phi3", "gemma3", "vit", "t5", "flan-t5"}
 
 
 @pytest.mark.parametrize("family", sorted(EVERY_FAMILY))

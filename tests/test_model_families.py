@@ -1,4 +1,4 @@
-"""The stock trainers on families whose inputs are not a BERT's: BART under Seq2SeqTrainer (self- and
+"""The stock trainers on families whose inputs are not a BERT's: BART and T5 under Seq2SeqTrainer (self- and
 cross-attention heads, generation) and ViT under Trainer (images)."""
 
 from __future__ import annotations
@@ -48,11 +48,10 @@ def recipe_file(tmp_path, **targets) -> str:
     return str(path)
 
 
-def test_bart_under_seq2seq_trainer_loses_half_its_heads_and_neurons_and_generates_the_same(tmp_path):
-    model = tiny_bart()
-    callback = PruneCallback(
-        recipe_file(tmp_path, attention="BartAttention", ffn="BartEncoderLayer, BartDecoderLayer")
-    )
+def pruned_under_seq2seq_trainer(model, tmp_path, attention: str, ffn: str, load):
+    """``model`` trained under Seq2SeqTrainer with RECIPE, compacted, saved and loaded again with ``load``
+    (a function of the folder); checks the loaded model predicts and generates what the pruned one did."""
+    callback = PruneCallback(recipe_file(tmp_path, attention=attention, ffn=ffn))
     arguments = Seq2SeqTrainingArguments(
         **training_args(tmp_path / "run").to_dict()
         | {"predict_with_generate": True, "generation_max_length": 8}
@@ -63,14 +62,8 @@ def test_bart_under_seq2seq_trainer_loses_half_its_heads_and_neurons_and_generat
 
     small = callback.compact(trainer.model)
     small.save_pretrained(tmp_path / "small")
-    loaded = load_compacted(tmp_path / "small")
+    loaded = load(tmp_path / "small")
 
-    cross = [m for name, m in loaded.named_modules() if name.endswith("encoder_attn")]
-    assert cross and all(m.q_proj.out_features == 16 for m in cross)  # 2 of 4 heads of width 8
-    assert (
-        loaded.config.encoder_ffn_dim == loaded.config.decoder_ffn_dim == 32
-        and loaded.model.encoder.layers[0].fc1.out_features == 32
-    )
     prompts = {key: data.batch[key][:4] for key in ("input_ids", "attention_mask")}
     expected = trainer.predict(Examples(model, 4)).predictions
     trainer.model = loaded
@@ -79,6 +72,35 @@ def test_bart_under_seq2seq_trainer_loses_half_its_heads_and_neurons_and_generat
     torch.testing.assert_close(
         loaded.generate(**prompts, **settings), model.eval().generate(**prompts, **settings)
     )
+    return loaded
+
+
+def test_bart_under_seq2seq_trainer_loses_half_its_heads_and_neurons_and_generates_the_same(tmp_path):
+    loaded = pruned_under_seq2seq_trainer(
+        tiny_bart(), tmp_path, "BartAttention", "BartEncoderLayer, BartDecoderLayer", load_compacted
+    )
+
+    cross = [m for name, m in loaded.named_modules() if name.endswith("encoder_attn")]
+    assert cross and all(m.q_proj.out_features == 16 for m in cross)  # 2 of 4 heads of width 8
+    assert (
+        loaded.config.encoder_ffn_dim == loaded.config.decoder_ffn_dim == 32
+        and loaded.model.encoder.layers[0].fc1.out_features == 32
+    )
+
+
+def test_t5_under_seq2seq_trainer_loses_half_its_heads_a_stack_at_a_time_into_a_stock_checkpoint(tmp_path):
+    loaded = pruned_under_seq2seq_trainer(
+        tiny_t5(),
+        tmp_path,
+        "T5Stack",
+        "T5DenseActDense",
+        transformers.T5ForConditionalGeneration.from_pretrained,
+    )
+
+    assert (loaded.config.num_heads, loaded.config.d_ff) == (2, 32)
+    assert loaded.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 2
+    cross = [block.layer[1].EncDecAttention for block in loaded.decoder.block]
+    assert all(m.q.out_features == m.o.in_features == 16 for m in cross)  # 2 of 4 heads of width 8
 
 
 def test_vit_under_trainer_loses_half_its_heads_and_neurons_into_a_stock_checkpoint(tmp_path):
@@ -111,7 +133,7 @@ def test_vit_under_trainer_loses_half_its_heads_and_neurons_into_a_stock_checkpo
     [
         (
             r"{strategy: block-lasso, targets: ['re:.*block\.\d+'], config: {group: head, ratio: 0.5}}",
-            "T5's first layer computes a position bias for each head",
+            "so a head is pruned in every layer of its stack at once: target the stacks",
         ),
         (
             "{strategy: layer-lasso, targets: [encoder], config: {keep: 1}}",
@@ -123,10 +145,10 @@ def test_vit_under_trainer_loses_half_its_heads_and_neurons_into_a_stock_checkpo
         ),
     ],
 )
-def test_t5_heads_and_layers_are_refused_before_training_with_why(entry, reason):
-    with pytest.raises(RecipeError) as info:
+def test_t5_heads_of_single_layers_and_its_layers_are_refused_before_training_with_why(entry, reason):
+    with pytest.raises(RecipeError, match="T5's first layer") as info:
         Pruner(f"version: 1\npruners:\n  - {entry}\n").attach(tiny_t5())
-    assert reason in str(info.value) and "prune T5's neurons (group: neuron)" in str(info.value)
+    assert reason in str(info.value)
 
 
 def test_bart_layers_are_refused_before_training_and_by_compaction_since_its_stacks_have_their_own_sizes():
@@ -139,3 +161,28 @@ def test_bart_layers_are_refused_before_training_and_by_compaction_since_its_sta
         Pruner(f"version: 1\npruners:\n  - {entry}\n").attach(tiny_bart())
     with pytest.raises(CompactionError, match="an encoder-decoder sizes its encoder and decoder stacks"):
         delete_residual_layers(tiny_bart(), {"model.decoder.layers": torch.tensor([True, False])})
+
+
+def test_t5_one_shot_mask_search_keeps_whole_heads_per_stack_and_says_tuning_skips_them(caplog):
+    import hfprune
+    from hfprune.calibration.conformance import calibration_batches
+
+    model = tiny_t5()
+    batches = calibration_batches()
+    for batch in batches:
+        batch["labels"] = batch["input_ids"][:, :8].clone()
+    entry = "{strategy: mask-search, targets: [encoder, decoder], config: {keep: 0.6}}"
+    recipe = f"version: 1\npruners:\n  - {entry}\n"
+
+    pruner = hfprune.oneshot(model, batches, recipe, progress=False)
+    small = pruner.compact(model)  # outputs checked against the masked model
+
+    attentions = [m for m in small.modules() if hasattr(m, "relative_attention_num_buckets")]
+    for stack in (
+        small.encoder,
+        small.decoder,
+    ):  # self-attention: one head count per stack, bias table included
+        table = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        assert {b.layer[0].SelfAttention.n_heads for b in stack.block} == {table.shape[1]}
+    assert sum(m.n_heads for m in attentions) < 4 * len(attentions)
+    assert "tuning leaves them as the search chose them: encoder, " in caplog.text

@@ -219,7 +219,7 @@ def _slice(members: list[Member], kept_groups: torch.Tensor, count: int) -> None
     module.weight = nn.Parameter(
         module.weight.index_select(dim, index), requires_grad=module.weight.requires_grad
     )
-    if members[0].side == "out" and module.bias is not None:
+    if members[0].side == "out" and getattr(module, "bias", None) is not None:  # an embedding has none
         module.bias = nn.Parameter(
             module.bias.index_select(0, index), requires_grad=module.bias.requires_grad
         )
@@ -229,6 +229,8 @@ def _slice(members: list[Member], kept_groups: torch.Tensor, count: int) -> None
 def _update_features(module: nn.Module, side: str, size: int) -> None:
     if isinstance(module, nn.Linear):
         setattr(module, "out_features" if side == "out" else "in_features", size)
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = size
     elif side == "out":  # Conv1D: nf outputs, nx inputs
         module.nf = size
     else:

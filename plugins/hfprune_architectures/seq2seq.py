@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from hfprune.architecture import ArchitectureAdapter, Member, layer
+from torch import nn
 
-from .blocks import gated_neuron_unit, heads, linears, neurons
+from hfprune.architecture import ArchitectureAdapter, Member, Unit, layer
+
+from .blocks import gated_neuron_unit, head_unit, heads, linears, neurons
 
 
 class Bart(ArchitectureAdapter):
@@ -50,15 +52,36 @@ class Bart(ArchitectureAdapter):
 
 
 class T5(ArchitectureAdapter):
-    """T5, mT5, Flan-T5: the FFN's DenseReluDense.{wi, wo}, or gated {wi_0, wi_1, wo}. Neurons only.
+    """T5, mT5, Flan-T5: heads pruned a stack at a time; the FFN's DenseReluDense.{wi, wo}, or gated {wi_0,
+    wi_1, wo}.
 
-    Heads are refused: the first layer of each stack computes a position bias per head and
-    every later layer adds it to its own heads, so a layer cannot lose a head the others keep.
-    Layers are refused: the first layer holds that bias, and the encoder and decoder are two
-    stacks.
+    The first layer of each stack computes a position bias per head (its
+    ``relative_attention_bias`` table, one column per head) and every later layer adds it to
+    its own heads; the decoder's first cross-attention makes a zero bias of its head count
+    that the later ones add. So a head is pruned in every layer of its stack at once: one
+    unit per stack's self-attention (the ``T5Stack``, ``encoder`` or ``decoder``) whose
+    groups own each layer's q, k, v rows and o columns and the bias table's column, and one
+    for the decoder's cross-attention (the list of its layers, ``decoder.block``). Layers
+    are refused: the first one holds that bias, and the encoder and decoder are two stacks.
     """
 
     name = "t5"
+
+    def attention(self, module):
+        attentions = _stack_attentions(module)
+        if attentions is None:
+            return None
+        size = attentions[0].key_value_proj_dim
+        members = []
+        for attention in attentions:
+            projections = [layer(attention, name) for name in ("q", "k", "v", "o")]
+            if not linears(*projections):
+                return None
+            members += head_unit(self, attention, *projections, size).members
+        bias = layer(attentions[0], "relative_attention_bias")
+        if bias is not None:
+            members.append(Member(bias, "out", 0, 1))
+        return Unit("head", module, attentions[0].n_heads, tuple(members), self)
 
     def feed_forward(self, module):
         ungated = neurons(self, module, "wi", "wo", "act")
@@ -77,15 +100,45 @@ class T5(ArchitectureAdapter):
         if kind == "head":
             return (
                 "T5's first layer computes a position bias for each head that every later layer adds to its "
-                "own heads, so no layer can lose a head the others keep; prune T5's neurons (group: neuron)"
+                "own heads, so a head is pruned in every layer of its stack at once: target the stacks "
+                "(T5Stack, or encoder and decoder) or the whole model"
             )
         if kind == "layer":
             return (
                 "T5's first layer holds the position bias every layer uses, and its encoder and decoder are "
-                "two stacks sized by their own config fields: its layers are not deleted; prune T5's neurons "
-                "(group: neuron)"
+                "two stacks sized by their own config fields: its layers are not deleted; prune T5's heads "
+                "and neurons (group: head or neuron)"
             )
         return None
 
+    def resize(self, unit, kept_groups):
+        if unit.kind == "head":
+            for attention in _stack_attentions(unit.module):
+                attention.n_heads = kept_groups
+                attention.inner_dim = kept_groups * attention.key_value_proj_dim
+
     def config_updates(self, config, kind, unit, kept_groups):
-        return {"d_ff": kept_groups} if kind == "neuron" and hasattr(config, "d_ff") else None
+        field = {"head": "num_heads", "neuron": "d_ff"}[kind]
+        return {field: kept_groups} if hasattr(config, field) else None
+
+
+def _stack_attentions(module: nn.Module) -> list[nn.Module] | None:
+    """The T5 attention blocks whose heads are one unit in ``module``, or None: a stack's self-attention,
+    ``block.N.layer[0].SelfAttention``; or, when ``module`` is the list of a decoder's blocks, their
+    cross-attention, ``N.layer[1].EncDecAttention``."""
+    if isinstance(module, nn.ModuleList):
+        blocks, position, name = module, 1, "EncDecAttention"
+    else:
+        blocks, position, name = getattr(module, "block", None), 0, "SelfAttention"
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        return None
+    found = [_sublayer_attention(block, position, name) for block in blocks]
+    return found if all(hasattr(a, "relative_attention_num_buckets") for a in found) else None
+
+
+def _sublayer_attention(block: nn.Module, position: int, name: str) -> nn.Module | None:
+    """``block.layer[position].<name>`` (a T5 block's sub-layers), or None."""
+    parts = getattr(block, "layer", None)
+    if not isinstance(parts, nn.ModuleList) or len(parts) <= position:
+        return None
+    return getattr(parts[position], name, None)

@@ -23,6 +23,7 @@ them and checks the smaller model against the masked one.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
@@ -38,6 +39,7 @@ from .search import rearrange, search
 from .tuning import dense_copies, tune
 
 KINDS = ("head", "neuron")
+logger = logging.getLogger(__name__)
 
 
 class MaskSearchConfig(StrategyConfig):
@@ -104,6 +106,7 @@ class MaskSearchStrategy(OneShotStrategy, MaskingStrategy):
         if self.config.tune:
             units = [s.unit.module for s in self.sets]
             stacks = stacks_holding(calibration.model, units, self.targets.architectures)
+            _warn_untuned(self.sets, stacks)
         teachers = [dense_copies(stack) for stack in stacks]
         masks = {
             name: torch.ones(p.shape, dtype=torch.bool, device=p.device)
@@ -162,6 +165,21 @@ def _unit_sets(targets) -> list[BlockSet]:
     return sorted(sets, key=lambda s: order[id(s.unit.consumers[0].module)])
 
 
+def _warn_untuned(sets: list[BlockSet], stacks: list) -> None:
+    """Say which blocks tuning cannot reach: it replays one layer of a recognized stack at a time, and a
+    block outside one (T5's heads, a unit of a whole stack; a family with no stack adapter) keeps its unit
+    scales."""
+    inside = {id(module) for stack in stacks for layer in stack for module in layer.modules()}
+    untuned = [s.name for s in sets if id(s.unit.module) not in inside]
+    if untuned:
+        logger.warning(
+            "mask-search: %d blocks are not in a layer of a stack an architecture adapter recognizes, so "
+            "tuning leaves them as the search chose them: %s",
+            len(untuned),
+            ", ".join(untuned),
+        )
+
+
 def _costs(block_set: BlockSet, cost: str, length: float) -> torch.Tensor:
     """Each group's cost: its weights, or its FLOPs per token (2 per weight; for heads, the attention too)."""
     unit = block_set.unit
@@ -170,7 +188,9 @@ def _costs(block_set: BlockSet, cost: str, length: float) -> torch.Tensor:
     if cost == "flops":
         value = 2.0 * weights
         if unit.kind == "head":  # scores and weighted sum: 2 x 2 x length x the group's head dimensions
-            value += 4.0 * length * unit.consumers[0].size
+            value += (
+                4.0 * length * sum(c.size for c in unit.consumers)
+            )  # in each layer (a T5 head spans many)
     return torch.full((unit.count,), value, dtype=torch.float64)
 
 
