@@ -226,18 +226,38 @@ def stacks_holding(root: nn.Module, modules, adapters: list[ArchitectureAdapter]
     ]
 
 
+def config_of(model: nn.Module, name: str):
+    """The config that states the sizes of ``model``'s module ``name``: that of the innermost sub-model
+    holding it whose config ``model.config`` nests (a multimodal model's ``text_config`` and
+    ``vision_config``), else ``model.config`` (None without one).
+
+    Only a nested config is saved with the model: a sub-model built from a copy (T5's
+    encoder and decoder stacks) is sized by the model's own config.
+    """
+    top = getattr(model, "config", None)
+    values = vars(top).values() if top is not None else ()
+    nested = {id(value) for value in values if hasattr(value, "to_dict")}  # the sub-configs
+    parts = name.split(".") if name else []
+    for end in range(len(parts), 0, -1):
+        config = getattr(model.get_submodule(".".join(parts[:end])), "config", None)
+        if config is not None and id(config) in nested:
+            return config
+    return top
+
+
 def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
     """Delete, in place, the layers of a residual stack whose keep flag is False; the hidden-state indices
     left.
 
     None when every layer stays.
 
-    Only the model's own stack can shrink: its length is ``config.num_hidden_layers``
-    (``n_layer``, ``n_layers`` through the config's aliases), which is updated, together
-    with per-layer config lists such as ``layer_types``. Layers that index a cache by
-    position (``layer_idx``) are renumbered.
+    Only the stack of the model's text, whose hidden states the model returns, can shrink:
+    its length is ``num_hidden_layers`` (``n_layer``, ``n_layers`` through the config's
+    aliases) of the model's config, or of the ``text_config`` it nests for a multimodal
+    model's language model (:func:`config_of`); that is updated, together with per-layer
+    config lists such as ``layer_types``. Layers that index a cache by position
+    (``layer_idx``) are renumbered.
     """
-    config = getattr(model, "config", None)
     if len(stacks) > 1:
         raise CompactionError(
             f"layers can be deleted from one stack per model; the plan names {len(stacks)}: "
@@ -250,7 +270,14 @@ def delete_residual_layers(model: nn.Module, stacks: dict[str, torch.Tensor]) ->
         raise CompactionError(
             f"the layer plan for {name} must keep at least one of its {depth} layers, got {keep.tolist()}"
         )
-    if getattr(config, "is_encoder_decoder", False):
+    config = config_of(model, name)
+    text_config = model.config.get_text_config() if hasattr(model, "config") else None
+    if config is not text_config:
+        raise CompactionError(
+            f"{name} is sized by a config of its own ({type(config).__name__}), not by the config of the "
+            "text the model returns hidden states of: only the language model's layers are deleted"
+        )
+    if getattr(text_config, "is_encoder_decoder", False):
         raise CompactionError(
             f"{name}: an encoder-decoder sizes its encoder and decoder stacks with config fields of their "
             "own, and num_hidden_layers names only one of them: its layers cannot be deleted"

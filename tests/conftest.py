@@ -17,7 +17,9 @@ from transformers import (
     BartForConditionalGeneration,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
@@ -27,6 +29,7 @@ from transformers import (
     Phi3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
+    SiglipVisionConfig,
     T5Config,
     T5ForConditionalGeneration,
     TrainerCallback,
@@ -103,6 +106,20 @@ def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
         **DECODER, **SPECIAL_TOKENS, head_dim=8, sliding_window=8, layer_types=layer_types
     )
     return Gemma3ForCausalLM(config)
+
+
+def tiny_gemma3_vision(seed: int = 0) -> Gemma3ForConditionalGeneration:
+    """Gemma 3 with its SigLIP vision tower: 28x28 images in 7x7 patches, pooled to 4 image tokens."""
+    torch.manual_seed(seed)
+    text = Gemma3TextConfig(**DECODER, **SPECIAL_TOKENS, head_dim=8, sliding_window=8)
+    vision = SiglipVisionConfig(**SMALL, image_size=28, patch_size=7)
+    image_tokens = {
+        "boi_token_index": VOCAB - 3,
+        "eoi_token_index": VOCAB - 2,
+        "image_token_index": VOCAB - 1,
+    }
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **image_tokens)
+    return Gemma3ForConditionalGeneration(config)
 
 
 def tiny_vit(seed: int = 0, labels: int = 2) -> ViTForImageClassification:
@@ -183,11 +200,12 @@ TINY_MODELS = {
     "vit": tiny_vit,
 }
 # Every supported family: those above, and those whose layers are not deleted (an encoder-decoder's two
-# stacks; ALBERT's one shared layer).
+# stacks; ALBERT's one shared layer; a multimodal model's language model and vision tower).
 EVERY_FAMILY = {
     **TINY_MODELS,
     "bart": tiny_bart,
     "albert": tiny_albert,
+    "gemma3-vision": tiny_gemma3_vision,
     "t5": tiny_t5,
     "flan-t5": lambda: tiny_t5(gated=True),
 }

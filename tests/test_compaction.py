@@ -29,6 +29,7 @@ UNITS = {  # (attention class, FFN class) per tiny model
     "vit": ("ViTAttention", "ViTMLP"),
     "bart": ("BartAttention", "BartEncoderLayer, BartDecoderLayer"),
     "albert": ("AlbertAttention", "AlbertLayer"),
+    "gemma3-vision": ("Gemma3Attention, SiglipAttention", "Gemma3MLP, SiglipMLP"),
     "t5": ("T5Stack", "T5DenseActDense"),  # heads a stack at a time: they share the first layer's bias
     "flan-t5": ("T5Stack", "T5DenseGatedActDense"),
 }

@@ -1,5 +1,5 @@
-"""The stock trainers on families whose inputs are not a BERT's: BART and T5 under Seq2SeqTrainer (self- and
-cross-attention heads, generation) and ViT under Trainer (images)."""
+"""Families whose inputs are not a BERT's: BART and T5 under Seq2SeqTrainer (self- and cross-attention heads,
+generation), ViT under Trainer (images), and Gemma 3 with its vision tower."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
 from hfprune import CompactionError, Pruner, RecipeError
 from hfprune.callback import PruneCallback
-from hfprune.compaction.conformance import labelled_batch
+from hfprune.compaction.compact import compact_model, verify
+from hfprune.compaction.conformance import labelled_batch, pruned, structured_recipe
 from hfprune.compaction.loading import load_compacted
+from hfprune.plugins import default_registry
 
-from conftest import tiny_bart, tiny_t5, tiny_vit, training_args
+from conftest import tiny_bart, tiny_gemma3_vision, tiny_t5, tiny_vit, training_args
 
 RECIPE = """
 version: 1
@@ -186,3 +188,39 @@ def test_t5_one_shot_mask_search_keeps_whole_heads_per_stack_and_says_tuning_ski
         assert {b.layer[0].SelfAttention.n_heads for b in stack.block} == {table.shape[1]}
     assert sum(m.n_heads for m in attentions) < 4 * len(attentions)
     assert "tuning leaves them as the search chose them: encoder, " in caplog.text
+
+
+def test_a_multimodal_gemma3_drops_language_layers_into_a_stock_checkpoint_and_refuses_vision_layers(
+    tmp_path,
+):
+    """The language model's layers are sized by the text_config the model's config nests; the vision tower's
+    hidden states are not the model's, so its layers stay."""
+    model = tiny_gemma3_vision().eval()
+    last = model.model.language_model.layers[1]
+    with torch.no_grad():  # the last layer adds nothing: deleting it changes no output
+        last.self_attn.o_proj.weight.zero_()
+        last.mlp.down_proj.weight.zero_()
+    adapters = default_registry().architectures
+
+    small = compact_model(model, {"model.language_model.layers": torch.tensor([True, False])}, adapters)
+    small.save_pretrained(tmp_path)
+    loaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path)
+
+    assert (loaded.config.text_config.num_hidden_layers, loaded.config.text_config.layer_types) == (
+        1,
+        ["sliding_attention"],
+    )
+    verify(model, loaded, hidden_states=[0, 2])  # layer 1 went: its output was its input
+    with pytest.raises(CompactionError, match="only the language model's layers are deleted"):
+        compact_model(model, {"model.vision_tower.encoder.layers": torch.tensor([True, False])}, adapters)
+
+
+def test_compaction_checks_a_multimodal_models_vision_tower_on_images():
+    """Token ids alone never reach the vision tower: a wrong vision weight is caught on images."""
+    model = tiny_gemma3_vision()
+    small = pruned(model, structured_recipe("SiglipAttention", "SiglipMLP")).compact(model)
+    verify(model, small)
+    with torch.no_grad():
+        small.model.vision_tower.encoder.layers[0].mlp.fc2.weight.mul_(1.5)
+    with pytest.raises(CompactionError, match="get_image_features"):
+        verify(model, small)

@@ -28,6 +28,7 @@ from hfprune.architecture import (
     Member,
     Unit,
     UnitKind,
+    config_of,
     delete_residual_layers,
     find_units,
     stack_owner,
@@ -254,18 +255,33 @@ def _update_config(
     for kind in KINDS:
         if kind not in changed and not (relabelled and kind in layout):
             continue
-        found = list(find_units(model, kind, adapters))
-        sizes = {unit.name: unit.count for unit in found}
-        uniform = len(set(sizes.values())) == 1
-        updates = found[0].adapter.config_updates(config, kind, found[0], found[0].count) if uniform else None
-        if updates is None:
-            layout[kind] = sizes
+        unstated: dict[str, int] = {}
+        for sized_by, units in _by_config(model, find_units(model, kind, adapters)):
+            sizes = {unit.name: unit.count for unit in units}
+            uniform = len(set(sizes.values())) == 1
+            updates = (
+                units[0].adapter.config_updates(sized_by, kind, units[0], units[0].count) if uniform else None
+            )
+            if updates is None:
+                unstated.update(sizes)
+            for key, value in (updates or {}).items():
+                setattr(sized_by, key, value)
+        if unstated:
+            layout[kind] = unstated
         else:
             layout.pop(kind, None)
-            for key, value in updates.items():
-                setattr(config, key, value)
     if layout or getattr(config, LAYOUT_KEY, None):
         setattr(config, LAYOUT_KEY, layout or None)
+
+
+def _by_config(model: nn.Module, units: Iterable[Unit]) -> list[tuple[object, list[Unit]]]:
+    """``units`` grouped by the config that sizes them (:func:`config_of`: a multimodal model's language model
+    and vision tower each have their own), in model order."""
+    groups: dict[int, tuple[object, list[Unit]]] = {}
+    for unit in units:
+        config = config_of(model, unit.name)
+        groups.setdefault(id(config), (config, []))[1].append(unit)
+    return list(groups.values())
 
 
 def save_compacted(
@@ -344,11 +360,7 @@ def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict
     config = getattr(model, "config", None)
     generator = torch.Generator().manual_seed(0)
     if reads_images(model):
-        size = config.image_size
-        height, width = (size, size) if isinstance(size, int) else size
-        return {
-            "pixel_values": torch.randn(batch_size, config.num_channels, height, width, generator=generator)
-        }
+        return {"pixel_values": random_images(config, batch_size, generator)}
     vocab = getattr(config, "vocab_size", None) or 100
     input_ids = torch.randint(0, vocab, (batch_size, length), generator=generator)
     attention_mask = torch.ones(batch_size, length, dtype=torch.long)
@@ -357,6 +369,26 @@ def probe_batch(model: nn.Module, batch_size: int = 2, length: int = 16) -> dict
     if getattr(config, "is_encoder_decoder", False):
         batch["decoder_input_ids"] = input_ids[:, : length // 2]
     return batch
+
+
+def random_images(config, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random images of the size a (vision) config states: ``image_size`` (one side or a pair) and
+    ``num_channels``."""
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch_size, config.num_channels, height, width, generator=generator)
+
+
+def image_probe(model: nn.Module, batch_size: int = 2) -> dict[str, torch.Tensor] | None:
+    """Seeded random images for the vision tower of a model that reads token ids and images (a multimodal
+    model's ``get_image_features``), or None for a model without one.
+
+    The token-id probe alone never runs such a tower: it needs images placed at image tokens.
+    """
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision is None or reads_images(model) or not hasattr(model, "get_image_features"):
+        return None
+    return {"pixel_values": random_images(vision, batch_size, torch.Generator().manual_seed(0))}
 
 
 @dataclass(frozen=True)
@@ -388,11 +420,16 @@ def verify(
 
     ``hidden_states`` picks the reference's hidden states the compacted model still has
     when layers were deleted (a deleted layer's gate was 0: its output equals its input).
+    A multimodal model's vision tower is checked too, on random images (:func:`image_probe`).
     """
     probe = probe or probe_batch(reference)
     if any(p.dtype != torch.float32 for p in reference.parameters()):
         reference, compacted = copy.deepcopy(reference).float(), copy.deepcopy(compacted).float()
     ours, theirs = _outputs(reference, probe, hidden_states), _outputs(compacted, probe)
+    images = image_probe(reference)
+    if images is not None:
+        ours += _outputs(reference, images, method="get_image_features")
+        theirs += _outputs(compacted, images, method="get_image_features")
     pairs = zip(ours, theirs, strict=True)
     worst = max(
         (_worst_element(name, expected, actual) for (name, expected), (_, actual) in pairs),
@@ -424,18 +461,23 @@ def _worst_element(name: str, expected: torch.Tensor, actual: torch.Tensor) -> D
 
 
 def _outputs(
-    model: nn.Module, probe: dict[str, torch.Tensor], hidden_states: list[int] | None = None
+    model: nn.Module,
+    probe: dict[str, torch.Tensor],
+    hidden_states: list[int] | None = None,
+    method: str | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """Every floating-point tensor the model returns for ``probe`` (of its hidden states, those picked), named
     (``logits``, ``hidden_states[3]``; a picked hidden state by its index in the reference), in float32.
 
-    Runs in eval mode; the model's mode is restored.
+    Calls the model, or its ``method`` (named after it: ``get_image_features.pooler_output``). Runs
+    in eval mode; the model's mode is restored.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        result = model(**{k: v.to(device) for k, v in probe.items()}, output_hidden_states=True)
+        call = getattr(model, method) if method else model
+        result = call(**{k: v.to(device) for k, v in probe.items()}, output_hidden_states=True)
     finally:
         model.train(was_training)
     values = dict(result) if hasattr(result, "keys") else dict(enumerate(result))
@@ -446,4 +488,9 @@ def _outputs(
             named.update({f"{key}[{i}]": value[i] for i in picked})
         else:
             named[str(key)] = value
-    return [(name, t.float()) for name, t in named.items() if torch.is_tensor(t) and t.is_floating_point()]
+    prefix = f"{method}." if method else ""
+    return [
+        (prefix + name, t.float())
+        for name, t in named.items()
+        if torch.is_tensor(t) and t.is_floating_point()
+    ]

@@ -135,7 +135,8 @@ def _check_generation(model: nn.Module, loaded: nn.Module) -> None:
     if not isinstance(model, GenerationMixin):
         return
     prompt = probe_batch(model)["input_ids"][:1, :6]
-    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": model.config.pad_token_id}
+    pad = getattr(model.config.get_text_config(), "pad_token_id", None)  # a multimodal config nests it
+    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": pad}
     expected, generated = model.eval().generate(prompt, **settings), loaded.generate(prompt, **settings)
     assert torch.equal(generated, expected), (
         f"generation changed: {expected.tolist()} -> {generated.tolist()}"

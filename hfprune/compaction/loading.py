@@ -3,26 +3,21 @@
 When every layer kept the same number of heads and neurons and the config can say so,
 compaction saves a stock config and plain ``AutoModelFor*.from_pretrained`` loads it.
 Otherwise config.json carries ``hfprune_layout`` (groups kept per attention and FFN block)
-and :func:`load_compacted` rebuilds those shapes before loading the weights.
+and :func:`load_compacted` builds those shapes before ``from_pretrained`` loads the weights.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
+import torch
 import transformers
-from safetensors.torch import load_file
 from torch import nn
 
 from hfprune.architecture import ArchitectureAdapter, unit_of
 from hfprune.compaction.compact import LAYOUT_KEY, shrink_unit
 from hfprune.errors import CompactionError
 from hfprune.plugins import default_registry
-
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def load_compacted(
@@ -35,17 +30,50 @@ def load_compacted(
     mode.
 
     Stock configs go through ``model_class.from_pretrained(path, **kwargs)``; configs with
-    per-layer sizes are rebuilt shape by shape, their blocks found by ``architectures``
-    (default: the installed plugins' adapters; pass a pruner's ``registry.architectures``
-    when it compacted with others). Either way the result is an ordinary transformers model.
+    per-layer sizes too, with the blocks ``hfprune_layout`` records cut to their kept sizes
+    as the model is built, found by ``architectures`` (default: the installed plugins'
+    adapters; pass a pruner's ``registry.architectures`` when it compacted with others).
+    Either way the result is an ordinary transformers model of ``model_class``.
     """
     config = transformers.AutoConfig.from_pretrained(path)
     model_class = model_class or _architecture(config)
     layout = getattr(config, LAYOUT_KEY, None)
     if not layout:
         return model_class.from_pretrained(path, **kwargs)
-    model = model_class(config)
     adapters = default_registry().architectures if architectures is None else architectures
+    shaped = _shaped_by_layout(model_class, layout, adapters, path)
+    model, info = shaped.from_pretrained(path, output_loading_info=True, **kwargs)
+    model.__class__ = model_class  # the subclass only built the shapes
+    problems = {
+        "weights missing from the checkpoint": sorted(info["missing_keys"]),
+        "weights the rebuilt model has no place for": sorted(info["unexpected_keys"]),
+        "weights of another shape than the rebuilt model's": sorted(str(k) for k in info["mismatched_keys"]),
+    }
+    found = [f"{what}: {keys[:5]}" for what, keys in problems.items() if keys]
+    if found:
+        raise CompactionError(f"{path}: " + "; ".join(found))
+    return model.eval()
+
+
+def _shaped_by_layout(model_class: type, layout: dict, adapters: list[ArchitectureAdapter], path) -> type:
+    """A subclass of ``model_class`` that cuts every block ``layout`` names to its kept groups once built.
+
+    ``from_pretrained`` then loads the checkpoint into those shapes with transformers' own
+    loader, rather than one of ours: it renames the keys of checkpoints saved in an older
+    layout (a multimodal model's ``language_model.model.*``), reads sharded files, and
+    places dtypes and devices as it does for any model.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        model_class.__init__(self, config, *args, **kwargs)
+        with torch.device("cpu"):  # for the index tensors; weights stay where the loader builds them (meta)
+            _shrink(self, layout, adapters, path)
+
+    return type(model_class.__name__, (model_class,), {"__init__": __init__})
+
+
+def _shrink(model: nn.Module, layout: dict, adapters: list[ArchitectureAdapter], path) -> None:
+    """Cut every block ``layout`` names in ``model`` to its kept groups."""
     for kind, sizes in layout.items():
         for name, kept in sizes.items():
             unit = unit_of(model.get_submodule(name), kind, adapters)
@@ -55,8 +83,6 @@ def load_compacted(
                     "adapter recognizes"
                 )
             shrink_unit(unit, kept)
-    _load_weights(model, Path(path))
-    return model.eval()
 
 
 def _architecture(config) -> type:
@@ -65,26 +91,3 @@ def _architecture(config) -> type:
     if cls is None:
         raise CompactionError(f"config.json names no transformers architecture ({names}); pass model_class=")
     return cls
-
-
-def _load_weights(model: nn.Module, path: Path) -> None:
-    if (path / WEIGHTS).is_file():
-        state = load_file(path / WEIGHTS)
-    elif (path / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        state = {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    else:
-        raise CompactionError(
-            f"{path} has no {WEIGHTS} (or {WEIGHTS_INDEX}); save with "
-            "save_pretrained(safe_serialization=True)"
-        )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise CompactionError(f"{path}: weights the rebuilt model has no place for: {unexpected[:5]}")
-    model.tie_weights()
-    # Tied weights (an LM head sharing the embedding) are saved once; anything else missing is an error.
-    tensors = model.state_dict()
-    loaded = {tensors[k].data_ptr() for k in state}
-    untied = [k for k in missing if tensors[k].data_ptr() not in loaded]
-    if untied:
-        raise CompactionError(f"{path}: weights missing from the checkpoint: {untied[:5]}")
