@@ -215,6 +215,20 @@ def test_a_multimodal_gemma3_drops_language_layers_into_a_stock_checkpoint_and_r
         compact_model(model, {"model.vision_tower.encoder.layers": torch.tensor([True, False])}, adapters)
 
 
+def test_the_report_of_a_multimodal_gemma3_reads_each_parts_sizes_from_its_own_config():
+    from hfprune.compaction.structure import model_structure
+
+    model = tiny_gemma3_vision()
+    recipe = structured_recipe("Gemma3Attention, SiglipAttention", None)
+    small = pruned(model, recipe).compact(model)
+
+    stacks = model_structure(small, default_registry().architectures)["stacks"]
+    heads = {stack["name"]: [layer["heads"] for layer in stack["layers"]] for stack in stacks}
+    # The language model's config states its kept heads; the vision tower's cannot (per-block layout).
+    assert heads["model.language_model.layers"] == [{"live": 2, "of": 2}] * 2
+    assert heads["model.vision_tower.encoder.layers"] == [{"live": 2, "of": 4}] * 2
+
+
 def test_compaction_checks_a_multimodal_models_vision_tower_on_images():
     """Token ids alone never reach the vision tower: a wrong vision weight is caught on images."""
     model = tiny_gemma3_vision()

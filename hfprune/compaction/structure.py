@@ -18,7 +18,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from hfprune.architecture import ArchitectureAdapter, Member, Unit, UnitKind, find_layer_stacks, find_units
+from hfprune.architecture import (
+    ArchitectureAdapter,
+    Member,
+    Unit,
+    UnitKind,
+    config_of,
+    find_layer_stacks,
+    find_units,
+)
 from hfprune.compaction.compact import LAYOUT_KEY
 
 DIGITS = 4  # fractions are rounded so report.json stays readable
@@ -63,7 +71,15 @@ def model_structure(
             {
                 "name": name,
                 "layers": [
-                    _layer(f"{name}.{i}" if name else str(i), i, layer, keep[i], zeros, config, adapters)
+                    _layer(
+                        f"{name}.{i}" if name else str(i),
+                        i,
+                        layer,
+                        keep[i],
+                        zeros,
+                        config_of(model, name),  # a multimodal model's part has its own
+                        adapters,
+                    )
                     for i, layer in enumerate(stack)
                 ],
             }
