@@ -235,11 +235,10 @@ def load_processor(source: str | GgufSource):
     (``preprocessor_config.json``) and no tokenizer, else the tokenizer (:func:`load_tokenizer`)."""
     from transformers import AutoImageProcessor
 
-    from hfprune.compaction.compact import IMAGE_PROCESSOR_FILE, TOKENIZER_FILES
+    from hfprune.compaction.compact import IMAGE_PROCESSOR_FILE, processor_kind
 
     folder = Path(_pretrained_arguments(source)[0])
-    images = not isinstance(source, GgufSource) and (folder / IMAGE_PROCESSOR_FILE).is_file()
-    if not images or any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if isinstance(source, GgufSource) or processor_kind(folder) != "image":
         try:
             return load_tokenizer(source)
         except HfpruneError as exc:

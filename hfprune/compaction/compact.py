@@ -320,14 +320,22 @@ def save_compacted(
     return output
 
 
+def processor_kind(folder: Path) -> str | None:
+    """What turns data into inputs for the model folder ``folder``: ``"tokenizer"`` when it has one (even
+    beside an image processor), ``"image"`` for an image processor alone, None for neither."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return "tokenizer"
+    return "image" if (folder / IMAGE_PROCESSOR_FILE).is_file() else None
+
+
 def _copy_processor(source: Path, staging: Path) -> None:
     """Save into ``staging`` the tokenizer, or the image processor, that the model folder ``source`` holds."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    if any((source / name).is_file() for name in TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(str(source)).save_pretrained(staging)
-    elif (source / IMAGE_PROCESSOR_FILE).is_file():
-        AutoImageProcessor.from_pretrained(str(source)).save_pretrained(staging)
+    kind = processor_kind(source)
+    if kind is not None:
+        loader = AutoTokenizer if kind == "tokenizer" else AutoImageProcessor
+        loader.from_pretrained(str(source)).save_pretrained(staging)
 
 
 def _swap_in(staging: Path, output: Path) -> None:
