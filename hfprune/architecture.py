@@ -149,7 +149,8 @@ class ArchitectureAdapter:
 
     def config_updates(self, config, kind: UnitKind, unit: Unit, kept_groups: int) -> dict | None:
         """Config fields that give every layer ``kept_groups`` groups of ``kind``; None if the config cannot
-        say it."""
+        say it. ``config`` is the one that sizes the unit (:func:`config_of`: in a multimodal model, the
+        ``text_config`` or ``vision_config`` of its part)."""
         return None
 
     def delete_layers(self, model: nn.Module, stacks: dict[str, torch.Tensor]) -> list[int] | None:
