@@ -3,6 +3,7 @@ call."""
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import transformers
 
 from hfprune import CompactionError, Pruner, RecipeError, hookimpl
-from hfprune.compaction.compact import LAYOUT_KEY, compact_model, probe_batch
+from hfprune.compaction.compact import LAYOUT_KEY, compact_model, probe_batch, verify
 from hfprune.compaction.conformance import check_round_trip, pruned, structured_recipe
 from hfprune.compaction.loading import load_compacted
 from hfprune.plugins import default_registry
@@ -430,3 +431,13 @@ def test_the_adapter_kit_fails_an_adapter_whose_config_cannot_rebuild_the_model(
 
     with pytest.raises(Exception, match="size mismatch|mismatch"):
         TestBrokenViT().test_pruned_compacted_saved_and_reloaded_it_computes_as_the_pruned_model(tmp_path)
+
+
+def test_a_compacted_model_with_other_outputs_than_the_pruned_one_is_refused_naming_them():
+    """Asking for hidden states the compacted model no longer has is a clear error, not a shape error."""
+    model = tiny_bert()
+    with pytest.raises(
+        CompactionError,
+        match=r"not shaped as the pruned model.s: 4 outputs against 2 \(logits, hidden_states\[0\], ",
+    ):
+        verify(model, copy.deepcopy(model), hidden_states=[0])

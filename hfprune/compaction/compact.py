@@ -438,6 +438,11 @@ def verify(
     if images is not None:
         ours += _outputs(reference, images, method="get_image_features")
         theirs += _outputs(compacted, images, method="get_image_features")
+    mismatch = _shape_mismatch(ours, theirs)
+    if mismatch:
+        raise CompactionError(
+            f"the compacted model's outputs are not shaped as the pruned model's: {mismatch}"
+        )
     pairs = zip(ours, theirs, strict=True)
     worst = max(
         (_worst_element(name, expected, actual) for (name, expected), (_, actual) in pairs),
@@ -450,6 +455,20 @@ def verify(
             "the deleted layers' gates exactly 0?"
         )
     return worst
+
+
+def _shape_mismatch(
+    ours: list[tuple[str, torch.Tensor]], theirs: list[tuple[str, torch.Tensor]]
+) -> str | None:
+    """What differs between two models' named outputs other than their values (how many, their shapes), or
+    None."""
+    if len(ours) != len(theirs):
+        names = [", ".join(name for name, _ in outputs) for outputs in (theirs, ours)]
+        return f"{len(theirs)} outputs against {len(ours)} ({names[0]} against {names[1]})"
+    for (name, expected), (_, actual) in zip(ours, theirs):
+        if expected.shape != actual.shape:
+            return f"{name} is {tuple(actual.shape)} against {tuple(expected.shape)}"
+    return None
 
 
 def _worst_element(name: str, expected: torch.Tensor, actual: torch.Tensor) -> Deviation:
