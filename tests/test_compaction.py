@@ -434,7 +434,7 @@ def test_the_adapter_kit_fails_an_adapter_whose_config_cannot_rebuild_the_model(
 
 
 def test_a_compacted_model_with_other_outputs_than_the_pruned_one_is_refused_naming_them():
-    """Asking for hidden states the compacted model no longer has is a clear error, not a shape error."""
+    """Hidden states picked that do not fit the compacted model are a clear error, not a broadcast error."""
     model = tiny_bert()
     with pytest.raises(
         CompactionError,
