@@ -441,3 +441,19 @@ def test_a_compacted_model_with_other_outputs_than_the_pruned_one_is_refused_nam
         match=r"not shaped as the pruned model.s: 4 outputs against 2 \(logits, hidden_states\[0\], ",
     ):
         verify(model, copy.deepcopy(model), hidden_states=[0])
+
+
+def test_load_compacted_reads_a_sharded_checkpoint_in_the_dtype_asked_for(tmp_path):
+    """The per-block shapes are built, then transformers' own loader reads the files."""
+    model = tiny_bert()
+    small = pruned(model, structured_recipe(*UNITS["bert"])).compact(model)
+    small.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+
+    loaded = load_compacted(tmp_path, dtype=torch.bfloat16)
+
+    assert type(loaded) is transformers.BertForSequenceClassification
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.bert.encoder.layer[0].attention.self.query.out_features == 16
+    weights = dict(small.named_parameters())
+    assert all(torch.equal(p, weights[name].to(torch.bfloat16)) for name, p in loaded.named_parameters())
