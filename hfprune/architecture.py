@@ -45,7 +45,10 @@ def weight_dim(module: nn.Module, side: Side) -> int:
         return 1 if side == "out" else 0
     if isinstance(module, nn.Embedding) and side == "out":
         return 1
-    raise TypeError(f"{type(module).__name__} is neither nn.Linear nor Conv1D; adapters describe only those")
+    raise TypeError(
+        f"{type(module).__name__}, {side} side: adapters describe nn.Linear and Conv1D weights and "
+        "nn.Embedding outputs only"
+    )
 
 
 def features(module: nn.Module, side: Side) -> int:

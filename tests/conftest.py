@@ -33,6 +33,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
     TrainerCallback,
+    UMT5Config,
+    UMT5ForConditionalGeneration,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -153,11 +155,14 @@ def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
     return BartForConditionalGeneration(config)
 
 
-def tiny_t5(seed: int = 0, gated: bool = False) -> T5ForConditionalGeneration:
+def tiny_t5(seed: int = 0, gated: bool = False, umt5: bool = False) -> T5ForConditionalGeneration:
     """Encoder and decoder of 2 layers each, relative position bias in the first of each; ``gated``: Flan-T5's
-    gated-GELU FFN."""
+    gated-GELU FFN; ``umt5``: UMT5, a position bias in every layer (and gated)."""
     torch.manual_seed(seed)
-    config = T5Config(
+    config_class, model_class = (
+        (UMT5Config, UMT5ForConditionalGeneration) if umt5 else (T5Config, T5ForConditionalGeneration)
+    )
+    config = config_class(
         vocab_size=VOCAB,
         d_model=32,
         d_kv=8,
@@ -165,12 +170,12 @@ def tiny_t5(seed: int = 0, gated: bool = False) -> T5ForConditionalGeneration:
         num_layers=2,
         num_heads=4,
         dropout_rate=0.0,
-        feed_forward_proj="gated-gelu" if gated else "relu",
+        feed_forward_proj="gated-gelu" if gated or umt5 else "relu",
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5ForConditionalGeneration(config)
+    return model_class(config)
 
 
 def tiny_albert(seed: int = 0) -> AlbertForSequenceClassification:
@@ -208,6 +213,7 @@ EVERY_FAMILY = {
     "gemma3-vision": tiny_gemma3_vision,
     "t5": tiny_t5,
     "flan-t5": lambda: tiny_t5(gated=True),
+    "umt5": lambda: tiny_t5(umt5=True),
 }
 
 

@@ -33,6 +33,7 @@ UNITS = {  # (attention class, FFN class) per tiny model
     "gemma3-vision": ("Gemma3Attention, SiglipAttention", "Gemma3MLP, SiglipMLP"),
     "t5": ("T5Stack", "T5DenseActDense"),  # heads a stack at a time: they share the first layer's bias
     "flan-t5": ("T5Stack", "T5DenseGatedActDense"),
+    "umt5": ("UMT5Stack", "UMT5DenseGatedActDense"),
 }
 
 
@@ -68,7 +69,7 @@ def test_compaction_removes_half_the_heads_and_neurons_with_equal_outputs(family
 
 # Families whose config states fewer heads (their head size is a config field): plain from_pretrained loads
 # them with heads removed. The others record heads under hfprune_layout and load with load_compacted.
-HEADS_IN_A_STOCK_CONFIG = {"llama", "phi3", "gemma3", "vit", "t5", "flan-t5"}
+HEADS_IN_A_STOCK_CONFIG = {"llama", "phi3", "gemma3", "vit", "t5", "flan-t5", "umt5"}
 
 
 @pytest.mark.parametrize("family", sorted(EVERY_FAMILY))

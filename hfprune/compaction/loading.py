@@ -69,7 +69,10 @@ def _shaped_by_layout(model_class: type, layout: dict, adapters: list[Architectu
         with torch.device("cpu"):  # for the index tensors; weights stay where the loader builds them (meta)
             _shrink(self, layout, adapters, path)
 
-    return type(model_class.__name__, (model_class,), {"__init__": __init__})
+    # The class's own module and name: transformers' is_custom_code reads __module__, and custom code gets
+    # neither the class's checkpoint key renames nor its weight initialization.
+    names = {"__module__": model_class.__module__, "__qualname__": model_class.__qualname__}
+    return type(model_class.__name__, (model_class,), {"__init__": __init__, **names})
 
 
 def _shrink(model: nn.Module, layout: dict, adapters: list[ArchitectureAdapter], path) -> None:

@@ -3,7 +3,7 @@
 - ``encoders``: BERT family (BERT, RoBERTa, ELECTRA, MiniLM), DistilBERT, ALBERT;
 - ``decoders``: GPT-2, Llama family (Llama, Mistral, Qwen2, Gemma 3), Phi-3;
 - ``vision``: ViT;
-- ``seq2seq``: BART, T5 (neurons only).
+- ``seq2seq``: BART, T5 (heads a stack at a time, neurons; not layers).
 
 Each adapter recognizes blocks by their attribute names, not their classes, so every
 model assembled from the same blocks is covered. Found through the ``architectures`` entry

@@ -78,9 +78,9 @@ class T5(ArchitectureAdapter):
             if not linears(*projections):
                 return None
             members += head_unit(self, attention, *projections, size).members
-        bias = layer(attentions[0], "relative_attention_bias")
-        if bias is not None:
-            members.append(Member(bias, "out", 0, 1))
+            bias = layer(attention, "relative_attention_bias")  # T5: the first layer's; UMT5: every layer's
+            if bias is not None:
+                members.append(Member(bias, "out", 0, 1))
         return Unit("head", module, attentions[0].n_heads, tuple(members), self)
 
     def feed_forward(self, module):
