@@ -52,15 +52,16 @@ class Bart(ArchitectureAdapter):
 
 
 class T5(ArchitectureAdapter):
-    """T5, mT5, Flan-T5: heads pruned a stack at a time; the FFN's DenseReluDense.{wi, wo}, or gated {wi_0,
-    wi_1, wo}.
+    """T5, mT5, Flan-T5, UMT5: heads pruned a stack at a time; the FFN's DenseReluDense.{wi, wo}, or
+    gated {wi_0, wi_1, wo}.
 
     The first layer of each stack computes a position bias per head (its
     ``relative_attention_bias`` table, one column per head) and every later layer adds it to
     its own heads; the decoder's first cross-attention makes a zero bias of its head count
     that the later ones add. So a head is pruned in every layer of its stack at once: one
     unit per stack's self-attention (the ``T5Stack``, ``encoder`` or ``decoder``) whose
-    groups own each layer's q, k, v rows and o columns and the bias table's column, and one
+    groups own each layer's q, k, v rows and o columns and the bias table's column (UMT5's
+    layers each hold a table of their own: every one's column), and one
     for the decoder's cross-attention (the list of its layers, ``decoder.block``). Layers
     are refused: the first one holds that bias, and the encoder and decoder are two stacks.
     """
